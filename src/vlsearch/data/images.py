@@ -1,0 +1,54 @@
+"""Reading images safely: a corrupt or unreadable file is reported, never a crash."""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+# Refuse decompression bombs well before PIL's own limit would warn.
+Image.MAX_IMAGE_PIXELS = 120_000_000
+
+
+@dataclass
+class ImageReport:
+    """Files that could not be used, with the reason, for the user to see."""
+
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+    def add(self, path: str | Path, reason: str) -> None:
+        self.skipped.append((str(path), reason))
+
+    def __bool__(self) -> bool:
+        return bool(self.skipped)
+
+    def summary(self, limit: int = 10) -> str:
+        lines = [f"skipped {len(self.skipped)} unreadable image(s):"]
+        lines += [f"  {p}: {r}" for p, r in self.skipped[:limit]]
+        if len(self.skipped) > limit:
+            lines.append(f"  ... and {len(self.skipped) - limit} more")
+        return "\n".join(lines)
+
+
+def load_image(source, size: int = 224) -> np.ndarray:
+    """Decode a path, bytes or PIL image to a ``size`` x ``size`` RGB uint8 array.
+
+    Images are resized to a square without keeping the aspect ratio, as the Flickr8k copies we train on
+    were, so query-time inputs look like training inputs. Raises ValueError with a readable reason.
+    """
+    try:
+        if isinstance(source, Image.Image):
+            img = source
+        elif isinstance(source, bytes | bytearray):
+            img = Image.open(io.BytesIO(source))
+        else:
+            img = Image.open(source)
+        img.load()
+        img = img.convert("RGB").resize((size, size), Image.BICUBIC)
+    except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError) as e:
+        raise ValueError(f"not a readable image ({type(e).__name__}: {e})") from e
+    return np.asarray(img, dtype=np.uint8)

@@ -1,0 +1,1 @@
+"""Frozen pretrained backbones (EfficientNet-Lite, MiniLM) and the on-disk feature cache they fill."""

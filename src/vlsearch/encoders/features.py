@@ -1,0 +1,211 @@
+"""Backbone features, computed once per (backbone, image content | caption text) and cached on disk.
+
+Everything downstream (training, indexing, evaluation) asks for features through here, so a second run
+reads them from the cache instead of recomputing them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from vlsearch.data.images import ImageReport, load_image
+from vlsearch.encoders.image import ImageBackbone, ImageBackboneConfig
+from vlsearch.encoders.store import TokenStore
+from vlsearch.encoders.text import TextBackbone, TextBackboneConfig
+from vlsearch.settings import cache_dir
+
+CHUNK = 512
+
+
+def file_key(path: str | Path) -> str:
+    h = hashlib.sha1()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def bytes_key(data: bytes) -> str:
+    return hashlib.sha1(data).hexdigest()
+
+
+def text_key(text: str) -> str:
+    return hashlib.sha1(text.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def image_store(config: ImageBackboneConfig = ImageBackboneConfig(), root: Path | None = None) -> TokenStore:
+    mid_dim = {"efficientnet-lite0": 112, "efficientnet-lite1": 112, "efficientnet-lite2": 120}[config.name]
+    return TokenStore(
+        (root or cache_dir()) / "image" / config.tag,
+        {"grid": (1280, "float16"), "mid": (mid_dim, "float16")},
+        {"backbone": config.name, "image_size": config.image_size, "mid_block": config.mid_block, "bf16": config.bf16},
+    )
+
+
+def text_store(config: TextBackboneConfig = TextBackboneConfig(), root: Path | None = None) -> TokenStore:
+    return TokenStore(
+        (root or cache_dir()) / "text" / config.tag,
+        {"states": (384, "float16"), "ids": (1, "int32")},
+        {"backbone": config.name, "split_layer": config.split_layer, "max_tokens": config.max_tokens, "bf16": config.bf16},
+    )
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    return tqdm(total=total, desc=desc, unit="img" if "image" in desc else "txt", disable=not enabled or total == 0, file=sys.stderr, dynamic_ncols=True)
+
+
+@dataclass
+class ImageFeatures:
+    """Keys (content hashes) per input path; None where the image was unreadable."""
+
+    keys: list[str | None]
+    report: ImageReport
+
+    @property
+    def ok(self) -> np.ndarray:
+        return np.array([k is not None for k in self.keys], dtype=bool)
+
+
+class FeatureExtractor:
+    """Fills the caches. Backbones load lazily: a fully cached run never builds them."""
+
+    def __init__(
+        self,
+        image_config: ImageBackboneConfig = ImageBackboneConfig(),
+        text_config: TextBackboneConfig = TextBackboneConfig(),
+        root: Path | None = None,
+        progress: bool = True,
+        batch_size: int = 64,
+    ):
+        self.image_config, self.text_config = image_config, text_config
+        self.images = image_store(image_config, root)
+        self.texts = text_store(text_config, root)
+        self.progress = progress
+        self.batch_size = batch_size
+        self._image_backbone: ImageBackbone | None = None
+        self._text_backbone: TextBackbone | None = None
+
+    @property
+    def image_backbone(self) -> ImageBackbone:
+        if self._image_backbone is None:
+            self._image_backbone = ImageBackbone(self.image_config)
+        return self._image_backbone
+
+    @property
+    def text_backbone(self) -> TextBackbone:
+        if self._text_backbone is None:
+            self._text_backbone = TextBackbone(self.text_config)
+        return self._text_backbone
+
+    # -- images -------------------------------------------------------------------------------------------
+    def image_keys(self, paths: Sequence[str | Path], report: ImageReport | None = None) -> ImageFeatures:
+        """Hash files, extract features for the ones not cached yet, return their keys."""
+        report = report if report is not None else ImageReport()
+        keys: list[str | None] = []
+        for p in paths:
+            try:
+                keys.append(file_key(p))
+            except OSError as e:
+                report.add(p, f"cannot read file ({e.strerror or e})")
+                keys.append(None)
+        todo: dict[str, Path] = {}
+        missing = set(self.images.missing([k for k in keys if k]))
+        for k, p in zip(keys, paths, strict=True):
+            if k in missing and k not in todo:
+                todo[k] = Path(p)
+        bad = self._extract_images(list(todo.items()), report)
+        keys = [None if k in bad else k for k in keys]
+        return ImageFeatures(keys, report)
+
+    def _extract_images(self, items: list[tuple[str, Path]], report: ImageReport) -> set[str]:
+        bad: set[str] = set()
+        if not items:
+            return bad
+        size = self.image_config.image_size
+
+        def decode(item):
+            key, path = item
+            try:
+                return key, load_image(path, size), None
+            except ValueError as e:
+                return key, None, str(e)
+
+        bar = _progress(len(items), "image features", self.progress)
+        pending_keys: list[str] = []
+        pending: dict[str, list[np.ndarray]] = {"grid": [], "mid": []}
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            for start in range(0, len(items), self.batch_size):
+                decoded = list(pool.map(decode, items[start : start + self.batch_size]))
+                good = [(k, a) for k, a, err in decoded if err is None]
+                for k, a, err in decoded:
+                    if err is not None:
+                        bad.add(k)
+                        report.add(dict(items)[k], err)
+                if good:
+                    out = self.image_backbone.encode_numpy(np.stack([a for _, a in good]))
+                    pending_keys += [k for k, _ in good]
+                    for name in pending:
+                        pending[name] += list(out[name])
+                if len(pending_keys) >= CHUNK or start + self.batch_size >= len(items):
+                    self.images.put(pending_keys, pending)
+                    pending_keys, pending = [], {"grid": [], "mid": []}
+                bar.update(len(decoded))
+        bar.close()
+        return bad
+
+    def encode_image_arrays(self, arrays: list[np.ndarray]) -> dict[str, np.ndarray]:
+        """Uncached features for already decoded images (query images, uploads)."""
+        return self.image_backbone.encode_numpy(np.stack(arrays))
+
+    # -- texts --------------------------------------------------------------------------------------------
+    def text_keys(self, texts: Sequence[str]) -> list[str]:
+        keys = [text_key(t) for t in texts]
+        missing = set(self.texts.missing(keys))
+        todo = list({k: t for k, t in zip(keys, texts, strict=True) if k in missing}.items())
+        if todo:
+            todo.sort(key=lambda kt: len(kt[1]))  # similar lengths batch with little padding
+            bar = _progress(len(todo), "text features", self.progress)
+            bs = self.batch_size * 4
+            for start in range(0, len(todo), CHUNK):
+                part = todo[start : start + CHUNK]
+                states, ids = [], []
+                for b in range(0, len(part), bs):
+                    s, i = self.text_backbone.encode([t for _, t in part[b : b + bs]])
+                    states += s
+                    ids += [x[:, None] for x in i]
+                    bar.update(len(part[b : b + bs]))
+                self.texts.put([k for k, _ in part], {"states": states, "ids": ids})
+            bar.close()
+        return keys
+
+    def encode_texts(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Uncached token states for queries: (states [B,L,384], lengths [B], ids [B,L])."""
+        states, ids = self.text_backbone.encode(texts)
+        return pad(states), np.array([len(s) for s in states]), pad([i[:, None] for i in ids])[..., 0]
+
+
+def pad(items: list[np.ndarray]) -> np.ndarray:
+    L = max(len(a) for a in items)
+    out = np.zeros((len(items), L, *items[0].shape[1:]), dtype=items[0].dtype)
+    for i, a in enumerate(items):
+        out[i, : len(a)] = a
+    return out
+
+
+def map_batches(fn: Callable, n: int, batch_size: int, desc: str, progress: bool = True) -> list:
+    """Run fn(start, stop) over [0, n) in batches with a progress bar; return the list of results."""
+    out = []
+    bar = tqdm(total=n, desc=desc, disable=not progress, file=sys.stderr, dynamic_ncols=True)
+    for s in range(0, n, batch_size):
+        out.append(fn(s, min(n, s + batch_size)))
+        bar.update(min(n, s + batch_size) - s)
+    bar.close()
+    return out

@@ -1,0 +1,93 @@
+"""A BERT-style transformer layer we can initialise from MiniLM and extend with cross-attention.
+
+Written out with plain matmuls (no dropout, no fused attention) because on this CPU those train faster
+than the built-in kernels, and so the attention weights are at hand for explanations.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, heads: int, kv_dim: int | None = None):
+        super().__init__()
+        kv_dim = kv_dim or dim
+        self.heads, self.head_dim = heads, dim // heads
+        self.q = nn.Linear(dim, dim)
+        self.k = nn.Linear(kv_dim, dim)
+        self.v = nn.Linear(kv_dim, dim)
+        self.out = nn.Linear(dim, dim)
+        self.norm = nn.LayerNorm(dim, eps=1e-12)
+        self.last_weights: torch.Tensor | None = None
+        self.keep_weights = False
+
+    def forward(self, x: torch.Tensor, kv: torch.Tensor, kv_mask: torch.Tensor | None) -> torch.Tensor:
+        """x [B,Lq,D], kv [B,Lk,Dkv], kv_mask [B,Lk] bool (True = attend). Post-LN residual, as BERT."""
+        B, Lq, _ = x.shape
+        Lk = kv.shape[1]
+        q = self.q(x).view(B, Lq, self.heads, self.head_dim).transpose(1, 2)
+        k = self.k(kv).view(B, Lk, self.heads, self.head_dim).transpose(1, 2)
+        v = self.v(kv).view(B, Lk, self.heads, self.head_dim).transpose(1, 2)
+        scores = (q @ k.transpose(-1, -2)) / math.sqrt(self.head_dim)
+        if kv_mask is not None:
+            scores = scores.masked_fill(~kv_mask[:, None, None, :], torch.finfo(scores.dtype).min)
+        weights = scores.softmax(-1)
+        if self.keep_weights:
+            self.last_weights = weights.detach()
+        ctx = (weights @ v).transpose(1, 2).reshape(B, Lq, -1)
+        return self.norm(x + self.out(ctx))
+
+
+class TransformerLayer(nn.Module):
+    """Self-attention, optional cross-attention to a second sequence, then the feed-forward block."""
+
+    def __init__(self, dim: int = 384, heads: int = 12, ffn: int = 1536, cross_dim: int | None = None):
+        super().__init__()
+        self.self_attn = Attention(dim, heads)
+        self.cross_attn = Attention(dim, heads, kv_dim=cross_dim) if cross_dim else None
+        self.ffn_in = nn.Linear(dim, ffn)
+        self.ffn_out = nn.Linear(ffn, dim)
+        self.ffn_norm = nn.LayerNorm(dim, eps=1e-12)
+
+    def forward(self, x, mask, cross=None, cross_mask=None):
+        x = self.self_attn(x, x, mask)
+        if self.cross_attn is not None and cross is not None:
+            x = self.cross_attn(x, cross, cross_mask)
+        return self.ffn_norm(x + self.ffn_out(F.gelu(self.ffn_in(x))))
+
+    @torch.no_grad()
+    def load_bert_layer(self, layer) -> None:
+        """Copy a transformers BertLayer's weights (the cross-attention, if any, stays freshly initialised)."""
+        att = layer.attention
+        for mine, theirs in ((self.self_attn.q, att.self.query), (self.self_attn.k, att.self.key), (self.self_attn.v, att.self.value), (self.self_attn.out, att.output.dense), (self.ffn_in, layer.intermediate.dense), (self.ffn_out, layer.output.dense)):
+            mine.weight.copy_(theirs.weight)
+            mine.bias.copy_(theirs.bias)
+        for mine, theirs in ((self.self_attn.norm, att.output.LayerNorm), (self.ffn_norm, layer.output.LayerNorm)):
+            mine.weight.copy_(theirs.weight)
+            mine.bias.copy_(theirs.bias)
+
+
+def minilm_upper_layers(split_layer: int, n_layers: int, cross_dim: int | None = None) -> nn.ModuleList:
+    """Layers split_layer .. split_layer+n_layers-1 of MiniLM as TransformerLayers (beyond its depth: fresh)."""
+    from vlsearch.encoders.text import load_minilm
+
+    bert, _ = load_minilm()
+    cfg = bert.config
+    layers = nn.ModuleList()
+    for i in range(n_layers):
+        layer = TransformerLayer(cfg.hidden_size, cfg.num_attention_heads, cfg.intermediate_size, cross_dim)
+        src = split_layer + i
+        if src < len(bert.encoder.layer):
+            layer.load_bert_layer(bert.encoder.layer[src])
+        layers.append(layer)
+    return layers
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    m = mask.to(x.dtype).unsqueeze(-1)
+    return (x * m).sum(1) / m.sum(1).clamp_min(1.0)

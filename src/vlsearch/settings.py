@@ -1,0 +1,54 @@
+"""Where things live: data root, feature cache, checkpoints and indexes. Environment variables override."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+# Text queries are truncated to this many word-pieces by the tokenizer; longer input is rejected above
+# MAX_QUERY_CHARS so a pasted book cannot tie up a worker.
+MAX_QUERY_CHARS = 2000
+
+
+def home() -> Path:
+    """Root for caches, default checkpoints and indexes (``$VLSEARCH_HOME``, else ``~/.cache/vlsearch``)."""
+    env = os.environ.get("VLSEARCH_HOME")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "vlsearch"
+
+
+def data_root() -> Path:
+    """Default data root: ``$VLSEARCH_DATA``, else ``../shared/data`` beside the repo or the working directory."""
+    env = os.environ.get("VLSEARCH_DATA")
+    if env:
+        return Path(env).expanduser()
+    here = Path(__file__).resolve()
+    candidates = [Path.cwd() / ".." / "shared" / "data"]
+    candidates += [parent / ".." / "shared" / "data" for parent in here.parents[:4]]
+    for cand in candidates:
+        if cand.is_dir():
+            return cand.resolve()
+    return (Path.cwd() / ".." / "shared" / "data").resolve()
+
+
+def cache_dir() -> Path:
+    return home() / "features"
+
+
+def models_dir() -> Path:
+    return home() / "models"
+
+
+def default_index_dir() -> Path:
+    return home() / "indexes" / "default"
+
+
+def configure_torch() -> None:
+    """Offline hub access and both cores for intra-op work."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import torch
+
+    threads = int(os.environ.get("VLSEARCH_THREADS", os.cpu_count() or 1))
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)

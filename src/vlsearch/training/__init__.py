@@ -1,0 +1,1 @@
+"""Training loops (separate from the library, as open_clip_train is from open_clip)."""

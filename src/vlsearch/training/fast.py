@@ -1,0 +1,136 @@
+"""Training the Fast dual encoder: symmetric InfoNCE with a learnable temperature, optionally distilled
+from a Slow teacher (Miech et al. 2021, Sec. 3.3)."""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from vlsearch.eval.metrics import retrieval_metrics
+from vlsearch.models.fast import FastConfig, FastModel
+from vlsearch.training.features import DatasetFeatures
+from vlsearch.training.losses import distill_kl, info_nce
+
+
+@dataclass
+class FastTrainConfig:
+    epochs: int = 30
+    batch_size: int = 256
+    lr: float = 1e-3
+    text_lr: float = 5e-5
+    weight_decay: float = 0.05
+    warmup_steps: int = 100
+    grid_augment: bool = True
+    feature_dropout: float = 0.1
+    seed: int = 0
+    bf16: bool = True
+    distill_weight: float = 0.0
+    distill_temperature: float = 1.0
+    distill_teacher: str | None = None
+
+
+def augment_grid(grid: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Feature-level augmentation of [B,49,C] 7x7 grids: random horizontal flip and random crop window."""
+    B, _, C = grid.shape
+    g = grid.view(B, 7, 7, C)
+    if torch.rand((), generator=gen) < 0.5:
+        g = g.flip(2)
+    size = int(torch.randint(5, 8, (), generator=gen))
+    y0, x0 = (int(torch.randint(0, 8 - size, (), generator=gen)) for _ in range(2))
+    return g[:, y0 : y0 + size, x0 : x0 + size].reshape(B, -1, C)
+
+
+def _lr_lambda(total: int, warmup: int):
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+    return f
+
+
+def embed_features(model: FastModel, feats: DatasetFeatures, batch: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+    model.eval()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        img = torch.cat([model.encode_image(feats.grid[s : s + batch]).float() for s in range(0, feats.n_images, batch)])
+        txt = torch.cat(
+            [model.encode_text(feats.states[s : s + batch], feats.lengths[s : s + batch]).float() for s in range(0, len(feats.states), batch)]
+        )
+    return img.numpy(), txt.numpy()
+
+
+def train_fast(
+    train: DatasetFeatures,
+    config: FastConfig = FastConfig(),
+    tc: FastTrainConfig = FastTrainConfig(),
+    dev: DatasetFeatures | None = None,
+    teacher=None,
+    progress: bool = True,
+    log=print,
+) -> tuple[FastModel, dict]:
+    """Returns the trained model and a history dict. ``teacher(batch_grid, batch_mid, states, lengths)`` -> [B,B]
+    logits enables distillation."""
+    torch.manual_seed(tc.seed)
+    gen = torch.Generator().manual_seed(tc.seed)
+    model = FastModel(config)
+    text_params = [p for n, p in model.named_parameters() if n.startswith("text_layers.")]
+    other = [p for n, p in model.named_parameters() if not n.startswith("text_layers.")]
+    opt = torch.optim.AdamW(
+        [{"params": other, "lr": tc.lr}, {"params": text_params, "lr": tc.text_lr}], weight_decay=tc.weight_decay
+    )
+    captions_of = [[] for _ in range(train.n_images)]
+    for c, i in enumerate(train.caption_image.tolist()):
+        captions_of[i].append(c)
+    has_caps = np.array([len(c) > 0 for c in captions_of])
+    image_pool = np.flatnonzero(has_caps)
+    steps_per_epoch = len(image_pool) // tc.batch_size
+    total = steps_per_epoch * tc.epochs
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(total, tc.warmup_steps))
+    rng = np.random.default_rng(tc.seed)
+    history = {"loss": [], "dev": []}
+    bar = tqdm(total=total, desc="train fast", disable=not progress, file=sys.stderr, dynamic_ncols=True)
+    t0 = time.time()
+    for epoch in range(tc.epochs):
+        model.train()
+        order = rng.permutation(image_pool)
+        for s in range(steps_per_epoch):
+            imgs = torch.from_numpy(order[s * tc.batch_size : (s + 1) * tc.batch_size])
+            caps = torch.tensor([captions_of[i][rng.integers(len(captions_of[i]))] for i in imgs.tolist()])
+            grid = train.grid[imgs].float()
+            if tc.grid_augment:
+                grid = augment_grid(grid, gen)
+            if tc.feature_dropout:
+                grid = torch.nn.functional.dropout(grid, tc.feature_dropout)
+            L = int(train.lengths[caps].max())
+            states, lengths = train.states[caps, :L], train.lengths[caps]
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=tc.bf16):
+                im = model.encode_image(grid)
+                tx = model.encode_text(states, lengths)
+            im, tx = im.float(), tx.float()
+            loss = info_nce(im, tx, model.scale)
+            if teacher is not None and tc.distill_weight > 0:
+                with torch.no_grad():
+                    t_logits = teacher(imgs, caps)
+                loss = loss + tc.distill_weight * distill_kl(model.scale * im @ tx.t(), t_logits, tc.distill_temperature)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+            opt.step()
+            sched.step()
+            history["loss"].append(float(loss))
+            bar.update(1)
+            bar.set_postfix(loss=f"{float(loss):.3f}", T=f"{1 / float(model.scale):.3f}")
+        if dev is not None and (epoch + 1) % max(1, tc.epochs // 5) == 0 or (dev is not None and epoch == tc.epochs - 1):
+            img, txt = embed_features(model, dev)
+            m = retrieval_metrics(txt @ img.T, dev.caption_image.numpy())
+            history["dev"].append({"epoch": epoch + 1, **m})
+            log(f"epoch {epoch + 1}: dev t2i R@1 {m['t2i']['r1']:.1f} i2t R@1 {m['i2t']['r1']:.1f} rsum {m['rsum']:.1f} ({time.time() - t0:.0f}s)")
+    bar.close()
+    history["train_seconds"] = time.time() - t0
+    return model.eval(), history
