@@ -24,7 +24,9 @@ def from_dict(cls: type[T], data: dict) -> T:
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = set(data) - names
     if unknown:
-        raise VLSearchError(f"{cls.__name__}: unknown config keys {sorted(unknown)} (made by another version?)")
+        raise VLSearchError(
+            f"{cls.__name__}: unknown config keys {sorted(unknown)} (made by another version?)"
+        )
     return cls(**data)
 
 

@@ -12,7 +12,14 @@ import numpy as np
 from vlsearch.data.images import IMAGE_EXTENSIONS
 from vlsearch.errors import DataError
 
-SPLIT_ALIASES = {"dev": "dev", "val": "dev", "valid": "dev", "validation": "dev", "train": "train", "test": "test"}
+SPLIT_ALIASES = {
+    "dev": "dev",
+    "val": "dev",
+    "valid": "dev",
+    "validation": "dev",
+    "train": "train",
+    "test": "test",
+}
 
 
 @dataclass
@@ -70,7 +77,9 @@ class CaptionDataset:
         return self.subset([i for i in range(self.n_images) if i not in drop]) if drop else self
 
 
-def _build(name: str, split: str, image_dir: Path, pairs: list[tuple[str, str]], order: list[str]) -> CaptionDataset:
+def _build(
+    name: str, split: str, image_dir: Path, pairs: list[tuple[str, str]], order: list[str]
+) -> CaptionDataset:
     """pairs: (image file name, caption); order: image file names in split order. Missing files are dropped."""
     caps_by_image: dict[str, list[str]] = defaultdict(list)
     for img, cap in pairs:
@@ -112,7 +121,9 @@ def load_flickr8k(root: str | Path, split: str = "dev") -> CaptionDataset:
     if base is None:
         raise DataError(f"no Flickr8k layout (Flickr8k_text/Flickr8k.token.txt) under {root}")
     text_dir = base / "Flickr8k_text" if (base / "Flickr8k_text").is_dir() else base
-    image_dir = next((base / d for d in ("Flicker8k_Dataset", "Flickr8k_Dataset", "images") if (base / d).is_dir()), None)
+    image_dir = next(
+        (base / d for d in ("Flicker8k_Dataset", "Flickr8k_Dataset", "images") if (base / d).is_dir()), None
+    )
     if image_dir is None:
         raise DataError(f"no image folder (Flicker8k_Dataset/) under {base}")
     token_file = text_dir / "Flickr8k.token.txt"
@@ -128,11 +139,17 @@ def load_flickr8k(root: str | Path, split: str = "dev") -> CaptionDataset:
     if split == "all":
         order = sorted({p[0] for p in pairs})
     else:
-        fname = {"train": "Flickr_8k.trainImages.txt", "dev": "Flickr_8k.devImages.txt", "test": "Flickr_8k.testImages.txt"}[split]
+        fname = {
+            "train": "Flickr_8k.trainImages.txt",
+            "dev": "Flickr_8k.devImages.txt",
+            "test": "Flickr_8k.testImages.txt",
+        }[split]
         split_file = text_dir / fname
         if not split_file.is_file():
             have = sorted(p.name for p in text_dir.glob("Flickr_8k.*Images.txt"))
-            raise DataError(f"Flickr8k split {split!r} not available: {split_file} is missing (found: {have or 'none'})")
+            raise DataError(
+                f"Flickr8k split {split!r} not available: {split_file} is missing (found: {have or 'none'})"
+            )
         order = [ln.strip() for ln in split_file.read_text().splitlines() if ln.strip()]
     return _build("flickr8k", split, image_dir, pairs, order)
 
@@ -153,12 +170,18 @@ def load_coco(root: str | Path, split: str = "train2017") -> CaptionDataset:
     data = json.loads(by_split[split].read_text())
     images = sorted(data["images"], key=lambda im: im["id"])
     names = {im["id"]: im["file_name"] for im in images}
-    pairs = [(names[a["image_id"]], a["caption"]) for a in sorted(data["annotations"], key=lambda a: a["id"]) if a["image_id"] in names]
+    pairs = [
+        (names[a["image_id"]], a["caption"])
+        for a in sorted(data["annotations"], key=lambda a: a["id"])
+        if a["image_id"] in names
+    ]
     image_dir = root / split if (root / split).is_dir() else root / "images"
     return _build("coco", split, image_dir, pairs, [im["file_name"] for im in images])
 
 
-def load_karpathy(json_path: str | Path, image_root: str | Path | None = None, split: str = "dev") -> CaptionDataset:
+def load_karpathy(
+    json_path: str | Path, image_root: str | Path | None = None, split: str = "dev"
+) -> CaptionDataset:
     """Karpathy's ``dataset_{flickr8k,flickr30k,coco}.json``: images with sentences and a split field."""
     json_path = Path(json_path)
     data = json.loads(json_path.read_text())
@@ -189,7 +212,9 @@ def load_folder(folder: str | Path) -> CaptionDataset:
     files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
     if not files:
         raise DataError(f"no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) under {folder}")
-    return CaptionDataset(folder.name, "all", [p.resolve() for p in files], [str(p.relative_to(folder)) for p in files])
+    return CaptionDataset(
+        folder.name, "all", [p.resolve() for p in files], [str(p.relative_to(folder)) for p in files]
+    )
 
 
 def load_dataset(root: str | Path | None = None, split: str = "dev") -> CaptionDataset:

@@ -46,7 +46,12 @@ def image_store(config: ImageBackboneConfig = ImageBackboneConfig(), root: Path 
     return TokenStore(
         (root or cache_dir()) / "image" / config.tag,
         {"grid": (1280, "float16"), "mid": (mid_dim, "float16")},
-        {"backbone": config.name, "image_size": config.image_size, "mid_block": config.mid_block, "bf16": config.bf16},
+        {
+            "backbone": config.name,
+            "image_size": config.image_size,
+            "mid_block": config.mid_block,
+            "bf16": config.bf16,
+        },
     )
 
 
@@ -54,12 +59,24 @@ def text_store(config: TextBackboneConfig = TextBackboneConfig(), root: Path | N
     return TokenStore(
         (root or cache_dir()) / "text" / config.tag,
         {"states": (384, "float16"), "ids": (1, "int32")},
-        {"backbone": config.name, "split_layer": config.split_layer, "max_tokens": config.max_tokens, "bf16": config.bf16},
+        {
+            "backbone": config.name,
+            "split_layer": config.split_layer,
+            "max_tokens": config.max_tokens,
+            "bf16": config.bf16,
+        },
     )
 
 
 def _progress(total: int, desc: str, enabled: bool):
-    return tqdm(total=total, desc=desc, unit="img" if "image" in desc else "txt", disable=not enabled or total == 0, file=sys.stderr, dynamic_ncols=True)
+    return tqdm(
+        total=total,
+        desc=desc,
+        unit="img" if "image" in desc else "txt",
+        disable=not enabled or total == 0,
+        file=sys.stderr,
+        dynamic_ncols=True,
+    )
 
 
 @dataclass
@@ -138,6 +155,7 @@ class FeatureExtractor:
             except ValueError as e:
                 return key, None, str(e)
 
+        path_of = dict(items)
         bar = _progress(len(items), "image features", self.progress)
         pending_keys: list[str] = []
         pending: dict[str, list[np.ndarray]] = {"grid": [], "mid": []}
@@ -145,10 +163,10 @@ class FeatureExtractor:
             for start in range(0, len(items), self.batch_size):
                 decoded = list(pool.map(decode, items[start : start + self.batch_size]))
                 good = [(k, a) for k, a, err in decoded if err is None]
-                for k, a, err in decoded:
+                for k, _, err in decoded:
                     if err is not None:
                         bad.add(k)
-                        report.add(dict(items)[k], err)
+                        report.add(path_of[k], err)
                 if good:
                     out = self.image_backbone.encode_numpy(np.stack([a for _, a in good]))
                     pending_keys += [k for k, _ in good]

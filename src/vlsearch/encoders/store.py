@@ -31,7 +31,9 @@ class TokenStore:
             old = json.loads(cfg_path.read_text())
             check_stamp(old, "feature cache", self.root)
             if old.get("fields") != cfg["fields"] or old.get("meta") != meta:
-                raise VLSearchError(f"feature cache {self.root} was made with another backbone config; delete it")
+                raise VLSearchError(
+                    f"feature cache {self.root} was made with another backbone config; delete it"
+                )
         else:
             atomic_write_json(cfg_path, cfg)
         self._lock = threading.Lock()
@@ -102,9 +104,15 @@ class TokenStore:
 
     def get_stacked(self, keys: list[str], name: str) -> np.ndarray:
         """[N, n, dim] for a field whose items all have the same length (image grids)."""
-        return np.stack(self.get(keys, name)) if keys else np.zeros((0, 0, self.fields[name][0]), self.fields[name][1])
+        return (
+            np.stack(self.get(keys, name))
+            if keys
+            else np.zeros((0, 0, self.fields[name][0]), self.fields[name][1])
+        )
 
-    def get_padded(self, keys: list[str], name: str, max_len: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def get_padded(
+        self, keys: list[str], name: str, max_len: int | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
         """([N, L, dim] zero-padded, lengths [N]) for variable-length items (token states)."""
         items = self.get(keys, name)
         lengths = np.array([min(len(a), max_len or len(a)) for a in items], dtype=np.int64)

@@ -81,4 +81,6 @@ class TextBackbone(torch.nn.Module):
         states = self(batch["input_ids"], batch["attention_mask"]).numpy()
         lengths = batch["attention_mask"].sum(1).numpy()
         ids = batch["input_ids"].numpy()
-        return [states[i, : lengths[i]] for i in range(len(texts))], [ids[i, : lengths[i]] for i in range(len(texts))]
+        return [states[i, : lengths[i]] for i in range(len(texts))], [
+            ids[i, : lengths[i]] for i in range(len(texts))
+        ]

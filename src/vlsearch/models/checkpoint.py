@@ -51,7 +51,9 @@ def read_meta(path: str | Path) -> dict:
     path = Path(path)
     cfg = path / CONFIG
     if not cfg.is_file():
-        raise CheckpointError(f"no checkpoint at {path} (expected {CONFIG} and {WEIGHTS}); train one with `vlsearch train`")
+        raise CheckpointError(
+            f"no checkpoint at {path} (expected {CONFIG} and {WEIGHTS}); train one with `vlsearch train`"
+        )
     try:
         meta = json.loads(cfg.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -80,7 +82,9 @@ def load_checkpoint(path: str | Path, model_cls, expected_type: str | None = Non
         raise CheckpointError(f"checkpoint weights {path / WEIGHTS} are unreadable: {e}") from e
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
-        raise CheckpointError(f"checkpoint {path} does not match its config: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        raise CheckpointError(
+            f"checkpoint {path} does not match its config: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
     return model.eval(), meta
 
 

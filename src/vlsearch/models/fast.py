@@ -37,7 +37,9 @@ class FastModel(nn.Module):
         pooled = config.image_dim * (2 if config.image_pool == "mean+max" else 1)
         self.image_norm = nn.LayerNorm(pooled)
         self.image_mlp = nn.Sequential(
-            nn.Linear(pooled, config.image_hidden), nn.GELU(), nn.Linear(config.image_hidden, config.embed_dim)
+            nn.Linear(pooled, config.image_hidden),
+            nn.GELU(),
+            nn.Linear(config.image_hidden, config.embed_dim),
         )
         self.image_skip = nn.Linear(pooled, config.embed_dim, bias=False)
         if init_from_pretrained:
@@ -45,7 +47,9 @@ class FastModel(nn.Module):
         else:
             from vlsearch.models.layers import TransformerLayer
 
-            self.text_layers = nn.ModuleList(TransformerLayer(config.text_dim) for _ in range(config.text_layers))
+            self.text_layers = nn.ModuleList(
+                TransformerLayer(config.text_dim) for _ in range(config.text_layers)
+            )
         self.text_proj = nn.Linear(config.text_dim, config.embed_dim)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / config.init_temperature)))
 

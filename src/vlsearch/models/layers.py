@@ -64,10 +64,20 @@ class TransformerLayer(nn.Module):
     def load_bert_layer(self, layer) -> None:
         """Copy a transformers BertLayer's weights (the cross-attention, if any, stays freshly initialised)."""
         att = layer.attention
-        for mine, theirs in ((self.self_attn.q, att.self.query), (self.self_attn.k, att.self.key), (self.self_attn.v, att.self.value), (self.self_attn.out, att.output.dense), (self.ffn_in, layer.intermediate.dense), (self.ffn_out, layer.output.dense)):
+        for mine, theirs in (
+            (self.self_attn.q, att.self.query),
+            (self.self_attn.k, att.self.key),
+            (self.self_attn.v, att.self.value),
+            (self.self_attn.out, att.output.dense),
+            (self.ffn_in, layer.intermediate.dense),
+            (self.ffn_out, layer.output.dense),
+        ):
             mine.weight.copy_(theirs.weight)
             mine.bias.copy_(theirs.bias)
-        for mine, theirs in ((self.self_attn.norm, att.output.LayerNorm), (self.ffn_norm, layer.output.LayerNorm)):
+        for mine, theirs in (
+            (self.self_attn.norm, att.output.LayerNorm),
+            (self.ffn_norm, layer.output.LayerNorm),
+        ):
             mine.weight.copy_(theirs.weight)
             mine.bias.copy_(theirs.bias)
 

@@ -55,12 +55,19 @@ def _lr_lambda(total: int, warmup: int):
     return f
 
 
-def embed_features(model: FastModel, feats: DatasetFeatures, batch: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+def embed_features(
+    model: FastModel, feats: DatasetFeatures, batch: int = 1024
+) -> tuple[np.ndarray, np.ndarray]:
     model.eval()
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        img = torch.cat([model.encode_image(feats.grid[s : s + batch]).float() for s in range(0, feats.n_images, batch)])
+        img = torch.cat(
+            [model.encode_image(feats.grid[s : s + batch]).float() for s in range(0, feats.n_images, batch)]
+        )
         txt = torch.cat(
-            [model.encode_text(feats.states[s : s + batch], feats.lengths[s : s + batch]).float() for s in range(0, len(feats.states), batch)]
+            [
+                model.encode_text(feats.states[s : s + batch], feats.lengths[s : s + batch]).float()
+                for s in range(0, len(feats.states), batch)
+            ]
         )
     return img.numpy(), txt.numpy()
 
@@ -82,7 +89,8 @@ def train_fast(
     text_params = [p for n, p in model.named_parameters() if n.startswith("text_layers.")]
     other = [p for n, p in model.named_parameters() if not n.startswith("text_layers.")]
     opt = torch.optim.AdamW(
-        [{"params": other, "lr": tc.lr}, {"params": text_params, "lr": tc.text_lr}], weight_decay=tc.weight_decay
+        [{"params": other, "lr": tc.lr}, {"params": text_params, "lr": tc.text_lr}],
+        weight_decay=tc.weight_decay,
     )
     captions_of = [[] for _ in range(train.n_images)]
     for c, i in enumerate(train.caption_image.tolist()):
@@ -117,20 +125,68 @@ def train_fast(
             if teacher is not None and tc.distill_weight > 0:
                 with torch.no_grad():
                     t_logits = teacher(imgs, caps)
-                loss = loss + tc.distill_weight * distill_kl(model.scale * im @ tx.t(), t_logits, tc.distill_temperature)
+                loss = loss + tc.distill_weight * distill_kl(
+                    model.scale * im @ tx.t(), t_logits, tc.distill_temperature
+                )
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
             opt.step()
             sched.step()
-            history["loss"].append(float(loss))
+            history["loss"].append(float(loss.detach()))
             bar.update(1)
-            bar.set_postfix(loss=f"{float(loss):.3f}", T=f"{1 / float(model.scale):.3f}")
-        if dev is not None and (epoch + 1) % max(1, tc.epochs // 5) == 0 or (dev is not None and epoch == tc.epochs - 1):
+            bar.set_postfix(loss=f"{float(loss.detach()):.3f}", T=f"{1 / float(model.scale.detach()):.3f}")
+        if (
+            dev is not None
+            and (epoch + 1) % max(1, tc.epochs // 5) == 0
+            or (dev is not None and epoch == tc.epochs - 1)
+        ):
             img, txt = embed_features(model, dev)
             m = retrieval_metrics(txt @ img.T, dev.caption_image.numpy())
             history["dev"].append({"epoch": epoch + 1, **m})
-            log(f"epoch {epoch + 1}: dev t2i R@1 {m['t2i']['r1']:.1f} i2t R@1 {m['i2t']['r1']:.1f} rsum {m['rsum']:.1f} ({time.time() - t0:.0f}s)")
+            log(
+                f"epoch {epoch + 1}: dev t2i R@1 {m['t2i']['r1']:.1f} i2t R@1 {m['i2t']['r1']:.1f} rsum {m['rsum']:.1f} ({time.time() - t0:.0f}s)"
+            )
     bar.close()
     history["train_seconds"] = time.time() - t0
     return model.eval(), history
+
+
+def train_from_args(args, teacher=None, extra: dict | None = None):
+    """`vlsearch train fast`: train on Flickr8k train, report dev, save the checkpoint."""
+    from dataclasses import asdict
+
+    from vlsearch.commands.train import out_path
+    from vlsearch.data import load_dataset
+    from vlsearch.models.checkpoint import save_checkpoint
+
+    tc = FastTrainConfig(seed=args.seed)
+    if args.epochs:
+        tc.epochs = args.epochs
+    if extra:
+        for k, v in extra.items():
+            setattr(tc, k, v)
+    progress = not args.quiet
+    train = DatasetFeatures.load(load_dataset(args.data_root, "train"), progress=progress)
+    try:
+        dev = DatasetFeatures.load(load_dataset(args.data_root, "dev"), progress=progress)
+    except Exception:
+        dev = None
+    model, history = train_fast(train, FastConfig(), tc, dev=dev, teacher=teacher, progress=progress)
+    name = "fast-distilled" if teacher is not None else "fast"
+    meta = {
+        "train": asdict(tc),
+        "data_root": str(args.data_root or "default"),
+        "dev": history["dev"][-1:] if history["dev"] else None,
+        "train_seconds": history["train_seconds"],
+    }
+    return save_checkpoint(out_path(args, name), model, meta)
+
+
+def train_distilled_from_args(args):
+    """`vlsearch train fast --distill SLOW`: the same recipe plus KL to the Slow model's in-batch scores."""
+    from vlsearch.training.slow import distillation_teacher
+
+    teacher_name = getattr(args, "distill", None) or "slow"
+    teacher, settings = distillation_teacher(teacher_name, args)
+    return train_from_args(args, teacher=teacher, extra=settings)

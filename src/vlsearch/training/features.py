@@ -24,7 +24,13 @@ class DatasetFeatures:
     caption_image: torch.Tensor  # [M]
 
     @classmethod
-    def load(cls, dataset: CaptionDataset, extractor: FeatureExtractor | None = None, mid: bool = False, progress: bool = True) -> DatasetFeatures:
+    def load(
+        cls,
+        dataset: CaptionDataset,
+        extractor: FeatureExtractor | None = None,
+        mid: bool = False,
+        progress: bool = True,
+    ) -> DatasetFeatures:
         fx = extractor or FeatureExtractor(progress=progress)
         feats = fx.image_keys(dataset.image_paths)
         if feats.report:
@@ -39,10 +45,26 @@ class DatasetFeatures:
             tkeys = fx.text_keys(dataset.captions)
             states, lengths = fx.texts.get_padded(tkeys, "states")
             ids, _ = fx.texts.get_padded(tkeys, "ids")
-            states_t, lengths_t, ids_t = torch.from_numpy(states), torch.from_numpy(lengths), torch.from_numpy(ids[..., 0])
+            states_t, lengths_t, ids_t = (
+                torch.from_numpy(states),
+                torch.from_numpy(lengths),
+                torch.from_numpy(ids[..., 0]),
+            )
         else:
-            states_t, lengths_t, ids_t = torch.zeros(0, 1, 384, dtype=torch.float16), torch.zeros(0, dtype=torch.long), torch.zeros(0, 1, dtype=torch.int32)
-        return cls(dataset, grid, mid_t, states_t, lengths_t, ids_t, torch.from_numpy(np.asarray(dataset.caption_image)))
+            states_t, lengths_t, ids_t = (
+                torch.zeros(0, 1, 384, dtype=torch.float16),
+                torch.zeros(0, dtype=torch.long),
+                torch.zeros(0, 1, dtype=torch.int32),
+            )
+        return cls(
+            dataset,
+            grid,
+            mid_t,
+            states_t,
+            lengths_t,
+            ids_t,
+            torch.from_numpy(np.asarray(dataset.caption_image)),
+        )
 
     @property
     def n_images(self) -> int:

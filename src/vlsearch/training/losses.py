@@ -6,7 +6,9 @@ import torch
 import torch.nn.functional as F
 
 
-def info_nce(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor, same: torch.Tensor | None = None) -> torch.Tensor:
+def info_nce(
+    image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor, same: torch.Tensor | None = None
+) -> torch.Tensor:
     """Symmetric InfoNCE over a batch of matching (image, text) rows.
 
     same [B,B] bool marks off-diagonal pairs that are also positives (two captions of one image); they are
@@ -20,7 +22,9 @@ def info_nce(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor, same:
     return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target))
 
 
-def distill_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+def distill_kl(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0
+) -> torch.Tensor:
     """KL(teacher || student) of row-softmaxed score matrices, in both directions (Miech et al.'s distillation).
 
     Zero exactly when student and teacher rank every row with the same distribution.

@@ -1,0 +1,56 @@
+"""`vlsearch eval`: Recall@1/5/10 in both directions (and RSUM) on a dataset split."""
+
+from __future__ import annotations
+
+from vlsearch.commands._common import add_data_args, add_model_arg, add_quiet, fmt_metrics, print_json
+
+
+def register(sub):
+    p = sub.add_parser("eval", help="measure retrieval recall on a dataset split")
+    add_data_args(p)
+    add_model_arg(p)
+    p.add_argument("--images", type=int, default=None, help="evaluate on a seeded random subset of N images")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--rerank", type=int, default=0, help="re-rank the Fast top-K with a pair scorer")
+    p.add_argument("--rerank-model", default=None, help="pair scorer for --rerank (default: slow)")
+    p.add_argument(
+        "--index",
+        default="flat",
+        choices=["flat", "hnsw", "ivfpq", "auto"],
+        help="also measure an approximate index",
+    )
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    add_quiet(p)
+    return p
+
+
+def run(args):
+    from vlsearch.eval.evaluate import evaluate
+
+    if args.images is not None and args.images < 1:
+        from vlsearch.errors import QueryError
+
+        raise QueryError("--images must be at least 1")
+    result = evaluate(
+        args.data_root,
+        args.split,
+        args.model,
+        images=args.images,
+        seed=args.seed,
+        rerank=args.rerank,
+        rerank_model=args.rerank_model,
+        index_kind=args.index,
+        progress=not (args.quiet or args.json),
+    )
+    if args.json:
+        print_json(result)
+    else:
+        print(
+            f"{result['model']} on {result['dataset']}:{result['split']} ({result['n_images']} images, {result['n_captions']} captions)"
+        )
+        print(fmt_metrics(result))
+        for k, v in result["cost"].items():
+            print(f"  {k}: {v:.3f}" if isinstance(v, float) else f"  {k}: {v}")
+        if "ann_recall_at_10_vs_exact" in result:
+            print(f"  {result['index']} recall@10 vs exact: {result['ann_recall_at_10_vs_exact']:.3f}")
+    return 0

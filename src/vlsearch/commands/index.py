@@ -1,0 +1,74 @@
+"""`vlsearch index`: embed a gallery (a dataset split or any image folder) into a searchable index."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from vlsearch.commands._common import add_model_arg, add_quiet
+
+
+def register(sub):
+    p = sub.add_parser("index", help="build an index over a dataset split or a folder of images")
+    p.add_argument(
+        "source", nargs="?", default=None, help="dataset root or image folder (default: the data root)"
+    )
+    p.add_argument("--split", default="dev", help="dataset split when SOURCE is a dataset (default: dev)")
+    add_model_arg(p)
+    p.add_argument("--out", default=None, help="index folder (default: ~/.cache/vlsearch/indexes/default)")
+    p.add_argument(
+        "--kind", default="auto", choices=["auto", "flat", "hnsw", "ivfpq"], help="vector index type"
+    )
+    p.add_argument(
+        "--add", metavar="FOLDER", default=None, help="add the images of FOLDER to the existing index --out"
+    )
+    p.add_argument(
+        "--ray",
+        nargs="?",
+        const="local",
+        default=None,
+        metavar="ADDRESS",
+        help="compute features with Ray (local cluster, or ADDRESS)",
+    )
+    p.add_argument("--shards", type=int, default=None, help="with --ray: number of index shards")
+    add_quiet(p)
+    return p
+
+
+def run(args):
+    from vlsearch.settings import default_index_dir
+
+    out = Path(args.out).expanduser() if args.out else default_index_dir()
+    if args.add:
+        from vlsearch.index.build import add_to_index
+
+        n, report = add_to_index(out, args.add, progress=not args.quiet)
+        if report:
+            print(report.summary(), file=sys.stderr)
+        print(f"added {n} image(s) to {out}")
+        return 0
+    if args.ray:
+        from vlsearch.index.distributed import build_index_ray
+
+        path = build_index_ray(
+            out,
+            args.source,
+            args.split,
+            args.model,
+            address=args.ray,
+            shards=args.shards,
+            progress=not args.quiet,
+        )
+        print(f"wrote sharded index to {path}")
+        return 0
+    from vlsearch.index.build import build_index
+    from vlsearch.index.gallery import GalleryIndex
+
+    path, report = build_index(out, args.source, args.split, args.model, args.kind, progress=not args.quiet)
+    idx = GalleryIndex.open(path)
+    print(
+        f"wrote {idx.config.kind} index of {idx.config.n_images} images ({idx.config.n_captions} captions) to {path}"
+    )
+    if report:
+        print(f"{len(report.skipped)} unreadable image(s) skipped (listed above)")
+    return 0

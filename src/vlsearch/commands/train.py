@@ -1,0 +1,84 @@
+"""`vlsearch train MODEL`: train a named model on cached features and save its checkpoint."""
+
+from __future__ import annotations
+
+import importlib
+import time
+from pathlib import Path
+
+from vlsearch.commands._common import add_quiet
+from vlsearch.models.registry import NAMED_MODELS, default_checkpoint
+
+# named model -> "module:function(args) -> checkpoint path"; order matters for `train all`.
+TRAINERS = {
+    "fast": "vlsearch.training.fast:train_from_args",
+    "slow": "vlsearch.training.slow:train_from_args",
+    "fast-distilled": "vlsearch.training.fast:train_distilled_from_args",
+    "deformer-joint": "vlsearch.training.deformer:train_joint_from_args",
+    "deformer": "vlsearch.training.deformer:train_decomposed_from_args",
+}
+
+
+def register(sub):
+    p = sub.add_parser(
+        "train", help="train a model (fast, slow, fast-distilled, deformer-joint, deformer, or all)"
+    )
+    p.add_argument("what", choices=[*TRAINERS, "all"])
+    p.add_argument(
+        "--data-root", default=None, help="Flickr8k-layout root (default: $VLSEARCH_DATA or ../shared/data)"
+    )
+    p.add_argument(
+        "--out",
+        default=None,
+        help="checkpoint folder, or a name under the models folder (default: the model's name)",
+    )
+    p.add_argument("--epochs", type=int, default=None, help="training epochs (default: the model's own)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--distill", default=None, help="fast only: Slow teacher checkpoint or name to distill from"
+    )
+    p.add_argument("--distill-weight", type=float, default=None)
+    p.add_argument("--distill-temperature", type=float, default=None)
+    p.add_argument(
+        "--subset",
+        type=float,
+        default=None,
+        help="deformer only: fraction of train used to fine-tune the decomposition",
+    )
+    p.add_argument("--minutes", type=float, default=None, help="time budget for slow/deformer training")
+    p.add_argument("--force", action="store_true", help="retrain even when the checkpoint exists (train all)")
+    add_quiet(p)
+    return p
+
+
+def out_path(args, name: str) -> Path:
+    if args.out is None:
+        return default_checkpoint(name)
+    out = Path(args.out).expanduser()
+    return out if (out.is_absolute() or len(out.parts) > 1) else default_checkpoint(args.out)
+
+
+def trainer(name: str):
+    module, fn = TRAINERS[name].split(":")
+    return getattr(importlib.import_module(module), fn)
+
+
+def run(args):
+    if args.what != "all":
+        if args.what == "fast" and args.distill:
+            args.what = "fast-distilled"
+            args.out = args.out or "fast-distilled"
+        path = trainer(args.what)(args)
+        print(f"saved {args.what} checkpoint to {path}")
+        return 0
+    for name in TRAINERS:
+        if name not in NAMED_MODELS:
+            continue
+        if (default_checkpoint(name) / "model.safetensors").exists() and not args.force:
+            print(f"{name}: already trained at {default_checkpoint(name)} (use --force to retrain)")
+            continue
+        t0 = time.time()
+        args.out = None
+        path = trainer(name)(args)
+        print(f"{name}: saved to {path} in {(time.time() - t0) / 60:.1f} min")
+    return 0

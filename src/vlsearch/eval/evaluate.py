@@ -1,0 +1,113 @@
+"""`vlsearch eval`: Recall@1/5/10 both directions on a dataset split, with per-query costs.
+
+Dual encoders (fast, fast-distilled, deformer) embed every image and caption once; pair scorers (slow,
+deformer-joint) score every (caption, image) pair; ``rerank=K`` rescores each query's Fast top-K with a
+pair scorer. Costs are measured on this machine, per query, and labelled when extrapolated.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from vlsearch.data import load_dataset
+from vlsearch.eval.metrics import retrieval_metrics
+from vlsearch.index.vectors import make_vector_index
+from vlsearch.models.registry import load_model
+from vlsearch.search.embedder import Embedder
+from vlsearch.training.features import DatasetFeatures
+
+
+def measure_query_cost(embedder: Embedder, image_emb: np.ndarray, captions: list[str], n: int = 20) -> dict:
+    """Fast cost per text query: encode the text (uncached) and exact search over this gallery."""
+    queries = captions[:n] or ["a dog runs on the grass"]
+    embedder.embed_query(queries[0])  # warm-up
+    t0 = time.perf_counter()
+    q = np.stack([embedder.embed_query(t) for t in queries])
+    t1 = time.perf_counter()
+    index = make_vector_index(image_emb.shape[1], len(image_emb), "flat")
+    index.add(image_emb)
+    for row in q:
+        index.search(row[None], 10)
+    t2 = time.perf_counter()
+    return {
+        "fast_encode_ms": 1e3 * (t1 - t0) / len(queries),
+        "fast_search_ms": 1e3 * (t2 - t1) / len(queries),
+    }
+
+
+def ann_metrics(image_emb: np.ndarray, text_emb: np.ndarray, caption_image: np.ndarray, kind: str) -> dict:
+    """t2i recall through an approximate index, and its recall@10 against exact search."""
+    k = 10
+    approx = make_vector_index(image_emb.shape[1], len(image_emb), kind)
+    approx.add(image_emb)
+    _, rows = approx.search(text_emb, k)
+    exact = np.argsort(-(text_emb @ image_emb.T), axis=1)[:, :k]
+    overlap = np.mean([len(set(a) & set(e)) / k for a, e in zip(rows, exact, strict=True)])
+    hit_rank = np.array([list(r).index(g) if g in r else k for r, g in zip(rows, caption_image, strict=True)])
+    return {
+        "index": approx.kind,
+        "ann_recall_at_10_vs_exact": float(overlap),
+        "t2i_ann": {f"r{kk}": float(100 * np.mean(hit_rank < kk)) for kk in (1, 5, 10)},
+    }
+
+
+def evaluate(
+    data_root=None,
+    split: str = "dev",
+    model: str = "fast",
+    images: int | None = None,
+    seed: int = 0,
+    rerank: int = 0,
+    rerank_model: str | None = None,
+    index_kind: str = "flat",
+    progress: bool = True,
+) -> dict:
+    dataset = load_dataset(data_root, split)
+    if images:
+        dataset = dataset.sample(images, seed)
+    if not dataset.captions:
+        from vlsearch.errors import DataError
+
+        raise DataError(f"{dataset.name} split {split!r} has no captions to evaluate with")
+    net, meta, ckpt = load_model(model)
+    result: dict = {
+        "model": str(model),
+        "checkpoint": str(ckpt),
+        "split": dataset.split,
+        "dataset": dataset.name,
+    }
+    feats = DatasetFeatures.load(dataset, mid=True, progress=progress)
+    caption_image = feats.caption_image.numpy()
+    cost: dict = {}
+    if getattr(net, "is_pair_scorer", False):
+        from vlsearch.search.rerank import score_all_pairs
+
+        t0 = time.perf_counter()
+        sim = score_all_pairs(net, feats, progress=progress)
+        elapsed = time.perf_counter() - t0
+        n_pairs = sim.size
+        cost["pairs_per_s"] = n_pairs / elapsed
+        cost["slow_ms_per_query_gallery"] = 1e3 * elapsed / len(feats.states)
+        cost["note"] = f"scored all {n_pairs} pairs; per query = all {feats.n_images} gallery images"
+    else:
+        embedder = Embedder(net, progress=progress)
+        from vlsearch.training.fast import embed_features
+
+        img, txt = embed_features(net, feats)
+        sim = txt @ img.T
+        cost.update(measure_query_cost(embedder, img, dataset.captions))
+        if index_kind != "flat":
+            result.update(ann_metrics(img, txt, caption_image, index_kind))
+        if rerank:
+            from vlsearch.search.rerank import rerank_eval
+
+            sim, rerank_cost = rerank_eval(rerank_model or "slow", feats, sim, rerank, progress=progress)
+            cost.update(rerank_cost)
+            result["rerank"] = rerank
+            result["rerank_model"] = rerank_model or "slow"
+    metrics = retrieval_metrics(sim, caption_image)
+    result.update(metrics)
+    result.update({"n_images": feats.n_images, "n_captions": len(caption_image), "cost": cost})
+    return result

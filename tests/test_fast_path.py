@@ -1,0 +1,155 @@
+"""The Fast path end to end on real photos: cache, checkpoint, index, search, eval, bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from vlsearch.cli import main
+from vlsearch.errors import CheckpointError, IndexError_, QueryError
+
+
+def test_feature_cache_reused(mini_flickr, monkeypatch):
+    from vlsearch.data import load_flickr8k
+    from vlsearch.encoders.features import FeatureExtractor
+
+    ds = load_flickr8k(mini_flickr, "dev")
+    fx = FeatureExtractor(progress=False)
+    first = fx.image_keys(ds.image_paths[:8])
+    assert all(first.keys)
+    grid = fx.images.get_stacked(first.keys, "grid")
+    assert grid.shape == (8, 49, 1280) and grid.dtype == np.float16
+    assert fx.images.get_stacked(first.keys, "mid").shape == (8, 196, 112)
+    # a second extractor must not compute anything: its backbone would fail if built
+    fx2 = FeatureExtractor(progress=False)
+    monkeypatch.setattr(
+        type(fx2), "image_backbone", property(lambda self: pytest.fail("recomputed features"))
+    )
+    assert fx2.image_keys(ds.image_paths[:8]).keys == first.keys
+
+
+def test_corrupt_images_are_skipped_and_reported(tmp_path, mini_flickr):
+    from vlsearch.data import load_folder
+    from vlsearch.encoders.features import FeatureExtractor
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    good = sorted((mini_flickr / "Flicker8k_Dataset").iterdir())[:3]
+    for p in good:
+        shutil.copy(p, folder / p.name)
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 this is not a jpeg")
+    (folder / "truncated.jpg").write_bytes(good[0].read_bytes()[:300])
+    (folder / "empty.png").write_bytes(b"")
+    ds = load_folder(folder)
+    feats = FeatureExtractor(progress=False).image_keys(ds.image_paths)
+    bad = {p.split("/")[-1] for p, _ in feats.report.skipped}
+    assert bad == {"broken.jpg", "truncated.jpg", "empty.png"}
+    assert sum(k is not None for k in feats.keys) == 3
+
+
+def test_checkpoint_round_trip_and_version_mismatch(tiny_fast_checkpoint, tmp_path):
+    import torch
+
+    from vlsearch.models.checkpoint import load_checkpoint
+    from vlsearch.models.fast import FastModel
+    from vlsearch.models.registry import load_model
+
+    model, meta, path = load_model("fast")
+    assert meta["model_type"] == "fast" and meta["vlsearch_version"]
+    states = torch.randn(2, 7, 384)
+    lengths = torch.tensor([7, 4])
+    again, _ = load_checkpoint(path, FastModel)
+    assert torch.allclose(model.encode_text(states, lengths), again.encode_text(states, lengths))
+    # another format version
+    bad = tmp_path / "old"
+    shutil.copytree(path, bad)
+    cfg = json.loads((bad / "config.json").read_text())
+    cfg["format_version"] = 0
+    (bad / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="format version"):
+        load_model(bad)
+    # a config this version does not know
+    cfg["format_version"] = json.loads((path / "config.json").read_text())["format_version"]
+    cfg["config"]["attention_pool"] = True
+    (bad / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="does not fit"):
+        load_model(bad)
+    # corrupt weights
+    shutil.copy(path / "config.json", bad / "config.json")
+    (bad / "model.safetensors").write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match="unreadable"):
+        load_model(bad)
+    with pytest.raises(CheckpointError, match="neither a named model"):
+        load_model(tmp_path / "missing")
+
+
+def test_index_round_trip_search_and_add(tiny_fast_checkpoint, mini_flickr, tmp_path, capsys):
+    import vlsearch
+    from vlsearch.index.build import build_index
+    from vlsearch.index.gallery import GalleryIndex
+
+    out = tmp_path / "idx"
+    build_index(out, mini_flickr, "dev", progress=False)
+    idx = GalleryIndex.open(out)
+    assert idx.config.n_images == 40 and idx.config.n_captions == 200 and idx.config.kind == "flat"
+    engine = vlsearch.load(out)
+    res = engine.search("a dog runs through the grass", k=5)
+    assert len(res.hits) == 5 and len({h.row for h in res.hits}) == 5
+    assert res.hits[0].score >= res.hits[-1].score
+    # an image finds itself first
+    first = idx.record(0)
+    assert engine.search_image(first.path, k=3).hits[0].row == 0
+    assert len(engine.captions_for_image(first.path, k=4).hits) == 4
+    # adding a folder of new images (the train photos) without a rebuild
+    folder = tmp_path / "new"
+    folder.mkdir()
+    train = sorted((mini_flickr / "Flickr8k_text" / "Flickr_8k.trainImages.txt").read_text().split())[:5]
+    for name in train:
+        shutil.copy(mini_flickr / "Flicker8k_Dataset" / name, folder / name)
+    assert engine.add(folder) == 5
+    assert len(engine.index.images) == 45
+    assert engine.search_image(folder / train[0], k=1).hits[0].id == train[0]
+    assert engine.add(folder) == 0  # already there
+    # the CLI reads the same index
+    assert main(["search", "a dog", "--index", str(out), "--k", "3", "--json"]) == 0
+    payload = json.loads(capsys.readouterr().out)
+    assert len(payload["results"]) == 3
+
+
+def test_bad_queries_and_corrupt_index(tiny_fast_checkpoint, mini_flickr, tmp_path, capsys):
+    import vlsearch
+    from vlsearch.index.build import build_index
+
+    out = tmp_path / "idx"
+    build_index(out, mini_flickr, "dev", progress=False)
+    engine = vlsearch.load(out)
+    for bad in ["", "   ", "x" * 10_000, b"\xff\xfe\x00", "a\x00b"]:
+        with pytest.raises(QueryError):
+            engine.search(bad, 5)
+    for k in [0, -1, 10**9, "ten"]:
+        with pytest.raises(QueryError):
+            engine.search("a dog", k)
+    with pytest.raises(QueryError):
+        engine.search_image(b"not an image", 3)
+    (out / "images.faiss").write_bytes(b"corrupt")
+    with pytest.raises(IndexError_, match="corrupt"):
+        vlsearch.load(out)
+    assert main(["search", "a dog", "--index", str(out)]) == 2
+    assert "corrupt" in capsys.readouterr().err
+    assert main(["search", "a dog", "--index", str(tmp_path / "none")]) == 2
+
+
+def test_eval_json_and_images_subset(tiny_fast_checkpoint, mini_flickr, capsys):
+    assert main(["eval", "--data-root", str(mini_flickr), "--split", "dev", "--images", "10", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["n_images"] == 10 and out["n_captions"] == 50 and out["model"] == "fast"
+    for direction in ("t2i", "i2t"):
+        assert set(out[direction]) == {"r1", "r5", "r10"}
+        assert 0 <= out[direction]["r1"] <= out[direction]["r5"] <= out[direction]["r10"] <= 100
+    assert abs(out["rsum"] - sum(out["t2i"].values()) - sum(out["i2t"].values())) < 1e-6
+    # with 10 images, R@10 is 100 by construction
+    assert out["t2i"]["r10"] == 100.0
+    assert main(["eval", "--data-root", str(mini_flickr), "--split", "test"]) == 2
