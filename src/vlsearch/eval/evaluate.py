@@ -81,6 +81,7 @@ def evaluate(
     feats = DatasetFeatures.load(dataset, mid=True, progress=progress)
     caption_image = feats.caption_image.numpy()
     cost: dict = {}
+    sim_i2t = None
     if getattr(net, "is_pair_scorer", False):
         from vlsearch.search.rerank import score_all_pairs
 
@@ -103,11 +104,13 @@ def evaluate(
         if rerank:
             from vlsearch.search.rerank import rerank_eval
 
-            sim, rerank_cost = rerank_eval(rerank_model or "slow", feats, sim, rerank, progress=progress)
+            sim, sim_i2t, rerank_cost = rerank_eval(
+                rerank_model or "slow", feats, sim, rerank, progress=progress
+            )
             cost.update(rerank_cost)
             result["rerank"] = rerank
             result["rerank_model"] = rerank_model or "slow"
-    metrics = retrieval_metrics(sim, caption_image)
+    metrics = retrieval_metrics(sim, caption_image, sim_i2t)
     result.update(metrics)
     result.update({"n_images": feats.n_images, "n_captions": len(caption_image), "cost": cost})
     return result

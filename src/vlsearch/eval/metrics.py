@@ -26,10 +26,14 @@ def recalls(ranks: np.ndarray, ks=KS) -> dict[str, float]:
     return {f"r{k}": float(100.0 * np.mean(ranks < k)) for k in ks}
 
 
-def retrieval_metrics(sim: np.ndarray, caption_image: np.ndarray) -> dict:
-    """{"t2i": {r1,r5,r10}, "i2t": {...}, "rsum", "mean_recall"} in percent."""
+def retrieval_metrics(sim: np.ndarray, caption_image: np.ndarray, sim_i2t: np.ndarray | None = None) -> dict:
+    """{"t2i": {r1,r5,r10}, "i2t": {...}, "rsum", "mean_recall"} in percent.
+
+    sim [captions, images] ranks both directions; re-ranking gives each direction its own matrix
+    (rows re-scored for t2i, columns for i2t), passed as ``sim`` and ``sim_i2t``.
+    """
     caption_image = np.asarray(caption_image)
     t2i = recalls(t2i_ranks(sim, caption_image))
-    i2t = recalls(i2t_ranks(sim, caption_image))
+    i2t = recalls(i2t_ranks(sim if sim_i2t is None else sim_i2t, caption_image))
     rsum = sum(t2i.values()) + sum(i2t.values())
     return {"t2i": t2i, "i2t": i2t, "rsum": rsum, "mean_recall": rsum / 6}

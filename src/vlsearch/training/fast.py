@@ -15,7 +15,7 @@ from tqdm import tqdm
 from vlsearch.eval.metrics import retrieval_metrics
 from vlsearch.models.fast import FastConfig, FastModel
 from vlsearch.training.features import DatasetFeatures
-from vlsearch.training.losses import distill_kl, info_nce
+from vlsearch.training.losses import info_nce
 
 
 @dataclass
@@ -81,8 +81,11 @@ def train_fast(
     progress: bool = True,
     log=print,
 ) -> tuple[FastModel, dict]:
-    """Returns the trained model and a history dict. ``teacher(batch_grid, batch_mid, states, lengths)`` -> [B,B]
-    logits enables distillation."""
+    """Returns the trained model and a history dict.
+
+    ``teacher`` enables distillation: ``teacher.loss(model, train, imgs, caps, image_emb, text_emb, temperature)``
+    returns the extra loss term (e.g. ``distill_kl`` between the student's and the Slow model's scores).
+    """
     torch.manual_seed(tc.seed)
     gen = torch.Generator().manual_seed(tc.seed)
     model = FastModel(config)
@@ -123,10 +126,8 @@ def train_fast(
             im, tx = im.float(), tx.float()
             loss = info_nce(im, tx, model.scale)
             if teacher is not None and tc.distill_weight > 0:
-                with torch.no_grad():
-                    t_logits = teacher(imgs, caps)
-                loss = loss + tc.distill_weight * distill_kl(
-                    model.scale * im @ tx.t(), t_logits, tc.distill_temperature
+                loss = loss + tc.distill_weight * teacher.loss(
+                    model, train, imgs, caps, im, tx, tc.distill_temperature
                 )
             opt.zero_grad(set_to_none=True)
             loss.backward()
