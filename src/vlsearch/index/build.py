@@ -84,6 +84,8 @@ def add_to_index(index_dir: str | Path, items, progress: bool = True) -> tuple[i
     Rebuilds the vector index from the stored embeddings and swaps it in atomically; O(N) per call.
     """
     index = GalleryIndex.open(index_dir)
+    if getattr(index, "is_sharded", False):  # a sharded index grows by a new shard
+        return index.add_images(items, progress=progress)
     net, meta, ckpt = load_model(index.config.model)
     if fingerprint(ckpt) != index.config.model_fingerprint:
         raise IndexError_(

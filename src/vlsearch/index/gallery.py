@@ -69,6 +69,10 @@ class GalleryIndex:
         try:
             meta = json.loads(cfg.read_text())
             check_stamp(meta, "index", path, IndexError_)
+            if meta.get("layout") == "sharded":  # a folder of gallery shards searched as one
+                from vlsearch.index.sharded import ShardedIndex
+
+                return ShardedIndex.open(path, meta)
             config = from_dict(IndexConfig, meta["config"])
             images = read_vector_index(path / "images.faiss", config.kind)
             captions = (
@@ -77,6 +81,7 @@ class GalleryIndex:
                 else None
             )
             index = cls(path, config, images, captions)
+            images.attach_vectors(index.embeddings)  # IVF-PQ re-checks its candidates against them
         except IndexError_:
             raise
         except Exception as e:  # faiss raises RuntimeError, json ValueError, sqlite its own: all mean corrupt

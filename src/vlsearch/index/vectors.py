@@ -1,12 +1,15 @@
 """One small interface over faiss indexes of unit vectors searched by inner product (cosine).
 
 Exact search (Flat) below ``AUTO_THRESHOLD`` vectors; an HNSW graph above it, whose recall against exact
-search `vlsearch eval --index hnsw` and `vlsearch bench` report. IVF-PQ is for galleries that no longer fit
-in memory as float32.
+search `vlsearch eval --index hnsw` and `vlsearch bench` report. IVF-Flat (inverted lists of full vectors)
+builds much faster than HNSW on few cores. IVF-PQ is for galleries that no longer fit in memory as float32:
+it keeps 32-byte codes in memory and re-checks its top ``k * k_factor`` candidates exactly against the
+fp16 embeddings (the gallery's memory-mapped ``embeddings.npy``, attached with ``attach_vectors``).
 """
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from pathlib import Path
 
@@ -44,6 +47,10 @@ class VectorIndex(ABC):
     def write(self, path: Path) -> None:
         faiss.write_index(self.index, str(path))
 
+    def attach_vectors(self, vectors) -> None:
+        """The gallery's stored embeddings (fp16, memory-mapped), for kinds that re-check candidates."""
+        return None
+
     @abstractmethod
     def configure(self, **params) -> None:
         """Search-time knobs (efSearch, nprobe)."""
@@ -53,7 +60,7 @@ class FlatIndex(VectorIndex):
     kind = "flat"
 
     @classmethod
-    def create(cls, dim: int) -> FlatIndex:
+    def create(cls, dim: int, n_expected: int = 0) -> FlatIndex:
         return cls(faiss.IndexFlatIP(dim))
 
     def configure(self, **params) -> None:
@@ -64,7 +71,9 @@ class HNSWIndex(VectorIndex):
     kind = "hnsw"
 
     @classmethod
-    def create(cls, dim: int, m: int = 32, ef_construction: int = 80, ef_search: int = 128) -> HNSWIndex:
+    def create(
+        cls, dim: int, n_expected: int = 0, m: int = 32, ef_construction: int = 80, ef_search: int = 128
+    ) -> HNSWIndex:
         index = faiss.IndexHNSWFlat(dim, m, faiss.METRIC_INNER_PRODUCT)
         index.hnsw.efConstruction = ef_construction
         index.hnsw.efSearch = ef_search
@@ -79,30 +88,119 @@ class HNSWIndex(VectorIndex):
         return super().search(queries, k)
 
 
-class IVFPQIndex(VectorIndex):
-    """Inverted lists over product-quantised codes; needs training on a sample before ``add``."""
+def default_nlist(n_expected: int) -> int:
+    """About 4 sqrt(N) inverted lists (a power of two), and never more than N / 40 (k-means needs ~40/list)."""
+    n = max(int(n_expected), 1)
+    nlist = 1 << max(0, round(math.log2(4 * math.sqrt(n))))
+    return int(max(1, min(nlist, n // 40, 65536)))
 
-    kind = "ivfpq"
 
-    @classmethod
-    def create(cls, dim: int, nlist: int = 1024, m: int = 32, nprobe: int = 32) -> IVFPQIndex:
-        quantizer = faiss.IndexFlatIP(dim)
-        index = faiss.IndexIVFPQ(quantizer, dim, nlist, m, 8, faiss.METRIC_INNER_PRODUCT)
-        index.nprobe = nprobe
-        return cls(index)
+class _IVF(VectorIndex):
+    """Shared by the inverted-file kinds: k-means on a sample of the first batch added, then add."""
+
+    train_per_list = 40
 
     def add(self, vectors: np.ndarray) -> None:
         vectors = np.ascontiguousarray(vectors, dtype=np.float32)
         if not self.index.is_trained:
-            self.index.train(vectors[: max(len(vectors), 39 * self.index.nlist)])
+            ivf = faiss.extract_index_ivf(self.index)
+            n_train = min(len(vectors), self.train_per_list * ivf.nlist)
+            sample = vectors
+            if n_train < len(vectors):
+                pick = np.random.default_rng(0).choice(len(vectors), n_train, replace=False)
+                sample = vectors[np.sort(pick)]
+            ivf.cp.niter = 10
+            ivf.cp.min_points_per_centroid = 1  # small galleries: fewer points per list is fine, no warning
+            if isinstance(self.index, faiss.IndexIVFPQ):
+                self.index.pq.cp.min_points_per_centroid = 1
+            self.index.train(sample)
         self.index.add(vectors)
+
+    @property
+    def nprobe(self) -> int:
+        return faiss.extract_index_ivf(self.index).nprobe
 
     def configure(self, nprobe: int | None = None, **_) -> None:
         if nprobe:
-            self.index.nprobe = int(nprobe)
+            faiss.extract_index_ivf(self.index).nprobe = int(nprobe)
 
 
-KINDS: dict[str, type[VectorIndex]] = {c.kind: c for c in (FlatIndex, HNSWIndex, IVFPQIndex)}
+class IVFFlatIndex(_IVF):
+    """Inverted lists of full float32 vectors: exact scores within the ``nprobe`` nearest lists."""
+
+    kind = "ivfflat"
+
+    @classmethod
+    def create(
+        cls, dim: int, n_expected: int = 0, nlist: int | None = None, nprobe: int = 48
+    ) -> IVFFlatIndex:
+        nlist = nlist or default_nlist(n_expected)
+        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, nlist, faiss.METRIC_INNER_PRODUCT)
+        index.nprobe = min(nprobe, nlist)
+        return cls(index)
+
+
+class IVFPQIndex(_IVF):
+    """Inverted lists over product-quantised codes (``m`` bytes per vector); needs training before ``add``.
+
+    Candidates (``k * k_factor`` per query) are re-scored exactly against fp16 vectors: the gallery's
+    memory-mapped embeddings once attached, else an in-memory fp16 copy of what was added.
+    """
+
+    kind = "ivfpq"
+
+    def __init__(self, index: faiss.Index, k_factor: int = 10):
+        super().__init__(index)
+        self.k_factor = k_factor
+        self._vectors = None
+
+    @classmethod
+    def create(
+        cls, dim: int, n_expected: int = 0, nlist: int | None = None, m: int = 32, nprobe: int = 48
+    ) -> IVFPQIndex:
+        nlist = nlist or default_nlist(n_expected)
+        m = max(d for d in range(1, min(m, dim) + 1) if dim % d == 0)
+        # 8-bit codes need 256 centroids per sub-quantiser; very small galleries get fewer bits.
+        nbits = (
+            8 if n_expected >= 10_000 or not n_expected else max(4, min(8, int(math.log2(n_expected)) - 2))
+        )
+        index = faiss.IndexIVFPQ(faiss.IndexFlatIP(dim), dim, nlist, m, nbits, faiss.METRIC_INNER_PRODUCT)
+        index.nprobe = min(nprobe, nlist)
+        return cls(index)
+
+    def add(self, vectors: np.ndarray) -> None:
+        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        super().add(vectors)
+        if self._vectors is None or isinstance(self._vectors, list):
+            self._vectors = (self._vectors or []) + [vectors.astype(np.float16)]
+
+    def attach_vectors(self, vectors) -> None:
+        self._vectors = vectors
+
+    def _refine_source(self):
+        if isinstance(self._vectors, list):
+            self._vectors = [np.concatenate(self._vectors)] if len(self._vectors) > 1 else self._vectors
+            return self._vectors[0]
+        return self._vectors
+
+    def search(self, queries, k):
+        vecs = self._refine_source()
+        if vecs is None or self.k_factor <= 1 or len(vecs) != len(self):
+            return super().search(queries, k)
+        k = max(1, min(int(k), len(self)))
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        _, cand = super().search(queries, k * self.k_factor)
+        scores = np.full((len(queries), k), -np.inf, np.float32)
+        rows = np.full((len(queries), k), -1, np.int64)
+        for i, (q, c) in enumerate(zip(queries, cand, strict=True)):
+            c = np.unique(c[c >= 0])  # sorted rows: sequential-ish reads of the memory map
+            exact = np.asarray(vecs[c], dtype=np.float32) @ q
+            top = np.argsort(-exact, kind="stable")[:k]
+            scores[i, : len(top)], rows[i, : len(top)] = exact[top], c[top]
+        return scores, rows
+
+
+KINDS: dict[str, type[VectorIndex]] = {c.kind: c for c in (FlatIndex, HNSWIndex, IVFFlatIndex, IVFPQIndex)}
 
 
 def make_vector_index(dim: int, n_expected: int, kind: str = "auto") -> VectorIndex:
@@ -110,7 +208,7 @@ def make_vector_index(dim: int, n_expected: int, kind: str = "auto") -> VectorIn
         kind = "flat" if n_expected < AUTO_THRESHOLD else "hnsw"
     if kind not in KINDS:
         raise ValueError(f"unknown index kind {kind!r}; choose from auto, {', '.join(KINDS)}")
-    return KINDS[kind].create(dim)
+    return KINDS[kind].create(dim, n_expected)
 
 
 def read_vector_index(path: Path, kind: str) -> VectorIndex:
