@@ -20,7 +20,7 @@ from vlsearch.training.losses import info_nce
 
 @dataclass
 class FastTrainConfig:
-    epochs: int = 30
+    epochs: int = 20
     batch_size: int = 256
     lr: float = 1e-3
     text_lr: float = 5e-5
