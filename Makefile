@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml scripts/install.sh
 	touch $@
 
 demo: install
-	$(VENV)/bin/vlsearch demo
+	$(VENV)/bin/vlsearch demo $(if $(DATA),--data-root $(DATA))
 
 test: install
 	$(VENV)/bin/ruff check src tests
