@@ -55,3 +55,52 @@ def mine_hard_negatives(model, feats, k: int = 31) -> tuple[np.ndarray, np.ndarr
 
     img, txt = embed_features(model, feats)
     return mine_from_embeddings(img, txt, feats.caption_image.numpy(), k)
+
+
+def features_fingerprint(feats) -> str:
+    """A short hash of what a DatasetFeatures holds (image files and captions, in order)."""
+    import hashlib
+
+    h = hashlib.sha1()
+    for p in feats.dataset.image_paths:
+        h.update(str(p).rsplit("/", 1)[-1].encode() + b"\0")
+    for c in feats.dataset.captions:
+        h.update(c.encode("utf-8", "surrogatepass") + b"\0")
+    return h.hexdigest()[:16]
+
+
+def cached_fast_candidates(fast_name_or_path, feats, k: int, progress: bool = False) -> dict:
+    """Fast hard negatives of ``feats`` (as ``mine_hard_negatives``) plus the embeddings they came from,
+    cached on disk under $VLSEARCH_HOME/mining keyed by the Fast checkpoint's weights and the data.
+
+    Returns {"neg_img" [M,k], "neg_cap" [N,k], "image_emb" [N,D], "text_emb" [M,D], "scale": float}."""
+    from vlsearch.config import atomic_write_bytes
+    from vlsearch.models.registry import fingerprint, load_model
+    from vlsearch.settings import home
+
+    model, _, path = load_model(fast_name_or_path)
+    key = f"{fingerprint(path)}-{features_fingerprint(feats)}-k{k}"
+    cache = home() / "mining" / f"{key}.npz"
+    if cache.is_file():
+        with np.load(cache) as z:
+            out = {name: z[name] for name in z.files}
+        out["scale"] = float(out["scale"])
+        return out
+    from vlsearch.training.fast import embed_features
+
+    img, txt = embed_features(model, feats)
+    neg_img, neg_cap = mine_from_embeddings(img, txt, feats.caption_image.numpy(), k)
+    out = {
+        "neg_img": neg_img,
+        "neg_cap": neg_cap,
+        "image_emb": img.astype(np.float32),
+        "text_emb": txt.astype(np.float32),
+        "scale": np.float32(float(model.scale.detach())),
+    }
+    import io
+
+    buf = io.BytesIO()
+    np.savez(buf, **out)
+    atomic_write_bytes(cache, buf.getvalue())
+    out["scale"] = float(out["scale"])
+    return out

@@ -1,0 +1,278 @@
+"""The Slow model: text tokens cross-attend to the image's spatial feature maps (Miech et al.'s Slow).
+
+Text enters as cached MiniLM layer-``split_layer`` token states and runs through MiniLM's upper layers, each
+extended with a cross-attention block (initialised from MiniLM as ALBEF initialises its fusion encoder from
+BERT; the cross-attention starts fresh). Keys/values of the cross-attentions are the image's tokens: the
+14x14 ``mid`` map (EfficientNet-Lite0 block 10, 112 channels, projected to 384, 2-D position embeddings)
+and, optionally, the 7x7 ``grid`` map (1280 channels). An image-text-matching head on [CLS] turns the
+fused text into one score per (text, image) pair.
+
+Layout, chosen for pair throughput on CPU (docs/slow.md):
+- fusion layer 0 (MiniLM layer 4): self-attention and feed-forward on the text alone, then every word
+  cross-attends to the image. The text-only part and the cross-attention queries are computed once per
+  text (``text_state``); these are the word-to-region weights that explain a result.
+- fusion layers 1.. (MiniLM layer 5, ...): self-attention, cross-attention, feed-forward per pair; the last
+  one only for the [CLS] query, the one the head reads.
+- the image side (tokens and each layer's cross-attention keys/values, ``image_kv``) never depends on the
+  text: computed once per image and reused by every text scored against it. ``score_block`` scores all
+  texts x images without copying per pair; ``score_pairs`` takes arbitrary pairs. bf16 autocast.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vlsearch.models.layers import Attention, TransformerLayer, minilm_upper_layers
+
+# Images' cross-attention keys/values for every fusion layer: [(k, v)] each [N, heads, Lk, head_dim].
+ImageKV = list[tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass
+class TextState:
+    """What the first fusion layer computes from a text alone: hidden states [T,L,D], mask [T,L] and the
+    cross-attention queries [T,H,L,hd]."""
+
+    h: torch.Tensor
+    mask: torch.Tensor
+    q: torch.Tensor
+
+
+@dataclass
+class SlowConfig:
+    text_dim: int = 384
+    heads: int = 12
+    cross_heads: int = 4  # fresh cross-attention: fewer, wider heads keep the [words x regions] softmax small
+    ffn: int = 1536
+    split_layer: int = 4  # text states come cached after this many MiniLM layers
+    n_layers: int = 2  # fusion layers: MiniLM layers split_layer.. (beyond MiniLM's depth: fresh)
+    mid_dim: int = 112
+    mid_side: int = 14
+    use_grid: bool = True  # also attend to the 7x7 final-layer grid
+    grid_dim: int = 1280
+    grid_side: int = 7
+    # fused = fast_cosine + fusion_weight * slow_score; chosen on dev after training (per direction)
+    fusion_weight: float = 0.0
+    fusion_weight_i2t: float = 0.0
+
+    @property
+    def n_image_tokens(self) -> int:
+        return self.mid_side**2 + (self.grid_side**2 if self.use_grid else 0)
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """softmax(q k^T / sqrt(d)) v in the keys' dtype (bf16 when they were made under autocast): the
+    [.., Lq, Lk] weights are the biggest tensors here, so no fp32 round trip. q broadcasts over k's batch."""
+    dtype = k.dtype
+    with torch.autocast("cpu", enabled=False):
+        q = (q * (1.0 / math.sqrt(q.shape[-1]))).to(dtype)
+        w = torch.matmul(q, k.transpose(-1, -2)).softmax(-1)
+        return torch.matmul(w, v.to(dtype)), w
+
+
+class SlowModel(nn.Module):
+    model_type = "slow"
+    is_pair_scorer = True
+
+    def __init__(self, config: SlowConfig, init_from_pretrained: bool = True):
+        super().__init__()
+        self.config = c = config
+        D = c.text_dim
+        self.mid_norm = nn.LayerNorm(c.mid_dim)
+        self.mid_proj = nn.Sequential(nn.Linear(c.mid_dim, D), nn.GELU(), nn.Linear(D, D))
+        self.mid_row = nn.Parameter(torch.randn(c.mid_side, D) * 0.02)
+        self.mid_col = nn.Parameter(torch.randn(c.mid_side, D) * 0.02)
+        if c.use_grid:
+            self.grid_norm = nn.LayerNorm(c.grid_dim)
+            self.grid_proj = nn.Linear(c.grid_dim, D)
+            self.grid_row = nn.Parameter(torch.randn(c.grid_side, D) * 0.02)
+            self.grid_col = nn.Parameter(torch.randn(c.grid_side, D) * 0.02)
+            self.grid_type = nn.Parameter(torch.randn(D) * 0.02)
+        self.image_norm = nn.LayerNorm(D)
+        if init_from_pretrained:
+            self.layers = minilm_upper_layers(c.split_layer, c.n_layers, cross_dim=D)
+        else:
+            self.layers = nn.ModuleList(
+                TransformerLayer(D, c.heads, c.ffn, cross_dim=D) for _ in range(c.n_layers)
+            )
+        if c.cross_heads != c.heads:
+            for layer in self.layers:
+                layer.cross_attn = Attention(D, c.cross_heads, kv_dim=D)
+        self.head = nn.Sequential(nn.Linear(D, D), nn.Tanh(), nn.Linear(D, 1))
+
+    # -- image side: computed once per image -------------------------------------------------------------
+    def image_tokens(self, mid: torch.Tensor, grid: torch.Tensor | None = None) -> torch.Tensor:
+        """mid [N,196,112] (+ grid [N,49,1280]) -> image tokens [N, Lk, D]."""
+        c = self.config
+        N = mid.shape[0]
+        pos = (self.mid_row[:, None, :] + self.mid_col[None, :, :]).reshape(-1, c.text_dim)
+        x = self.mid_proj(self.mid_norm(mid.float())) + pos
+        if c.use_grid:
+            if grid is None:
+                raise ValueError("this Slow model attends to the 7x7 grid too: pass grid features")
+            gpos = (self.grid_row[:, None, :] + self.grid_col[None, :, :]).reshape(-1, c.text_dim)
+            g = self.grid_proj(self.grid_norm(grid.float())) + gpos + self.grid_type
+            x = torch.cat([x, g], dim=1)
+        assert x.shape[:2] == (N, c.n_image_tokens)
+        return self.image_norm(x)
+
+    def image_kv(self, mid: torch.Tensor, grid: torch.Tensor | None = None) -> ImageKV:
+        """Each fusion layer's cross-attention keys and values for these images: [(k, v)] [N,H,Lk,hd]."""
+        tokens = self.image_tokens(mid, grid)
+        N, Lk, _ = tokens.shape
+        out = []
+        for layer in self.layers:
+            ca = layer.cross_attn
+            k = ca.k(tokens).view(N, Lk, ca.heads, ca.head_dim).transpose(1, 2)
+            v = ca.v(tokens).view(N, Lk, ca.heads, ca.head_dim).transpose(1, 2)
+            out.append((k, v))
+        return out
+
+    # -- text side: computed once per text ---------------------------------------------------------------
+    def text_state(self, states: torch.Tensor, lengths: torch.Tensor) -> TextState:
+        """The first fusion layer's self-attention and feed-forward see only the text, so they (and its
+        cross-attention queries) are computed once per text: states [T,L,384], lengths [T]."""
+        T, L, _ = states.shape
+        mask = torch.arange(L)[None, :] < lengths[:, None]
+        first = self.layers[0]
+        h = first.self_attn(states.float(), states.float(), mask)
+        h = first.ffn_norm(h + first.ffn_out(F.gelu(first.ffn_in(h))))
+        ca = first.cross_attn
+        q = ca.q(h).view(T, L, ca.heads, ca.head_dim).transpose(1, 2)
+        return TextState(h, mask, q)
+
+    # -- pairs ----------------------------------------------------------------------------------------------
+    def score_block(
+        self, text: TextState, kv: ImageKV, keep_weights: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Every text with every image: scores [T, NI]. Nothing is copied per pair before the first
+        cross-attention. With keep_weights also the word-to-region weights [T, NI, L, Lk] (head mean)."""
+        T, L = text.mask.shape
+        k, v = kv[0]
+        NI, H, _, hd = k.shape
+        q = text.q.permute(1, 0, 2, 3).reshape(1, H, T * L, hd)  # every image sees the same queries
+        ctx, w = _attend(q, k, v)  # [NI,H,T*L,hd], [NI,H,T*L,Lk]
+        maps = w.float().mean(1).view(NI, T, L, -1).transpose(0, 1) if keep_weights else None
+        ctx = ctx.view(NI, H, T, L, hd).permute(0, 2, 1, 3, 4).reshape(NI * T, H, L, hd)
+        h0 = text.h[None].expand(NI, *text.h.shape).reshape(NI * T, L, -1)
+        mask = text.mask[None].expand(NI, T, L).reshape(NI * T, L)
+        scores = self._upper(h0, ctx, mask, kv, block=(NI, T)).view(NI, T).t()
+        return (scores, maps) if keep_weights else scores
+
+    def score_pairs(
+        self,
+        text: TextState,
+        kv: ImageKV,
+        text_index: torch.Tensor,
+        image_index: torch.Tensor,
+        keep_weights: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Arbitrary pairs (text_index[p], image_index[p]) -> scores [P] (and weights [P, L, Lk])."""
+        k, v = (x.index_select(0, image_index) for x in kv[0])
+        q = text.q.index_select(0, text_index)
+        ctx, w = _attend(q, k, v)  # [P,H,L,hd]
+        maps = w.float().mean(1) if keep_weights else None
+        h0, mask = text.h.index_select(0, text_index), text.mask.index_select(0, text_index)
+        scores = self._upper(h0, ctx, mask, kv, image_index=image_index)
+        return (scores, maps) if keep_weights else scores
+
+    def _upper(self, h0, ctx, mask, kv, block=None, image_index=None) -> torch.Tensor:
+        """Finish the first cross-attention (ctx [P,H,L,hd]), run the remaining fusion layers (the last one
+        only for the [CLS] query: nothing else reaches the head) and score. ``block=(NI, T)``: pairs are
+        image-major over NI images x T texts; else pair p uses image ``image_index[p]``."""
+        P, L = mask.shape
+        ca = self.layers[0].cross_attn
+        h = ca.norm(h0 + ca.out(ctx.transpose(1, 2).reshape(P, L, -1).to(h0.dtype)))
+        n = len(self.layers)
+        for j in range(1, n):
+            layer = self.layers[j]
+            sa = layer.self_attn
+            kk = sa.k(h).view(P, L, sa.heads, sa.head_dim).transpose(1, 2)
+            vv = sa.v(h).view(P, L, sa.heads, sa.head_dim).transpose(1, 2)
+            x = h[:, :1] if j == n - 1 else h
+            Lq = x.shape[1]
+            qq = sa.q(x).view(P, Lq, sa.heads, sa.head_dim).transpose(1, 2)
+            att = (qq @ kk.transpose(-1, -2)) / math.sqrt(sa.head_dim)
+            att = att.masked_fill(~mask[:, None, None, :], torch.finfo(att.dtype).min).softmax(-1)
+            x = sa.norm(x + sa.out((att @ vv).transpose(1, 2).reshape(P, Lq, -1)))
+            cx = layer.cross_attn
+            q = cx.q(x).view(P, Lq, cx.heads, cx.head_dim).transpose(1, 2)  # [P,H,Lq,hd]
+            k, v = kv[j]
+            if block is not None:
+                NI, T = block
+                H, hd = q.shape[1], q.shape[3]
+                qb = q.reshape(NI, T, H, Lq, hd).permute(0, 2, 1, 3, 4).reshape(NI, H, T * Lq, hd)
+                c, _ = _attend(qb, k, v)
+                c = c.view(NI, H, T, Lq, hd).permute(0, 2, 1, 3, 4).reshape(P, H, Lq, hd)
+            else:
+                c, _ = _attend(q, k.index_select(0, image_index), v.index_select(0, image_index))
+            x = cx.norm(x + cx.out(c.transpose(1, 2).reshape(P, Lq, -1).to(x.dtype)))
+            h = layer.ffn_norm(x + layer.ffn_out(F.gelu(layer.ffn_in(x))))
+        return self.head(h[:, 0]).squeeze(-1).float()
+
+    def forward(
+        self,
+        states: torch.Tensor,
+        lengths: torch.Tensor,
+        mid: torch.Tensor,
+        grid: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Scores of aligned pairs: text i with image i -> [P]."""
+        idx = torch.arange(len(states))
+        return self.score_pairs(self.text_state(states, lengths), self.image_kv(mid, grid), idx, idx)
+
+    @torch.no_grad()
+    def score_texts_images(
+        self,
+        states: torch.Tensor,
+        lengths: torch.Tensor,
+        mid: torch.Tensor,
+        grid: torch.Tensor | None,
+        text_index: torch.Tensor | None = None,
+        image_index: torch.Tensor | None = None,
+        batch_pairs: int = 2048,
+        keep_weights: bool = False,
+    ):
+        """Inference helper under bf16 autocast: pairs (text_index, image_index) over these texts and images,
+        or every text with every image when both are None ([T, NI]). Returns float32 scores (and the
+        word-to-region maps [P, L, 196] with keep_weights)."""
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            text = self.text_state(states, lengths)
+            kv = self.image_kv(mid, grid)
+            if text_index is None:
+                out = self.score_block(text, kv)
+                return out.float()
+            scores, maps = [], []
+            for s in range(0, len(text_index), batch_pairs):
+                r = self.score_pairs(
+                    text, kv, text_index[s : s + batch_pairs], image_index[s : s + batch_pairs], keep_weights
+                )
+                if keep_weights:
+                    scores.append(r[0])
+                    maps.append(self.attention_maps(r[1]))
+                else:
+                    scores.append(r)
+        scores = torch.cat(scores).float()
+        return (scores, torch.cat(maps)) if keep_weights else scores
+
+    # -- explanations ----------------------------------------------------------------------------------
+    def attention_maps(self, weights: torch.Tensor) -> torch.Tensor:
+        """Word-to-region weights of the first cross-attention (the one every word queries), heads averaged,
+        [P, L, Lk] -> maps [P, L, 196] on the 14x14 grid: the 7x7 grid's attention is spread over its 2x2
+        block of 14x14 cells, and each row sums to 1."""
+        c = self.config
+        w = weights.float()
+        n_mid = c.mid_side**2
+        maps = w[..., :n_mid]
+        if c.use_grid:
+            P, L = w.shape[:2]
+            g = w[..., n_mid:].reshape(P, L, c.grid_side, c.grid_side)
+            rep = c.mid_side // c.grid_side
+            g = g.repeat_interleave(rep, -1).repeat_interleave(rep, -2) / (rep * rep)
+            maps = maps + g.reshape(P, L, n_mid)
+        return maps / maps.sum(-1, keepdim=True).clamp_min(1e-12)

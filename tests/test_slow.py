@@ -1,0 +1,226 @@
+"""The Slow model, re-ranking, distillation and explanations, on tiny fixtures."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from vlsearch.cli import main
+
+
+@pytest.fixture(scope="session")
+def tiny_slow_checkpoint(tiny_fast_checkpoint, mini_flickr, session_home):
+    """A Slow model trained for a few seconds on the mini split, saved as the named model `slow`."""
+    os.environ["VLSEARCH_HOME"] = str(session_home)
+    from vlsearch.training import slow as slow_training
+
+    args = argparse.Namespace(
+        data_root=str(mini_flickr), epochs=None, seed=0, out=None, quiet=True, minutes=0.05
+    )
+    return slow_training.train_from_args(args)
+
+
+def _small_model():
+    from vlsearch.models.slow import SlowConfig, SlowModel
+
+    torch.manual_seed(0)
+    return SlowModel(SlowConfig(n_layers=2), init_from_pretrained=False).eval()
+
+
+def test_block_pairs_and_forward_agree():
+    model = _small_model()
+    T, N, L = 3, 4, 9
+    states, lengths = torch.randn(T, L, 384), torch.tensor([9, 5, 7])
+    mid, grid = torch.randn(N, 196, 112), torch.randn(N, 49, 1280)
+    with torch.no_grad():
+        text, kv = model.text_state(states, lengths), model.image_kv(mid, grid)
+        block = model.score_block(text, kv)
+        ti, ii = torch.arange(T).repeat_interleave(N), torch.arange(N).repeat(T)
+        pairs = model.score_pairs(text, kv, ti, ii)
+        fwd = model(states[ti], lengths[ti], mid[ii], grid[ii])
+    assert block.shape == (T, N)
+    assert torch.allclose(block.flatten(), pairs, atol=1e-4)
+    assert torch.allclose(pairs, fwd, atol=1e-4)
+    assert block.std() > 0  # scores depend on the pair
+    # padding beyond a text's length does not change its score
+    with torch.no_grad():
+        short = model.score_block(model.text_state(states[1:2, :5], lengths[1:2]), kv)
+    assert torch.allclose(short[0], block[1], atol=1e-4)
+
+
+def test_group_loss_and_sampler_shapes():
+    from vlsearch.training.slow import group_loss
+
+    scores = torch.randn(6, 3, requires_grad=True)
+    cap_img = torch.tensor([0, 0, 1, 1, 2, 2])
+    loss = group_loss(scores, cap_img)
+    loss.backward()
+    assert torch.isfinite(loss) and scores.grad is not None
+    # a perfect scorer has (near) zero loss
+    perfect = torch.full((6, 3), -50.0)
+    perfect[torch.arange(6), cap_img] = 50.0
+    assert float(group_loss(perfect, cap_img)) < 1e-6
+
+
+def test_mining_excludes_positives():
+    from vlsearch.training.mining import mine_from_embeddings
+
+    rng = np.random.default_rng(0)
+    img = rng.normal(size=(12, 8)).astype(np.float32)
+    img /= np.linalg.norm(img, axis=1, keepdims=True)
+    ci = np.repeat(np.arange(12), 5)
+    txt = img[ci] + 0.2 * rng.normal(size=(60, 8)).astype(np.float32)
+    neg_img, neg_cap = mine_from_embeddings(img, txt, ci, 5)
+    assert neg_img.shape == (60, 5) and neg_cap.shape == (12, 5)
+    assert not (neg_img == ci[:, None]).any()
+    assert not (ci[neg_cap] == np.arange(12)[:, None]).any()
+    sim = txt @ img.T
+    sim[np.arange(60), ci] = -np.inf
+    assert (neg_img[:, 0] == sim.argmax(1)).all()  # best first
+
+
+def test_place_candidates_never_drops_nor_duplicates():
+    from vlsearch.search.rerank import place_candidates, top_k
+
+    rng = np.random.default_rng(1)
+    sim = rng.normal(size=(50, 30)).astype(np.float32)
+    K = 7
+    cand = top_k(sim, K)
+    fused = rng.normal(size=cand.shape) * 100  # any scale
+    out = place_candidates(sim, cand, fused)
+    new_top = np.argsort(-out, axis=1)[:, :K]
+    for r in range(len(sim)):
+        assert sorted(new_top[r]) == sorted(cand[r])  # the same K, each once
+        assert list(new_top[r]) == list(cand[r][np.argsort(-fused[r], kind="stable")])
+        rest = [c for c in np.argsort(-sim[r]) if c not in set(cand[r])]
+        assert list(np.argsort(-out[r])[K:]) == rest  # non-candidates keep their order
+
+
+def test_distillation_loss_zero_when_student_and_teacher_agree():
+    from vlsearch.models.fast import FastConfig, FastModel
+    from vlsearch.training.slow import SlowTeacher, candidate_kl
+
+    s = torch.randn(8, 16)
+    assert float(candidate_kl(s, s.clone(), 2.0)) == pytest.approx(0.0, abs=1e-6)
+    assert float(candidate_kl(s, s + 3.0)) == pytest.approx(0.0, abs=1e-6)  # shift-invariant
+    assert float(candidate_kl(s, torch.randn(8, 16))) > 0
+    # the hook itself: teacher logits equal to the student's own scores give zero
+    torch.manual_seed(0)
+    model = FastModel(FastConfig(text_layers=1), init_from_pretrained=False).eval()
+    grid = torch.randn(20, 49, 1280).half()
+    train = argparse.Namespace(grid=grid)
+    cands = torch.randint(0, 20, (10, 6))
+    caps = torch.arange(10)
+    text = torch.nn.functional.normalize(torch.randn(10, model.config.embed_dim), dim=-1)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        emb = model.encode_image(grid).float()
+    logits = model.scale.detach() * (text[:, None, :] * emb[cands]).sum(-1)
+    teacher = SlowTeacher(cands, logits, captions_per_step=0)
+    with torch.no_grad():
+        loss = teacher.loss(model, train, None, caps, None, text, 1.0)
+    assert float(loss) == pytest.approx(0.0, abs=1e-5)
+    other = SlowTeacher(cands, torch.randn(10, 6) * 5, captions_per_step=4)
+    with torch.no_grad():
+        assert float(other.loss(model, train, None, caps, None, text, 1.0)) > 0
+
+
+def test_word_maps_merge_pieces_and_drop_noise():
+    from vlsearch.search.explain import word_maps
+
+    tokens = ["[CLS]", "a", "skate", "##board", "##er", "jumps", ",", "high", ".", "[SEP]"]
+    maps = np.random.default_rng(0).random((len(tokens), 196))
+    maps /= maps.sum(1, keepdims=True)
+    exp = word_maps(tokens, maps, 14)
+    assert exp["tokens"] == ["skateboarder", "jumps", "high"]
+    assert exp["grid"] == [14, 14]
+    assert len(exp["maps"]) == 3 and all(len(m) == 196 for m in exp["maps"])
+    assert all(abs(sum(m) - 1) < 1e-4 for m in exp["maps"])
+    merged = maps[2:5].mean(0)
+    assert np.allclose(exp["maps"][0], merged / merged.sum(), atol=1e-5)
+
+
+def test_slow_checkpoint_round_trip(tiny_slow_checkpoint):
+    from vlsearch.models.checkpoint import load_checkpoint
+    from vlsearch.models.registry import load_model
+    from vlsearch.models.slow import SlowModel
+
+    model, meta, path = load_model("slow")
+    assert meta["model_type"] == "slow" and isinstance(model, SlowModel) and model.is_pair_scorer
+    assert "fusion_weight" in meta["config"] and meta["config"]["fusion_weight"] >= 0
+    again, _ = load_checkpoint(path, SlowModel)
+    assert again.config == model.config
+    states, lengths = torch.randn(2, 6, 384), torch.tensor([6, 3])
+    mid, grid = torch.randn(2, 196, 112), torch.randn(2, 49, 1280)
+    with torch.no_grad():
+        assert torch.allclose(model(states, lengths, mid, grid), again(states, lengths, mid, grid))
+
+
+def test_eval_slow_alone_and_rerank(tiny_slow_checkpoint, mini_flickr, capsys):
+    root = ["--data-root", str(mini_flickr), "--split", "dev", "--images", "12", "--json"]
+    assert main(["eval", "--model", "slow", *root]) == 0
+    slow = json.loads(capsys.readouterr().out)
+    assert slow["n_images"] == 12 and "slow_ms_per_query_gallery" in slow["cost"]
+    assert main(["eval", *root]) == 0
+    fast = json.loads(capsys.readouterr().out)
+    assert main(["eval", "--rerank", "5", *root]) == 0
+    rr = json.loads(capsys.readouterr().out)
+    cost = rr["cost"]
+    assert rr["rerank"] == 5 and cost["slow_pairs_per_query"] == 5
+    for key in ("fast_encode_ms", "rerank_ms_per_query", "slow_alone_ms_per_query_gallery"):
+        assert cost[key] > 0
+    # re-ranking only reorders the top 5: recall at 5 (t2i) cannot change, recall at 10 neither
+    assert rr["t2i"]["r5"] == pytest.approx(fast["t2i"]["r5"])
+    assert rr["t2i"]["r10"] == pytest.approx(fast["t2i"]["r10"])
+
+
+def test_rerank_eval_keeps_each_rows_candidates(tiny_slow_checkpoint, mini_flickr):
+    from vlsearch.data import load_dataset
+    from vlsearch.models.registry import load_model
+    from vlsearch.search.rerank import rerank_eval, top_k
+    from vlsearch.training.fast import embed_features
+    from vlsearch.training.features import DatasetFeatures
+
+    feats = DatasetFeatures.load(load_dataset(mini_flickr, "dev"), mid=True, progress=False)
+    fast, _, _ = load_model("fast")
+    img, txt = embed_features(fast, feats)
+    sim = txt @ img.T
+    K = 6
+    sim_t2i, sim_i2t, cost = rerank_eval("slow", feats, sim, K, progress=False)
+    assert np.array_equal(np.sort(top_k(sim_t2i, K), 1), np.sort(top_k(sim, K), 1))
+    assert np.array_equal(np.sort(top_k(sim_i2t.T, K), 1), np.sort(top_k(sim.T, K), 1))
+    assert cost["slow_alone_pairs_per_query"] == feats.n_images
+
+
+def test_search_rerank_and_explain(tiny_slow_checkpoint, mini_flickr, tmp_path, capsys):
+    import vlsearch
+    from vlsearch.index.build import build_index
+
+    out = tmp_path / "idx"
+    build_index(out, mini_flickr, "dev", progress=False)
+    engine = vlsearch.load(out, rerank_model="slow")
+    plain = engine.search("a dog runs through the grass", k=8)
+    res = engine.search("a dog runs through the grass", k=8, rerank=8, explain=True)
+    assert sorted(h.row for h in res.hits) == sorted(h.row for h in plain.hits)  # same 8, each once
+    assert all(h.slow_score is not None for h in res.hits)
+    assert [h.score for h in res.hits] == sorted((h.score for h in res.hits), reverse=True)
+    assert len(res.explanations) == 8
+    for exp in res.explanations:
+        assert exp["tokens"] == ["dog", "runs", "grass"]
+        assert exp["grid"] == [14, 14]
+        assert len(exp["maps"]) == len(exp["tokens"]) and all(len(m) == 196 for m in exp["maps"])
+    # the CLI writes one JSON and one PNG per result
+    exp_dir = tmp_path / "explain"
+    args = ["search", "a dog on the beach", "--index", str(out), "--k", "3", "--rerank", "5"]
+    assert main([*args, "--explain", str(exp_dir), "--json"]) == 0
+    payload = json.loads(capsys.readouterr().out)
+    assert len(payload["results"]) == 3
+    files = sorted(p.name for p in exp_dir.iterdir())
+    assert len([f for f in files if f.endswith(".json")]) == 3
+    assert len([f for f in files if f.endswith(".png")]) == 3
+    first = json.loads((exp_dir / files[0]).read_text())
+    assert first["tokens"] == ["dog", "beach"] and len(first["maps"]) == 2
