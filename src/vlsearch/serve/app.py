@@ -1,0 +1,692 @@
+"""The search service: a FastAPI app over one :class:`~vlsearch.search.engine.SearchEngine`.
+
+Routes (all errors are JSON ``{"error": ..., "detail": ...}`` with a 4xx status, or 503 when busy):
+
+    GET  /                 the web page (static/index.html; no external assets)
+    GET  /search           ?q=TEXT&k=10&rerank=K&explain=1  text-to-image, optionally re-ranked and explained
+    POST /search/image     multipart ``file``: similar images and matching captions
+    GET  /images/{id}      an image of the index, looked up by id (or row) in the index metadata
+    POST /images           multipart ``files``: add images to the index (needs the write token)
+    GET  /healthz          index, re-ranker, write access and load figures
+    GET  /openapi.json     the schema (and /docs)
+
+Models and index are loaded once, before the app is made. All model work runs in a small thread pool
+(``workers`` threads, so both cores are busy while the event loop only does I/O). In front of that pool
+sits a bounded queue: at most ``workers + max_queue`` model requests are admitted; beyond that a
+request is answered 503 with ``Retry-After`` at once instead of piling up work.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import io
+import logging
+import os
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import parse_qsl, quote
+
+import numpy as np
+from fastapi import FastAPI, File, Query, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, Response
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.staticfiles import StaticFiles
+
+from vlsearch import __version__
+from vlsearch.errors import CheckpointError, DataError, IndexError_, QueryError, VLSearchError
+from vlsearch.search.embedder import check_query
+from vlsearch.search.engine import MAX_K, MAX_RERANK, SearchEngine, check_k
+
+log = logging.getLogger("vlsearch.serve")
+
+STATIC = Path(__file__).parent / "static"
+MAX_UPLOAD_BYTES = 20 * 1024 * 1024
+MAX_UPLOAD_PIXELS = 40_000_000  # decoding is the cost, not the bytes: a 20 MB PNG can be 100 Mpx
+MAX_UPLOAD_FILES = 32
+IMAGE_TYPES = {
+    ".jpg": "image/jpeg",
+    ".jpeg": "image/jpeg",
+    ".png": "image/png",
+    ".gif": "image/gif",
+    ".bmp": "image/bmp",
+    ".webp": "image/webp",
+    ".tif": "image/tiff",
+    ".tiff": "image/tiff",
+}
+PIL_SUFFIX = {"JPEG": ".jpg", "PNG": ".png", "GIF": ".gif", "BMP": ".bmp", "WEBP": ".webp", "TIFF": ".tif"}
+CSP = (
+    "default-src 'self'; img-src 'self' blob: data:; style-src 'self'; script-src 'self'; "
+    "connect-src 'self'; object-src 'none'; base-uri 'none'; frame-ancestors 'none'"
+)
+
+
+@dataclass
+class ServeSettings:
+    workers: int = 2  # model threads: one per core
+    threads_per_worker: int = 1  # torch intra-op threads per model thread
+    max_queue: int = 32  # admitted model requests waiting for a thread; more get 503 at once
+    retry_after: int = 1  # seconds, sent with 503
+    max_upload_bytes: int = MAX_UPLOAD_BYTES
+    write_token: str | None = None  # POST /images is off without one
+    rerank_model: str | None = None  # name shown in /healthz
+    rerank_note: str = ""  # why re-ranking is off, for /healthz and the page
+    page_k: int = 24  # what the web page asks for
+    page_rerank: int = 48  # Fast candidates the page has the Slow model re-rank
+    warm_up: bool = True
+
+
+# -- errors -----------------------------------------------------------------------------------------------
+class Busy(Exception):
+    """The bounded queue in front of the model threads is full."""
+
+
+class ApiError(StarletteHTTPException):
+    """An HTTP error with our JSON body. Subclasses HTTPException so FastAPI re-raises it while parsing."""
+
+    def __init__(self, status: int, error: str, detail=None, headers: dict | None = None):
+        super().__init__(status, detail=error, headers=headers)
+        self.error, self.extra = error, detail
+
+
+STATUS_OF = [(QueryError, 400), (DataError, 400), (IndexError_, 409), (CheckpointError, 409)]
+
+
+def error_json(status: int, error: str, detail=None, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse({"error": error, "detail": detail}, status_code=status, headers=headers)
+
+
+# -- the bounded model pool -------------------------------------------------------------------------------
+def _init_worker(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(max(1, threads))
+
+
+class ModelPool:
+    """``workers`` threads for model work behind an admission counter of ``workers + max_queue``.
+
+    The counter is only touched on the event loop thread. A slot is released when the work is really
+    done (or cancelled before it started), not when the waiting request goes away, so clients that hang
+    up cannot make the pool take on more than its capacity.
+    """
+
+    def __init__(self, workers: int, threads_per_worker: int, max_queue: int):
+        self.workers = max(1, workers)
+        self.capacity = self.workers + max(0, max_queue)
+        self.executor = ThreadPoolExecutor(
+            self.workers,
+            thread_name_prefix="vlsearch-model",
+            initializer=_init_worker,
+            initargs=(threads_per_worker,),
+        )
+        self.pending = 0
+        self.peak = 0
+        self.served = 0
+        self.shed = 0
+
+    async def run(self, fn, *args):
+        if self.pending >= self.capacity:
+            self.shed += 1
+            raise Busy()
+        loop = asyncio.get_running_loop()
+        self.pending += 1
+        self.peak = max(self.peak, self.pending)
+        queued = time.perf_counter()
+
+        def job():
+            started = time.perf_counter()
+            return fn(*args), (started - queued) * 1e3
+
+        try:
+            cf = self.executor.submit(job)
+        except BaseException:
+            self.pending -= 1
+            raise
+        cf.add_done_callback(lambda _f: loop.call_soon_threadsafe(self._release))
+        return await asyncio.wrap_future(cf)
+
+    def _release(self) -> None:
+        self.pending -= 1
+        self.served += 1
+
+    def stats(self) -> dict:
+        return {
+            "workers": self.workers,
+            "capacity": self.capacity,
+            "in_flight": self.pending,
+            "peak_in_flight": self.peak,
+            "served": self.served,
+            "shed": self.shed,
+        }
+
+    def shutdown(self) -> None:
+        self.executor.shutdown(wait=False, cancel_futures=True)
+
+
+# -- early checks on the raw request: body size and write access, before any body is read ---------------
+class Guard:
+    """ASGI middleware: 413 for bodies over the cap (by Content-Length at once, or while streaming), and
+    401/403 for writes without the right token, both before the body is read."""
+
+    def __init__(self, app, max_bytes: int, write_token: str | None):
+        self.app, self.max_bytes, self.write_token = app, max_bytes, write_token
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
+            return await self.app(scope, receive, send)
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        if scope["method"] == "POST" and scope["path"].rstrip("/") == "/images":
+            denied = check_write(self.write_token, headers.get("authorization"))
+            if denied is not None:
+                return await denied(scope, receive, send)
+        length = headers.get("content-length")
+        if length is not None:
+            try:
+                n = int(length)
+            except ValueError:
+                return await error_json(400, "bad Content-Length header", length)(scope, receive, send)
+            if n > self.max_bytes:
+                return await too_large(self.max_bytes, n)(scope, receive, send)
+        seen = 0
+
+        async def limited():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes:
+                    raise ApiError(413, *_too_large_text(self.max_bytes, None))
+            return message
+
+        await self.app(scope, limited, send)
+
+
+def _too_large_text(limit: int, n: int | None) -> tuple[str, dict]:
+    return (
+        f"upload too large: the limit is {limit // (1024 * 1024)} MB",
+        {"limit_bytes": limit, "content_length": n},
+    )
+
+
+def too_large(limit: int, n: int | None) -> JSONResponse:
+    error, detail = _too_large_text(limit, n)
+    return error_json(413, error, detail, {"Connection": "close"})
+
+
+def check_write(token: str | None, authorization: str | None) -> JSONResponse | None:
+    if not token:
+        return error_json(
+            403,
+            "adding images is disabled",
+            "start the service with --write-token TOKEN (or VLSEARCH_WRITE_TOKEN) to allow POST /images",
+        )
+    scheme, _, given = (authorization or "").partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
+        return error_json(
+            401,
+            "missing or wrong write token",
+            "send the header 'Authorization: Bearer TOKEN'",
+            {"WWW-Authenticate": 'Bearer realm="vlsearch"'},
+        )
+    return None
+
+
+# -- parsing helpers --------------------------------------------------------------------------------------
+def raw_query_param(request: Request, name: str) -> str | None:
+    """A query-string value decoded strictly as UTF-8 (Starlette would silently replace bad bytes)."""
+    pairs = parse_qsl(
+        request.scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True, encoding="latin-1"
+    )
+    for key, value in pairs:
+        if key == name:
+            try:
+                return value.encode("latin-1").decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise QueryError(f"{name} is not valid UTF-8 text") from e
+    return None
+
+
+def parse_flag(value: str | None, name: str) -> bool:
+    text = (value or "").strip().lower()
+    if text in ("", "0", "false", "no", "off"):
+        return False
+    if text in ("1", "true", "yes", "on"):
+        return True
+    raise QueryError(f"{name} must be 0 or 1, not {value[:20]!r}")
+
+
+def jsonable(x, digits: int = 4):
+    """Explanations and timings come as numpy: plain, rounded JSON values."""
+    if isinstance(x, np.ndarray):
+        return jsonable(x.tolist(), digits)
+    if isinstance(x, dict):
+        return {str(k): jsonable(v, digits) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [jsonable(v, digits) for v in x]
+    if isinstance(x, bool | np.bool_):
+        return bool(x)
+    if isinstance(x, int | np.integer):
+        return int(x)
+    if isinstance(x, float | np.floating):
+        v = float(x)
+        return round(v, digits) if np.isfinite(v) else None
+    return x
+
+
+def image_url(image_id: str) -> str:
+    return "/images/" + quote(image_id, safe="/")
+
+
+# -- the service state: engine, freshness, uploads --------------------------------------------------------
+class Service:
+    def __init__(self, engine: SearchEngine, settings: ServeSettings):
+        self.engine, self.settings = engine, settings
+        self.fingerprint = engine.index.config.model_fingerprint
+        self.model_name = engine.index.config.model
+        self.started = time.time()
+        self.pool = ModelPool(settings.workers, settings.threads_per_worker, settings.max_queue)
+        self._refresh_lock = threading.Lock()
+        self._write_lock = threading.Lock()
+        self.stale: str | None = None  # set when the index on disk was rebuilt with another model
+        self.refreshes = 0
+        self._seen_index = engine.index
+
+    @property
+    def rerank_enabled(self) -> bool:
+        return self.engine.reranker is not None
+
+    @property
+    def uploads_dir(self) -> Path:
+        """Uploaded files live beside the index folder (the index folder itself is swapped on write)."""
+        path = self.engine.path
+        return path.with_name(path.name + ".uploads")
+
+    # freshness: picks up `vlsearch index --add` by another process and our own POST /images
+    def refresh(self) -> None:
+        if not self._refresh_lock.acquire(blocking=False):
+            return  # another thread is reopening; this request uses the index as it was
+        try:
+            self.engine.refresh()
+            if self.engine.index is not self._seen_index:  # reopened, here or by engine.add
+                self._seen_index = self.engine.index
+                self.refreshes += 1
+                cfg = self.engine.index.config
+                if cfg.model_fingerprint != self.fingerprint:
+                    self.stale = (
+                        f"the index at {self.engine.path} was rebuilt with another model "
+                        f"({cfg.model!r}, {cfg.model_fingerprint}); restart `vlsearch serve`"
+                    )
+                else:
+                    self.stale = None
+                log.info("index reloaded: %d images", len(self.engine.index.images))
+        except VLSearchError as e:  # mid-swap or removed: keep serving what we have
+            log.warning("index not reloaded: %s", e)
+        except Exception as e:  # noqa: BLE001 - never let a reload take the service down
+            log.warning("index not reloaded (%s: %s)", type(e).__name__, e)
+        finally:
+            self._refresh_lock.release()
+        if self.stale:
+            raise IndexError_(self.stale)
+
+    def warm_up(self) -> None:
+        """Load the lazily built backbones (and tokenizer settings) before the first user waits."""
+        from PIL import Image
+
+        self.engine.search("a warm up query", 1)
+        self.engine.search_image(Image.new("RGB", (64, 64), (120, 120, 120)), 1)
+
+    # model work (runs on a pool thread)
+    def text_search(self, text: str, k: int, rerank: int, explain: bool):
+        self.refresh()
+        return _retry_borrowed(lambda: self.engine.search(text, k, rerank=rerank, explain=explain))
+
+    def image_search(self, data: bytes, k: int, k_captions: int):
+        self.refresh()
+        image = decode_upload(data)
+        images = self.engine.search_image(image, k)
+        captions = self.engine.captions_for_image(image, k_captions) if k_captions else None
+        cap_rows = {}
+        if captions is not None and captions.hits:
+            rows = sorted({c.image_row for c in captions.hits})
+            cap_rows = dict(zip(rows, self.engine.index.records(rows), strict=True))
+        return images, captions, cap_rows
+
+    def lookup_image(self, ref: str):
+        index = self.engine.index
+        row = index.row_of_id(ref)
+        if row is None and ref.isdigit() and int(ref) < len(index.images):
+            row = int(ref)
+        return None if row is None else index.record(row)
+
+    def add_images(self, uploads: list[tuple[str, bytes]]) -> dict:
+        """Store each upload under a content-hash name beside the index, extract its features with the
+        loaded backbone, and add it to the index (atomic swap); the engine sees it at once."""
+        with self._write_lock:
+            self.refresh()
+            folder = self.uploads_dir
+            folder.mkdir(parents=True, exist_ok=True)
+            saved = []
+            for name, data in uploads:
+                image = decode_upload(data)
+                suffix = PIL_SUFFIX.get(image.format or "", ".img")
+                if suffix == ".img":
+                    raise QueryError(f"{name}: unsupported image format {image.format}")
+                path = folder / (hashlib.sha1(data).hexdigest() + suffix)
+                if not path.exists():
+                    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+                    with open(tmp, "wb") as f:
+                        f.write(data)
+                        f.flush()
+                        os.fsync(f.fileno())
+                    os.replace(tmp, path)
+                saved.append((name, path))
+            before = len(self.engine.index.images)
+            # the loaded backbone fills the feature cache, so add_to_index finds everything cached
+            self.engine.embedder.extractor.image_keys([p for _, p in saved])
+            added = self.engine.add([p for _, p in saved])
+            self.refresh()
+            index = self.engine.index
+            out = []
+            for name, path in saved:
+                row = index.row_of_id(path.name)
+                out.append(
+                    {
+                        "filename": name,
+                        "id": path.name,
+                        "row": row,
+                        "url": image_url(path.name),
+                        "new": row is not None and row >= before,
+                    }
+                )
+            return {"added": added, "n_images": len(index.images), "images": out}
+
+    def health(self) -> dict:
+        cfg = self.engine.index.config
+        return {
+            "status": "degraded" if self.stale else "ok",
+            "problem": self.stale,
+            "version": __version__,
+            "uptime_s": round(time.time() - self.started, 1),
+            "index": {
+                "path": str(self.engine.path),
+                "n_images": len(self.engine.index.images),
+                "n_captions": cfg.n_captions,
+                "model": self.model_name,
+                "kind": cfg.kind,
+                "source": cfg.source,
+                "reloads": self.refreshes,
+            },
+            "rerank": {
+                "enabled": self.rerank_enabled,
+                "model": self.settings.rerank_model if self.rerank_enabled else None,
+                "note": None if self.rerank_enabled else self.settings.rerank_note,
+                "max": MAX_RERANK,
+            },
+            "write": {"enabled": bool(self.settings.write_token)},
+            "limits": {
+                "max_k": MAX_K,
+                "max_upload_bytes": self.settings.max_upload_bytes,
+                "page_k": self.settings.page_k,
+                "page_rerank": min(self.settings.page_rerank, MAX_RERANK),
+            },
+            "load": self.pool.stats(),
+        }
+
+
+def _retry_borrowed(fn):
+    """A fast tokenizer shared by threads can refuse a concurrent call ("Already borrowed"): retry once."""
+    try:
+        return fn()
+    except RuntimeError as e:
+        if "borrow" not in str(e).lower():
+            raise
+        time.sleep(0.005)
+        return fn()
+
+
+def decode_upload(data: bytes):
+    """Open an uploaded image fully (truncated files fail here), refusing decompression bombs early."""
+    from PIL import Image, UnidentifiedImageError
+
+    if not data:
+        raise QueryError("the upload is empty")
+    try:
+        image = Image.open(io.BytesIO(data))
+        w, h = image.size
+        if w * h > MAX_UPLOAD_PIXELS:
+            raise QueryError(f"image is {w}x{h} pixels; the limit is {MAX_UPLOAD_PIXELS // 1_000_000} Mpx")
+        image.load()
+    except QueryError:
+        raise
+    except UnidentifiedImageError as e:
+        raise QueryError("not an image: the upload is in no image format vlsearch can read") from e
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise QueryError(f"not a readable image ({type(e).__name__}: {e})") from e
+    return image
+
+
+# -- the app ----------------------------------------------------------------------------------------------
+def create_app(engine: SearchEngine, settings: ServeSettings | None = None, reranker=None) -> FastAPI:
+    """The service over an opened engine. ``reranker`` replaces the engine's (tests inject one)."""
+    from contextlib import asynccontextmanager
+
+    settings = settings or ServeSettings()
+    if reranker is not None:
+        engine.reranker = reranker
+        if getattr(reranker, "extractor", False) is None:  # as SearchEngine.open wires it
+            reranker.extractor = engine.embedder.extractor
+    service = Service(engine, settings)
+    if settings.warm_up:
+        service.warm_up()
+
+    @asynccontextmanager
+    async def lifespan(app):
+        yield
+        service.pool.shutdown()
+
+    app = FastAPI(
+        title="vlsearch",
+        version=__version__,
+        description="Text-to-image search: a Fast dual encoder with faiss, optionally re-ranked by the Slow model.",
+        lifespan=lifespan,
+    )
+    app.state.service = service
+
+    # errors: always JSON {"error", "detail"}
+    @app.exception_handler(VLSearchError)
+    async def _vlsearch_error(request, exc: VLSearchError):
+        status = next((s for cls, s in STATUS_OF if isinstance(exc, cls)), 400)
+        return error_json(status, str(exc), type(exc).__name__.rstrip("_"))
+
+    @app.exception_handler(Busy)
+    async def _busy(request, exc):
+        return error_json(
+            503,
+            "the server is busy: too many searches in progress",
+            {"retry_after_s": settings.retry_after, "capacity": service.pool.capacity},
+            {"Retry-After": str(settings.retry_after)},
+        )
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request, exc: StarletteHTTPException):
+        if isinstance(exc, ApiError):
+            return error_json(exc.status_code, exc.error, exc.extra, exc.headers)
+        text = {404: "not found", 405: "method not allowed"}.get(exc.status_code, str(exc.detail))
+        detail = None if text == exc.detail else exc.detail
+        return error_json(exc.status_code, text, detail, getattr(exc, "headers", None))
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request, exc: RequestValidationError):
+        detail = [
+            {"loc": list(e.get("loc", ())), "msg": e.get("msg"), "type": e.get("type")} for e in exc.errors()
+        ]
+        return error_json(422, "invalid request: " + "; ".join(_fmt_err(e) for e in detail), detail)
+
+    @app.exception_handler(Exception)
+    async def _internal(request, exc: Exception):
+        log.exception("unexpected error on %s %s", request.method, request.url.path)
+        return error_json(500, "internal error", type(exc).__name__)
+
+    # -- routes --------------------------------------------------------------------------------------------
+    @app.get("/", include_in_schema=False)
+    async def page():
+        return FileResponse(
+            STATIC / "index.html",
+            media_type="text/html",
+            headers={"Content-Security-Policy": CSP, "Cache-Control": "no-cache"},
+        )
+
+    @app.get("/healthz", summary="Health, index size, re-ranker and load figures")
+    async def healthz():
+        return service.health()
+
+    @app.get("/search", summary="Text-to-image search")
+    async def search(
+        request: Request,
+        q: str | None = Query(None, description="the text query (UTF-8, at most 2000 characters)"),
+        k: str = Query("10", description=f"number of results, 1..{MAX_K}"),
+        rerank: str = Query(
+            "0", description=f"re-rank the Fast top-K with the Slow model (0 = off, at most {MAX_RERANK})"
+        ),
+        explain: str = Query("0", description="with rerank: word-to-region heat maps per result (1)"),
+    ):
+        t0 = time.perf_counter()
+        raw = raw_query_param(request, "q")
+        if raw is None:
+            raise QueryError("missing query parameter q")
+        text = check_query(raw)
+        k = check_k(k)
+        rerank = check_k(rerank, MAX_RERANK, "rerank") if str(rerank).strip() not in ("", "0") else 0
+        explain = parse_flag(explain, "explain")
+        if explain and not rerank:
+            raise QueryError("explain=1 needs rerank=K: the Slow model is what explains")
+        if rerank and not service.rerank_enabled:
+            raise ApiError(400, "re-ranking is not available on this server", settings.rerank_note)
+        result, wait_ms = await service.pool.run(service.text_search, text, k, rerank, explain)
+        explanations = result.explanations if explain else None
+        hits = []
+        for rank, h in enumerate(result.hits, 1):
+            item = {
+                "rank": rank,
+                "row": h.row,
+                "id": h.id,
+                "url": image_url(h.id),
+                "score": h.score,
+            }
+            if rerank:
+                item["fast_score"], item["slow_score"] = h.fast_score, h.slow_score
+            if explanations is not None:
+                item["explanation"] = explanations[rank - 1]
+            hits.append(item)
+        timings = dict(result.timings_ms)
+        timings["queue"] = wait_ms
+        timings["server"] = (time.perf_counter() - t0) * 1e3
+        return JSONResponse(
+            jsonable(
+                {
+                    "query": text,
+                    "k": k,
+                    "rerank": rerank,
+                    "n_images": len(service.engine.index.images),
+                    "results": hits,
+                    "timings_ms": timings,
+                }
+            )
+        )
+
+    @app.post("/search/image", summary="Image-to-image and image-to-text search with an uploaded image")
+    async def search_image(
+        file: UploadFile = File(..., description="the query image (at most 20 MB)"),
+        k: str = Query("10", description=f"number of similar images, 1..{MAX_K}"),
+        captions: str = Query("5", description="number of matching captions, 0..50"),
+    ):
+        t0 = time.perf_counter()
+        k = check_k(k)
+        k_captions = check_k(captions, 50, "captions") if str(captions).strip() not in ("", "0") else 0
+        data = await file.read()
+        (images, caps, cap_rows), wait_ms = await service.pool.run(service.image_search, data, k, k_captions)
+        return JSONResponse(
+            jsonable(
+                {
+                    "k": k,
+                    "images": [
+                        {"rank": i, "row": h.row, "id": h.id, "url": image_url(h.id), "score": h.score}
+                        for i, h in enumerate(images.hits, 1)
+                    ],
+                    "captions": [
+                        {
+                            "rank": i,
+                            "text": c.text,
+                            "score": c.score,
+                            "image_id": cap_rows[c.image_row].id,
+                            "image_url": image_url(cap_rows[c.image_row].id),
+                        }
+                        for i, c in enumerate(caps.hits if caps else [], 1)
+                    ],
+                    "timings_ms": {
+                        "images": images.timings_ms.get("total"),
+                        "captions": caps.timings_ms.get("total") if caps else None,
+                        "queue": wait_ms,
+                        "server": (time.perf_counter() - t0) * 1e3,
+                    },
+                }
+            )
+        )
+
+    @app.get(
+        "/images/{image_id:path}",
+        summary="An image of the index, by id (or row number)",
+        response_class=Response,
+        responses={200: {"content": {"image/*": {}}}},
+    )
+    async def get_image(image_id: str):
+        rec = await run_in_threadpool(service.lookup_image, image_id)
+        if rec is None:
+            raise ApiError(404, "no such image in the index", image_id[:200])
+        path = Path(rec.path)
+        if not path.is_file():
+            raise ApiError(404, "the image file of this index entry is missing on disk", rec.id)
+        return FileResponse(
+            path,
+            media_type=IMAGE_TYPES.get(path.suffix.lower(), "application/octet-stream"),
+            headers={"Cache-Control": "public, max-age=3600", "X-Content-Type-Options": "nosniff"},
+        )
+
+    @app.post(
+        "/images",
+        status_code=201,
+        summary="Add images to the index (needs 'Authorization: Bearer TOKEN')",
+    )
+    async def add_images(request: Request, files: list[UploadFile] = File(..., description="image files")):
+        denied = check_write(settings.write_token, request.headers.get("authorization"))
+        if denied is not None:
+            return denied
+        if len(files) > MAX_UPLOAD_FILES:
+            raise QueryError(f"at most {MAX_UPLOAD_FILES} files per request")
+        uploads = [(f.filename or f"file{i}", await f.read()) for i, f in enumerate(files)]
+        bad = []
+        for name, data in uploads:
+            try:
+                await run_in_threadpool(decode_upload, data)
+            except QueryError as e:
+                bad.append({"filename": name, "reason": str(e)})
+        if bad:
+            raise ApiError(400, f"{len(bad)} of {len(uploads)} upload(s) are not readable images", bad)
+        result, _ = await service.pool.run(service.add_images, uploads)
+        return JSONResponse(result, status_code=201)
+
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    app.add_middleware(Guard, max_bytes=settings.max_upload_bytes, write_token=settings.write_token)
+    return app
+
+
+def _fmt_err(e: dict) -> str:
+    loc = ".".join(str(x) for x in e["loc"] if x not in ("query", "body"))
+    return f"{loc or 'request'}: {e['msg']}"

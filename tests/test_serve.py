@@ -1,0 +1,555 @@
+"""The search service over a real tiny model and index: a real uvicorn server on a loopback port, httpx.
+
+Covers the API, bad input of every kind (each a 4xx JSON error, the service staying up), uploads and
+their size cap, adding images with a write token, picking up an index changed on disk, load shedding,
+the load script, and start-up errors of `vlsearch serve` (exit 2, no traceback).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+httpx = pytest.importorskip("httpx")
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# -- helpers shared with test_browser.py ----------------------------------------------------------------
+class FakeReranker:
+    """TEST-ONLY stand-in for the Slow re-ranker (vlsearch.search.rerank.Reranker), used while the real
+    one is not available. Same contract: rerank_text(text, keys, fast_scores, explain) ->
+    (fused, slow, explanations or None), explanations {"tokens", "grid": [h, w], "maps": [h*w per word]}.
+    Deterministic: the slow score is a hash of the image key, each word's map a blob at its own place."""
+
+    def __init__(self, grid=(7, 7)):
+        self.grid = grid
+        self.calls = 0
+
+    def rerank_text(self, text, keys, fast_scores, explain=False):
+        self.calls += 1
+        slow = np.array([int(hashlib.sha1(k.encode()).hexdigest()[:6], 16) / 0xFFFFFF for k in keys])
+        fused = 0.5 * np.asarray(fast_scores, dtype=np.float64) + 0.5 * slow
+        if not explain:
+            return fused, slow, None
+        h, w = self.grid
+        yy, xx = np.mgrid[0:h, 0:w]
+        words = text.split()
+        out = []
+        for key in keys:
+            seed = int(hashlib.sha1(key.encode()).hexdigest()[:4], 16)
+            maps = []
+            for i, _ in enumerate(words):
+                cy, cx = (seed + 3 * i) % h, (seed // 7 + 5 * i) % w
+                maps.append(np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / 3.0).ravel().astype(np.float32))
+            out.append({"tokens": words, "grid": [h, w], "maps": np.stack(maps)})
+        return fused, slow, out
+
+
+class LiveServer:
+    """A real uvicorn server in a thread, on a free 127.0.0.1 port."""
+
+    def __init__(self, app):
+        import uvicorn
+
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = uvicorn.Server(
+            uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=2)
+        )
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+        self.thread.start()
+        deadline = time.time() + 30
+        while not self.server.started:
+            if time.time() > deadline or not self.thread.is_alive():
+                raise RuntimeError("uvicorn did not start")
+            time.sleep(0.02)
+
+    def client(self, **kw) -> httpx.Client:
+        return httpx.Client(base_url=self.url, timeout=60, **kw)
+
+    def stop(self):
+        self.server.should_exit = True
+        self.thread.join(10)
+        self.sock.close()
+
+
+def build_test_index(out: Path, mini_flickr) -> Path:
+    from vlsearch.index.build import build_index
+
+    if not (out / "config.json").exists():
+        build_index(out, mini_flickr, "dev", progress=False)
+    return out
+
+
+def start_server(index_dir, reranker=None, **settings) -> LiveServer:
+    from vlsearch.search.engine import SearchEngine
+    from vlsearch.serve.app import ServeSettings, create_app
+
+    engine = SearchEngine.open(index_dir)
+    opts = {"rerank_model": "fake-test-reranker" if reranker is not None else None}
+    if reranker is None:
+        opts["rerank_note"] = "no Slow model in this test"
+    opts.update(settings)
+    return LiveServer(create_app(engine, ServeSettings(**opts), reranker=reranker))
+
+
+# -- fixtures -----------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def index_dir(tiny_fast_checkpoint, mini_flickr, tmp_path_factory):
+    return build_test_index(tmp_path_factory.mktemp("serve") / "idx", mini_flickr)
+
+
+@pytest.fixture(scope="module")
+def server(index_dir):
+    s = start_server(index_dir)
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    with server.client() as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def photo(index_dir):
+    from vlsearch.index.gallery import GalleryIndex
+
+    idx = GalleryIndex.open(index_dir)
+    rec = idx.record(3)
+    idx.close()
+    return rec, Path(rec.path).read_bytes()
+
+
+def check_error(resp, status):
+    assert resp.status_code == status, resp.text
+    body = resp.json()
+    assert set(body) == {"error", "detail"} and isinstance(body["error"], str) and body["error"]
+    return body
+
+
+# -- the API ------------------------------------------------------------------------------------------------
+def test_search_health_images_and_schema(client, photo):
+    h = client.get("/healthz").json()
+    assert h["status"] == "ok" and h["index"]["n_images"] == 40 and h["index"]["model"] == "fast"
+    assert h["rerank"]["enabled"] is False and h["rerank"]["note"]
+    assert h["write"]["enabled"] is False and h["load"]["capacity"] == 2 + 32
+
+    r = client.get("/search", params={"q": "a dog runs on the grass", "k": 5})
+    assert r.status_code == 200
+    body = r.json()
+    assert body["query"] == "a dog runs on the grass" and body["k"] == 5 and body["rerank"] == 0
+    hits = body["results"]
+    assert len(hits) == 5 and [h["rank"] for h in hits] == [1, 2, 3, 4, 5]
+    assert all(set(h) == {"rank", "row", "id", "url", "score"} for h in hits)
+    assert hits[0]["score"] >= hits[-1]["score"]
+    assert {"encode", "retrieve", "total", "queue", "server"} <= set(body["timings_ms"])
+    # every result's image is served from the index, by id and by row
+    img = client.get(hits[0]["url"])
+    assert img.status_code == 200 and img.headers["content-type"] == "image/jpeg"
+    assert img.content[:2] == b"\xff\xd8"
+    rec, data = photo
+    assert client.get(f"/images/{rec.id}").content == data
+    assert client.get("/images/3").content == data
+    # the page and its assets, no external references
+    page = client.get("/")
+    assert page.status_code == 200 and "Content-Security-Policy" in page.headers
+    for asset in ("/static/app.js", "/static/app.css"):
+        text = client.get(asset).text
+        assert "http://" not in text and "https://" not in text
+    assert "http" not in page.text.replace('href="/', "")
+    schema = client.get("/openapi.json").json()
+    assert {"/search", "/search/image", "/images/{image_id}", "/images", "/healthz"} <= set(schema["paths"])
+
+
+BAD_SEARCHES = [
+    ("q=", 400, "empty"),
+    ("q=%20%20%09", 400, "empty"),
+    ("q=" + "x" * 10_000, 400, "limit"),
+    ("q=%FF%FE%FD", 400, "UTF-8"),
+    ("q=a%00b", 400, "binary"),
+    ("q=%ED%A0%80", 400, "UTF-8"),  # an encoded surrogate is not UTF-8
+    ("k=5", 400, "missing"),
+    ("q=dog&k=0", 400, "between"),
+    ("q=dog&k=-3", 400, "between"),
+    ("q=dog&k=99999999999999999999", 400, "between"),
+    ("q=dog&k=ten", 400, "whole number"),
+    ("q=dog&k=1.5", 400, "whole number"),
+    ("q=dog&k=", 400, "whole number"),
+    ("q=dog&rerank=-1", 400, "rerank"),
+    ("q=dog&rerank=lots", 400, "rerank"),
+    ("q=dog&rerank=5", 400, "re-ranking is not available"),
+    ("q=dog&explain=1", 400, "rerank"),
+    ("q=dog&explain=please", 400, "explain"),
+]
+
+
+@pytest.mark.parametrize("query,status,words", BAD_SEARCHES, ids=[b[0][:24] for b in BAD_SEARCHES])
+def test_bad_text_queries_are_clear_4xx(client, query, status, words):
+    body = check_error(client.get("/search?" + query), status)
+    assert words.lower() in (body["error"] + str(body["detail"])).lower()
+
+
+def test_bad_routes_and_no_path_traversal(client):
+    for path in [
+        "/images/..%2F..%2F..%2Fetc%2Fpasswd",
+        "/images/../../etc/passwd",
+        "/images/%2Fetc%2Fpasswd",
+        "/images//etc/passwd",
+        "/images/99999",
+        "/images/-1",
+        "/images/" + "a" * 3000,
+    ]:
+        r = client.get(path)
+        assert r.status_code == 404, path
+        assert r.headers["content-type"] == "application/json"
+        assert "root:" not in r.text
+    check_error(client.get("/nowhere"), 404)
+    check_error(client.delete("/search"), 405)
+    check_error(client.post("/images", files={"files": ("a.jpg", b"x")}), 403)
+    assert client.get("/healthz").json()["status"] == "ok"
+
+
+def test_image_search_and_bad_uploads(client, photo):
+    rec, data = photo
+    r = client.post("/search/image", params={"k": 4, "captions": 3}, files={"file": ("q.jpg", data)})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["images"][0]["id"] == rec.id and len(body["images"]) == 4
+    assert len(body["captions"]) == 3 and all(c["text"] and c["image_url"] for c in body["captions"])
+    # not images, broken images, wrong k
+    check_error(client.post("/search/image", files={"file": ("a.txt", b"hello world")}), 400)
+    check_error(client.post("/search/image", files={"file": ("t.jpg", data[: len(data) // 3])}), 400)
+    check_error(client.post("/search/image", files={"file": ("e.jpg", b"")}), 400)
+    check_error(client.post("/search/image", files={"file": ("r.bin", os.urandom(5000))}), 400)
+    check_error(client.post("/search/image", files={"nofile": ("q.jpg", data)}), 422)
+    check_error(client.post("/search/image", content=b"raw bytes"), 422)
+    broken = client.post(
+        "/search/image",
+        content=b"--x\r\nbroken",
+        headers={"content-type": "multipart/form-data; boundary=x"},
+    )
+    check_error(broken, broken.status_code)
+    assert broken.status_code in (400, 422)
+    check_error(client.post("/search/image?k=0", files={"file": ("q.jpg", data)}), 400)
+    check_error(client.post("/search/image?captions=x", files={"file": ("q.jpg", data)}), 400)
+    # a decompression bomb: a small PNG of 10000x5000 pixels
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("L", (10_000, 5_000)).save(buf, "PNG")
+    assert len(buf.getvalue()) < 1_000_000
+    body = check_error(client.post("/search/image", files={"file": ("bomb.png", buf.getvalue())}), 400)
+    assert "Mpx" in body["error"]
+    assert client.get("/healthz").json()["status"] == "ok"
+
+
+def _raw_request(server, head: bytes, body_part: bytes) -> bytes:
+    """Send headers and only a part of the body; return what the server answers."""
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
+        s.sendall(head + body_part)
+        data = b""
+        while b"\r\n\r\n" not in data or not data.rstrip().endswith(b"}"):
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    return data
+
+
+def test_oversized_uploads_rejected_early_with_413(server, client):
+    fifty_mb = 50 * 1024 * 1024
+    head = (
+        b"POST /search/image HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        b"Content-Type: multipart/form-data; boundary=zz\r\n"
+        b"Content-Length: " + str(fifty_mb).encode() + b"\r\n\r\n"
+    )
+    t0 = time.perf_counter()
+    answer = _raw_request(server, head, b"--zz\r\n" + b"x" * 100_000)
+    assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
+    assert b'"error":"upload too large' in answer
+    assert time.perf_counter() - t0 < 5  # answered before the 50 MB were sent
+    # without a Content-Length (chunked), the cap applies while the body streams in
+    big = b'--zz\r\nContent-Disposition: form-data; name="file"; filename="b.jpg"\r\n\r\n' + bytes(
+        21 * 1024 * 1024
+    )
+
+    def chunks():
+        for i in range(0, len(big), 1 << 20):
+            yield big[i : i + (1 << 20)]
+
+    r = client.post(
+        "/search/image", content=chunks(), headers={"content-type": "multipart/form-data; boundary=zz"}
+    )
+    check_error(r, 413)
+    bad_length = b"POST /search/image HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: abc\r\n\r\n"
+    assert _raw_request(server, bad_length, b"x").startswith(b"HTTP/1.1 400")
+    # a 50 MB upload through an ordinary client gets the 413 too
+    try:
+        r = client.post("/search/image", files={"file": ("big.jpg", bytes(fifty_mb))})
+        check_error(r, 413)
+    except httpx.TransportError:
+        pass  # the server may close the connection while the client is still sending: also a rejection
+    assert client.get("/healthz").json()["status"] == "ok"
+
+
+def test_rerank_and_explanations_with_test_reranker(index_dir):
+    fake = FakeReranker()
+    s = start_server(index_dir, reranker=fake)
+    try:
+        with s.client() as c:
+            h = c.get("/healthz").json()
+            assert h["rerank"]["enabled"] is True and h["rerank"]["note"] is None
+            r = c.get("/search", params={"q": "a dog in the snow", "k": 5, "rerank": 12, "explain": 1})
+            assert r.status_code == 200, r.text
+            body = r.json()
+            assert body["rerank"] == 12 and len(body["results"]) == 5 and fake.calls == 1
+            for hit in body["results"]:
+                assert {"fast_score", "slow_score", "explanation"} <= set(hit)
+                e = hit["explanation"]
+                assert e["tokens"] == ["a", "dog", "in", "the", "snow"] and e["grid"] == [7, 7]
+                assert len(e["maps"]) == 5 and all(len(m) == 49 for m in e["maps"])
+            scores = [h["score"] for h in body["results"]]
+            assert scores == sorted(scores, reverse=True)
+            assert "rerank" in body["timings_ms"]
+            # re-ranked without explanations: no maps in the answer
+            r = c.get("/search", params={"q": "a dog", "k": 3, "rerank": 6})
+            assert r.status_code == 200 and "explanation" not in r.json()["results"][0]
+            check_error(c.get("/search", params={"q": "a dog", "rerank": 201}), 400)
+    finally:
+        s.stop()
+
+
+def test_add_images_with_write_token_and_refresh(index_dir, mini_flickr, tmp_path):
+    from vlsearch.cli import main
+
+    own = tmp_path / "idx"
+    shutil.copytree(index_dir, own)
+    s = start_server(own, write_token="s3cret-token")
+    train = (mini_flickr / "Flickr8k_text" / "Flickr_8k.trainImages.txt").read_text().split()
+    new = [(mini_flickr / "Flicker8k_Dataset" / n).read_bytes() for n in train[:3]]
+    try:
+        with s.client() as c:
+            files = [("files", ("one.jpg", new[0])), ("files", ("two.jpg", new[1]))]
+            check_error(c.post("/images", files=files), 401)
+            check_error(c.post("/images", files=files, headers={"Authorization": "Bearer nope"}), 401)
+            check_error(c.post("/images", files=files, headers={"Authorization": "s3cret-token"}), 401)
+            auth = {"Authorization": "Bearer s3cret-token"}
+            # one bad file: nothing is added
+            bad = [*files, ("files", ("notes.txt", b"not an image"))]
+            body = check_error(c.post("/images", files=bad, headers=auth), 400)
+            assert body["detail"][0]["filename"] == "notes.txt"
+            assert c.get("/healthz").json()["index"]["n_images"] == 40
+            r = c.post("/images", files=files, headers=auth)
+            assert r.status_code == 201, r.text
+            out = r.json()
+            assert out["added"] == 2 and out["n_images"] == 42
+            assert [i["new"] for i in out["images"]] == [True, True]
+            # stored durably beside the index under content-hash names
+            stored = own.with_name("idx.uploads") / out["images"][0]["id"]
+            assert stored.read_bytes() == new[0]
+            assert stored.stem == hashlib.sha1(new[0]).hexdigest()
+            assert c.get(out["images"][0]["url"]).content == new[0]
+            hit = c.post("/search/image", params={"k": 1}, files={"file": ("q.jpg", new[1])}).json()
+            assert hit["images"][0]["id"] == out["images"][1]["id"]
+            # the same content again adds nothing
+            again = c.post("/images", files=files[:1], headers=auth).json()
+            assert again["added"] == 0 and again["images"][0]["new"] is False
+            # another process adds images with `vlsearch index --add`: seen without a restart
+            folder = tmp_path / "more"
+            folder.mkdir()
+            (folder / train[2]).write_bytes(new[2])
+            assert main(["index", "--add", str(folder), "--out", str(own), "--quiet"]) == 0
+            hit = c.post("/search/image", params={"k": 1}, files={"file": ("q.jpg", new[2])}).json()
+            assert hit["images"][0]["id"] == train[2]
+            h = c.get("/healthz").json()
+            assert h["index"]["n_images"] == 43 and h["index"]["reloads"] >= 2 and h["write"]["enabled"]
+    finally:
+        s.stop()
+
+
+def test_sheds_load_with_503_and_recovers(index_dir, photo):
+    import asyncio
+
+    _, data = photo
+    s = start_server(index_dir, workers=1, max_queue=1)
+
+    async def burst(n):
+        async with httpx.AsyncClient(base_url=s.url, timeout=60, limits=httpx.Limits(max_connections=n)) as c:
+
+            async def one(i):
+                if i % 2:
+                    return await c.post("/search/image", files={"file": ("q.jpg", data)})
+                return await c.get("/search", params={"q": f"a dog number {i}", "k": 3})
+
+            return await asyncio.gather(*(one(i) for i in range(n)))
+
+    try:
+        responses = asyncio.run(burst(40))
+        codes = [r.status_code for r in responses]
+        assert set(codes) <= {200, 503}, codes
+        assert codes.count(503) > 0 and codes.count(200) >= 2
+        for r in responses:
+            if r.status_code == 503:
+                assert r.headers["Retry-After"] == "1" and "busy" in r.json()["error"]
+        with s.client() as c:
+            h = c.get("/healthz").json()
+            assert h["load"]["in_flight"] == 0 and h["load"]["shed"] == codes.count(503)
+            assert h["load"]["peak_in_flight"] <= 2
+            assert c.get("/search", params={"q": "a dog", "k": 3}).status_code == 200
+    finally:
+        s.stop()
+
+
+def test_load_script_small_run(server):
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "scripts" / "load_test.py"),
+            "--url",
+            server.url,
+            "--clients",
+            "4",
+            "--requests",
+            "80",
+            "--rerank-requests",
+            "0",
+            "--overload-clients",
+            "16",
+            "--overload-requests",
+            "48",
+            "--recovery-requests",
+            "16",
+            "--max-seconds",
+            "60",
+            "--json",
+            "-",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    report = json.loads(out.stdout)
+    phases = {p["phase"]: p for p in report["phases"]}
+    assert set(phases) >= {"fast", "overload", "recovery"}
+    fast = phases["fast"]
+    assert fast["requests"] == 80 and fast["server_errors"] == 0 and fast["lost"] == 0
+    assert fast["intended_4xx"] > 0 and fast["unexpected"] == 0 and fast["ok"] > 0
+    assert phases["recovery"]["shed"] == 0 and phases["recovery"]["lost"] == 0
+    assert fast["latency_ms"]["p50"] > 0
+    # refuses anything but loopback
+    bad = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "load_test.py"), "--url", "http://example.com"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert bad.returncode == 2 and "loopback" in bad.stderr
+
+
+# -- start-up errors of `vlsearch serve` ---------------------------------------------------------------------
+def test_serve_startup_errors_exit_2(index_dir, tmp_path, capsys, tiny_fast_checkpoint):
+    from safetensors.numpy import load_file, save_file
+
+    from vlsearch.cli import main
+
+    def serve(*args):
+        code = main(["serve", "--port", "0", *args])
+        return code, capsys.readouterr().err
+
+    code, err = serve("--index", str(tmp_path / "missing"))
+    assert code == 2 and "no index" in err and "Traceback" not in err
+    broken = tmp_path / "broken"
+    shutil.copytree(index_dir, broken)
+    (broken / "images.faiss").write_bytes(b"not faiss")
+    code, err = serve("--index", str(broken))
+    assert code == 2 and "corrupt" in err
+    (broken / "config.json").write_text("{not json")
+    code, err = serve("--index", str(broken))
+    assert code == 2 and "corrupt" in err
+    # a corrupt checkpoint
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(tiny_fast_checkpoint, ckpt)
+    (ckpt / "model.safetensors").write_bytes(b"garbage")
+    code, err = serve("--index", str(index_dir), "--model", str(ckpt))
+    assert code == 2 and "unreadable" in err
+    # an index made with another model (same type, other weights)
+    weights = load_file(tiny_fast_checkpoint / "model.safetensors")
+    name = sorted(weights)[0]
+    weights[name] = weights[name] + 1
+    save_file(weights, ckpt / "model.safetensors")
+    code, err = serve("--index", str(index_dir), "--model", str(ckpt))
+    assert code == 2 and "was built with model" in err
+    # a port in use
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        code = main(["serve", "--index", str(index_dir), "--port", str(busy.getsockname()[1])])
+        assert code == 2 and "cannot listen" in capsys.readouterr().err
+    code, err = serve("--index", str(index_dir), "--port", "70000")
+    assert code == 2
+    # the real command in its own process: a message, exit 2, no traceback
+    env = {**os.environ, "VLSEARCH_HOME": os.environ["VLSEARCH_HOME"]}
+    proc = subprocess.run(
+        [sys.executable, "-m", "vlsearch.cli", "serve", "--index", str(tmp_path / "missing"), "--port", "0"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+    assert proc.returncode == 2 and "vlsearch serve: error: no index" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_serve_command_runs_and_stops(index_dir):
+    """`vlsearch serve` as a user starts it: answers, then stops on SIGINT."""
+    import signal
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "vlsearch.cli", "serve", "--index", str(index_dir), "--port", str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                r = httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=5)
+                break
+            except httpx.TransportError:
+                assert proc.poll() is None, proc.stdout.read()
+                assert time.time() < deadline, "server did not come up"
+                time.sleep(0.3)
+        assert r.json()["rerank"]["enabled"] is False and "slow" in r.json()["rerank"]["note"]
+        r = httpx.get(f"http://127.0.0.1:{port}/search", params={"q": "two dogs", "k": 2}, timeout=30)
+        assert r.status_code == 200 and len(r.json()["results"]) == 2
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            out, _ = proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, _ = proc.communicate()
+    assert proc.returncode == 0, out
+    assert "Traceback" not in out and "re-ranking off" in out
