@@ -60,6 +60,8 @@ class SearchEngine:
     def __init__(self, index: GalleryIndex, embedder: Embedder, reranker=None):
         self.index, self.embedder, self.reranker = index, embedder, reranker
         self._mtime = self._config_mtime()
+        # Load the text backbone now, so the first query's latency is a query's, not a model load's.
+        _ = self.embedder.extractor.text_backbone
 
     @classmethod
     def open(cls, index_dir=None, model=None, rerank_model=None, progress: bool = False) -> SearchEngine:
