@@ -105,6 +105,7 @@ def connect(address: str | None) -> bool:
     quiet = {"logging_level": logging.WARNING, "log_to_driver": False}
     if address in (None, "", "local"):
         ray.init(
+            address="local",  # a new local instance, even if another cluster runs on this machine
             num_cpus=os.cpu_count(),
             include_dashboard=False,
             object_store_memory=512 * 1024**2,
@@ -114,8 +115,14 @@ def connect(address: str | None) -> bool:
         try:
             ray.init(address=address, **quiet)
         except (ConnectionError, RuntimeError, ValueError) as e:
+            hint = (
+                ""
+                if os.environ.get("RAY_AUTH_MODE")
+                else "; if the cluster uses token authentication (the default for `ray start` since Ray 2.59), "
+                "set RAY_AUTH_MODE=token here too, with the cluster's token in ~/.ray/auth_token or RAY_AUTH_TOKEN"
+            )
             raise VLSearchError(
-                f"cannot join the Ray cluster at {address!r} ({e}); start it with `ray start --head` "
+                f"cannot join the Ray cluster at {address!r} ({e}){hint}; start a cluster with `ray start --head` "
                 "(see docs/scaling.md), or use --ray without an address for a local one"
             ) from e
     return True

@@ -1,0 +1,298 @@
+"""Query latency, recall of the approximate indexes, build time and memory, per gallery size and index kind.
+
+For every gallery size: the gallery (real Fast embeddings, then synthetic ones near them) is written as a
+real index folder (faiss + SQLite metadata + fp16 memory-mapped embeddings), opened by a real
+``SearchEngine``, and every index kind is built over it, timed, sized, and queried with held-out captions:
+text in, ids out (encoding, search, metadata lookup; Fast+Slow also the Slow re-ranking of the top K).
+"""
+
+from __future__ import annotations
+
+import gc
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import faiss
+import numpy as np
+import torch
+
+from vlsearch.bench.hardware import Floors
+from vlsearch.bench.util import PeakRSS, count_flops, latencies, rss_bytes, summarize
+from vlsearch.index.gallery import GalleryIndex, ImageRecord, IndexConfig, write_gallery
+from vlsearch.index.vectors import make_vector_index
+from vlsearch.search.engine import SearchEngine
+
+KINDS = ("flat", "hnsw", "ivfflat", "ivfpq")
+RERANK_KS = (10, 50, 100)
+
+
+def _touched_bytes(vi, n: int, d: int, k: int, ndis: float | None) -> float:
+    """Bytes one query must read from memory in this index (the bandwidth floor's numerator)."""
+    kind = vi.kind
+    if kind == "flat":
+        return n * d * 4
+    if kind == "hnsw":
+        return (ndis or 0) * d * 4
+    ivf = faiss.extract_index_ivf(vi.index)
+    coarse = ivf.nlist * d * 4
+    frac = min(1.0, ivf.nprobe / ivf.nlist)
+    if kind == "ivfflat":
+        return coarse + frac * n * d * 4
+    code = ivf.code_size
+    return coarse + frac * n * code + k * getattr(vi, "k_factor", 1) * d * 2
+
+
+def _query_flops(embedder, text: str) -> float:
+    with torch.no_grad():
+        return count_flops(lambda: embedder.embed_query(text))
+
+
+def _slow_alone(engine, reranker_model, data, n: int, texts: list[str]) -> dict:
+    """Score every gallery image against the query with the Slow model (from cached features), keep top 10."""
+    ex = engine.embedder.extractor
+    store = ex.images
+    keys = engine.index.all_keys()[:n]
+    use_grid = bool(getattr(reranker_model.config, "use_grid", True))
+    mid_all = torch.from_numpy(store.get_stacked(keys, "mid")).float()
+    grid_all = torch.from_numpy(store.get_stacked(keys, "grid")).float()
+    batch = 256
+
+    @torch.no_grad()
+    def query(text):
+        states, lengths, _ = ex.encode_texts([text])
+        st, ln = torch.from_numpy(states).float(), torch.from_numpy(lengths)
+        scores = []
+        for s in range(0, n, batch):
+            g = grid_all[s : s + batch] if use_grid else None
+            scores.append(reranker_model.score_texts_images(st, ln, mid_all[s : s + batch], g).reshape(-1))
+        top = torch.topk(torch.cat(scores), min(10, n)).indices.numpy()
+        return engine.index.records(top)
+
+    lat = latencies(query, texts, warmup=1)
+    lat["pairs_per_s"] = n / (lat["mean_ms"] / 1e3)
+    return lat
+
+
+def run(
+    data,
+    engine_parts,
+    floors: Floors,
+    sizes: list[int],
+    work: Path,
+    quick: bool,
+    reranker=None,
+    slow=None,
+    slow_pair_gflops: float | None = None,
+    token_bytes: int = 0,
+    progress: bool = True,
+) -> dict:
+    """engine_parts: (embedder, model name, model fingerprint). Returns latency/recall/index sections."""
+    embedder, model_name, fingerprint = engine_parts
+    n_fast = 8 if quick else 200
+    n_rerank = 2 if quick else 60
+    rerank_ks = RERANK_KS[:2] if quick else RERANK_KS
+    warmup = 1 if quick else 2
+    n_recall = min(100 if quick else 1000, len(data.query_embeddings))
+    n_slow_alone = 2 if quick else 3
+    texts = data.captions(max(n_fast, n_rerank))
+    qemb = data.query_embeddings[:n_recall]
+    d = data.embeddings.shape[1]
+    query_gflops = _query_flops(embedder, texts[0]) / 1e9
+    rows, recall, index_rows, gallery_rows = [], [], [], []
+    slow_alone = None
+    largest = None
+
+    t_start = time.perf_counter()
+
+    def log(msg):
+        if progress:
+            print(f"bench: {msg} ({time.perf_counter() - t_start:.0f} s)", file=sys.stderr, flush=True)
+
+    for n in sizes:
+        emb, source, gmeta = data.gallery(n)
+        folder = work / f"gallery-{n}"
+        records = [
+            ImageRecord(data.ids[s] if i < data.n_real else f"synthetic-{i:07d}", data.paths[s], data.keys[s])
+            for i, s in enumerate(source)
+        ]
+        config = IndexConfig(
+            model=model_name,
+            model_type=embedder.model.model_type,
+            model_fingerprint=fingerprint,
+            dim=d,
+            kind="flat",
+            image_backbone=embedder.extractor.image_config.tag,
+            text_backbone=embedder.extractor.text_config.tag,
+            source=f"vlsearch bench: {gmeta['real']} real + {gmeta['synthetic']} synthetic",
+        )
+        log(f"gallery {n:,}: writing index folder")
+        rss0 = rss_bytes()
+        with PeakRSS() as peak:
+            t0 = time.perf_counter()
+            write_gallery(folder, config, records, emb)
+            write_s = time.perf_counter() - t0
+        del records
+        gc.collect()
+        sizes_on_disk = {p.name: p.stat().st_size for p in folder.iterdir() if p.is_file()}
+        gallery_rows.append(
+            {
+                "n": n,
+                **{k: gmeta[k] for k in ("real", "synthetic", "neighbour_cosine", "sigma")},
+                "write_s": write_s,
+                "write_s_per_million": write_s * 1e6 / n,
+                "write_peak_rss_increase_gb": (peak.peak - rss0) / 1e9,
+                "sqlite_bytes_per_image": sizes_on_disk.get("meta.sqlite", 0) / n,
+                "embeddings_fp16_bytes_per_image": sizes_on_disk.get("embeddings.npy", 0) / n,
+            }
+        )
+        gallery = GalleryIndex.open(folder)
+        engine = SearchEngine(gallery, embedder, reranker)
+        exact = gallery.images
+        _, exact_rows = exact.search(qemb, 10)
+        for kind in KINDS:
+            log(f"gallery {n:,}: {kind}: build")
+            if kind == "flat":
+                t0 = time.perf_counter()
+                make_vector_index(d, n, "flat").add(emb)
+                build_s = time.perf_counter() - t0
+                vi = exact
+                path = folder / "images.faiss"
+            else:
+                rss0 = rss_bytes()
+                with PeakRSS() as peak:
+                    t0 = time.perf_counter()
+                    vi = make_vector_index(d, n, kind)
+                    vi.add(emb)
+                    build_s = time.perf_counter() - t0
+                path = folder / f"images.{kind}.faiss"
+                vi.write(path)
+                vi.attach_vectors(gallery.embeddings)  # as GalleryIndex.open does
+            index_rows.append(
+                {
+                    "n": n,
+                    "kind": kind,
+                    "build_s": build_s,
+                    "build_s_per_million": build_s * 1e6 / n,
+                    "index_bytes": path.stat().st_size,
+                    "index_bytes_per_image": path.stat().st_size / n,
+                    "index_gb_per_million": path.stat().st_size / n * 1e6 / 1e9,
+                    "build_peak_rss_increase_gb": (peak.peak - rss0) / 1e9 if kind != "flat" else None,
+                    "params": _params(vi),
+                }
+            )
+            engine.index.images = vi
+            log(f"gallery {n:,}: {kind}: queries")
+            # retrieval alone (one embedded query at a time), with HNSW's distance count for the floor
+            faiss.cvar.hnsw_stats.reset()
+            ret = latencies(lambda q, vi=vi: vi.search(q[None], 10), list(qemb[:n_fast]), warmup)
+            ndis = faiss.cvar.hnsw_stats.ndis / (ret["n_queries"] + warmup) if kind == "hnsw" else None
+            touched = _touched_bytes(vi, n, d, 10, ndis)
+            fast = latencies(lambda t, e=engine: e.search(t, k=10), texts[:n_fast], warmup)
+            scan_floor = floors.scan_ms(n * d * 4)
+            enc_floor = floors.flop_ms(query_gflops * 1e9)
+            row = {
+                "n": n,
+                "kind": kind,
+                "pipeline": "fast",
+                **fast,
+                "retrieve_p50_ms": ret["p50_ms"],
+                "floor_ms": enc_floor + floors.scan_ms(touched),
+                "scan_all_fp32_floor_ms": scan_floor,
+                "encode_flop_floor_ms": enc_floor,
+                "bytes_touched": touched,
+            }
+            rows.append(row)
+            if n_recall:
+                _, approx_rows = vi.search(qemb, 10)
+                r = float(
+                    np.mean([len(set(a) & set(e)) / 10 for a, e in zip(approx_rows, exact_rows, strict=True)])
+                )
+                recall.append({"n": n, "kind": kind, "recall_at_10_vs_exact": r, "queries": n_recall})
+            if reranker is not None:
+                for K in rerank_ks:
+                    if K > n:
+                        continue
+                    lat = latencies(
+                        lambda t, K=K, e=engine: e.search(t, k=10, rerank=K), texts[:n_rerank], warmup
+                    )
+                    pair_ms = floors.flop_ms(K * (slow_pair_gflops or 0) * 1e9)
+                    rows.append(
+                        {
+                            "n": n,
+                            "kind": kind,
+                            "pipeline": f"fast+slow K={K}",
+                            "K": K,
+                            **lat,
+                            "floor_ms": row["floor_ms"] + pair_ms + floors.scan_ms(K * token_bytes),
+                            "scan_all_fp32_floor_ms": scan_floor,
+                            "encode_flop_floor_ms": enc_floor,
+                            "slow_flop_floor_ms": pair_ms,
+                        }
+                    )
+            if kind != "flat":
+                engine.index.images = exact
+                vi = None
+                gc.collect()
+        if slow is not None and slow.available and slow_alone is None:
+            log(f"gallery {n:,}: Slow alone")
+            try:
+                slow_alone = {"n": n, **_slow_alone(engine, slow.model, data, n, texts[:n_slow_alone])}
+            except Exception as e:  # noqa: BLE001 - a model being written may change its interface
+                slow_alone = {"n": n, "error": f"{type(e).__name__}: {e}"}
+        largest = (n, folder)
+        engine.index.close()
+        engine = gallery = exact = emb = None
+        gc.collect()
+        if n != sizes[-1]:
+            shutil.rmtree(folder, ignore_errors=True)
+    # Slow alone: measured at the first size, extrapolated from its pairs/s beyond (stated so)
+    if slow_alone and "pairs_per_s" in slow_alone:
+        fast_encode = next(r for r in rows if r["pipeline"] == "fast" and r["kind"] == "flat")["p50_ms"]
+        for n in sizes:
+            measured = n == slow_alone["n"]
+            p50 = slow_alone["p50_ms"] if measured else fast_encode + 1e3 * n / slow_alone["pairs_per_s"]
+            rows.append(
+                {
+                    "n": n,
+                    "kind": "none",
+                    "pipeline": "slow alone",
+                    "p50_ms": p50,
+                    "p99_ms": slow_alone["p99_ms"] if measured else None,
+                    "n_queries": slow_alone["n_queries"] if measured else 0,
+                    "extrapolated": not measured,
+                    "note": "measured"
+                    if measured
+                    else f"extrapolated: n / {slow_alone['pairs_per_s']:.0f} pairs/s measured at {slow_alone['n']:,}",
+                    "floor_ms": floors.flop_ms(n * (slow_pair_gflops or 0) * 1e9)
+                    + floors.scan_ms(n * token_bytes),
+                    "scan_all_fp32_floor_ms": floors.scan_ms(n * d * 4),
+                }
+            )
+    return {
+        "latency": rows,
+        "recall": recall,
+        "index": index_rows,
+        "galleries": gallery_rows,
+        "slow_alone_measured": slow_alone,
+        "query_gflops": query_gflops,
+        "largest": {"n": largest[0], "folder": str(largest[1])} if largest else None,
+        "queries": {"fast": n_fast, "rerank": n_rerank, "recall": n_recall},
+    }
+
+
+def _params(vi) -> dict:
+    if vi.kind == "hnsw":
+        h = vi.index.hnsw
+        return {"M": h.nb_neighbors(1), "efConstruction": h.efConstruction, "efSearch": h.efSearch}
+    if vi.kind in ("ivfflat", "ivfpq"):
+        ivf = faiss.extract_index_ivf(vi.index)
+        out = {"nlist": ivf.nlist, "nprobe": ivf.nprobe}
+        if vi.kind == "ivfpq":
+            out.update({"code_bytes": ivf.code_size, "k_factor": getattr(vi, "k_factor", 1)})
+        return out
+    return {}
+
+
+__all__ = ["run", "summarize"]
