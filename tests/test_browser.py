@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_serve import FakeReranker, build_test_index, start_server
+from tests.test_serve import build_test_index, slow_checkpoint, start_server  # noqa: F401
 
 CHROMIUM = Path("/usr/bin/chromium")
 ARGS = [
@@ -43,27 +43,10 @@ def index_dir(tiny_fast_checkpoint, mini_flickr, tmp_path_factory):
     return build_test_index(tmp_path_factory.mktemp("browser") / "idx", mini_flickr)
 
 
-def real_reranker():
-    """The real Slow re-ranker when it and a trained `slow` checkpoint exist, else None."""
-    try:
-        from vlsearch.models.registry import default_checkpoint
-        from vlsearch.search.rerank import Reranker
-    except ImportError:
-        return None
-    ckpt = default_checkpoint("slow")
-    if not (ckpt / "model.safetensors").is_file():
-        return None
-    return Reranker.load(ckpt, extractor=None)
-
-
 @pytest.fixture(scope="module")
-def rerank_server(index_dir):
-    # TEST-ONLY fake re-ranker (same contract as vlsearch.search.rerank.Reranker) unless a real one is
-    # trained in this session; the page is the same either way.
-    reranker = real_reranker()
-    if reranker is None:
-        reranker = FakeReranker()
-    s = start_server(index_dir, reranker=reranker)
+def rerank_server(index_dir, request):
+    request.getfixturevalue("slow_checkpoint")  # the real Slow re-ranker, trained in seconds
+    s = start_server(index_dir, rerank_model="slow")
     yield s
     s.stop()
 

@@ -19,7 +19,6 @@ import threading
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 httpx = pytest.importorskip("httpx")
@@ -28,34 +27,28 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 # -- helpers shared with test_browser.py ----------------------------------------------------------------
-class FakeReranker:
-    """TEST-ONLY stand-in for the Slow re-ranker (vlsearch.search.rerank.Reranker), used while the real
-    one is not available. Same contract: rerank_text(text, keys, fast_scores, explain) ->
-    (fused, slow, explanations or None), explanations {"tokens", "grid": [h, w], "maps": [h*w per word]}.
-    Deterministic: the slow score is a hash of the image key, each word's map a blob at its own place."""
+@pytest.fixture(scope="session")
+def slow_checkpoint(tiny_fast_checkpoint, session_home):
+    """The named model `slow` for the real re-ranking path (vlsearch.search.rerank.Reranker).
 
-    def __init__(self, grid=(7, 7)):
-        self.grid = grid
-        self.calls = 0
+    A trained one is reused when tests/test_slow.py made it already; otherwise this saves, in a second,
+    a real SlowModel whose fusion layers start from MiniLM and whose cross-attention is fresh (training
+    and choosing its fusion weight on dev takes minutes on 2 cores and is test_slow.py's job). The
+    service only needs its scores and attention maps, not their quality; fusion weight 1 so re-ranking
+    visibly reorders."""
+    import torch
 
-    def rerank_text(self, text, keys, fast_scores, explain=False):
-        self.calls += 1
-        slow = np.array([int(hashlib.sha1(k.encode()).hexdigest()[:6], 16) / 0xFFFFFF for k in keys])
-        fused = 0.5 * np.asarray(fast_scores, dtype=np.float64) + 0.5 * slow
-        if not explain:
-            return fused, slow, None
-        h, w = self.grid
-        yy, xx = np.mgrid[0:h, 0:w]
-        words = text.split()
-        out = []
-        for key in keys:
-            seed = int(hashlib.sha1(key.encode()).hexdigest()[:4], 16)
-            maps = []
-            for i, _ in enumerate(words):
-                cy, cx = (seed + 3 * i) % h, (seed // 7 + 5 * i) % w
-                maps.append(np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / 3.0).ravel().astype(np.float32))
-            out.append({"tokens": words, "grid": [h, w], "maps": np.stack(maps)})
-        return fused, slow, out
+    from vlsearch.models.checkpoint import save_checkpoint
+    from vlsearch.models.registry import default_checkpoint
+    from vlsearch.models.slow import SlowConfig, SlowModel
+
+    os.environ["VLSEARCH_HOME"] = str(session_home)
+    ckpt = default_checkpoint("slow")
+    if not (ckpt / "model.safetensors").is_file():
+        torch.manual_seed(0)
+        model = SlowModel(SlowConfig(fusion_weight=1.0, fusion_weight_i2t=1.0))
+        save_checkpoint(ckpt, model, {"note": "untrained, for the service tests"})
+    return ckpt
 
 
 class LiveServer:
@@ -96,16 +89,15 @@ def build_test_index(out: Path, mini_flickr) -> Path:
     return out
 
 
-def start_server(index_dir, reranker=None, **settings) -> LiveServer:
+def start_server(index_dir, rerank_model=None, **settings) -> LiveServer:
+    """The app over a freshly opened engine, with the real Slow re-ranker when rerank_model is given."""
     from vlsearch.search.engine import SearchEngine
     from vlsearch.serve.app import ServeSettings, create_app
 
-    engine = SearchEngine.open(index_dir)
-    opts = {"rerank_model": "fake-test-reranker" if reranker is not None else None}
-    if reranker is None:
-        opts["rerank_note"] = "no Slow model in this test"
+    engine = SearchEngine.open(index_dir, rerank_model=rerank_model)
+    opts = {"rerank_model": rerank_model, "rerank_note": "" if rerank_model else "no Slow model in this test"}
     opts.update(settings)
-    return LiveServer(create_app(engine, ServeSettings(**opts), reranker=reranker))
+    return LiveServer(create_app(engine, ServeSettings(**opts)))
 
 
 # -- fixtures -----------------------------------------------------------------------------------------------
@@ -117,6 +109,13 @@ def index_dir(tiny_fast_checkpoint, mini_flickr, tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(index_dir):
     s = start_server(index_dir)
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def rerank_server(index_dir, slow_checkpoint):
+    s = start_server(index_dir, rerank_model="slow")
     yield s
     s.stop()
 
@@ -309,31 +308,31 @@ def test_oversized_uploads_rejected_early_with_413(server, client):
     assert client.get("/healthz").json()["status"] == "ok"
 
 
-def test_rerank_and_explanations_with_test_reranker(index_dir):
-    fake = FakeReranker()
-    s = start_server(index_dir, reranker=fake)
-    try:
-        with s.client() as c:
-            h = c.get("/healthz").json()
-            assert h["rerank"]["enabled"] is True and h["rerank"]["note"] is None
-            r = c.get("/search", params={"q": "a dog in the snow", "k": 5, "rerank": 12, "explain": 1})
-            assert r.status_code == 200, r.text
-            body = r.json()
-            assert body["rerank"] == 12 and len(body["results"]) == 5 and fake.calls == 1
-            for hit in body["results"]:
-                assert {"fast_score", "slow_score", "explanation"} <= set(hit)
-                e = hit["explanation"]
-                assert e["tokens"] == ["a", "dog", "in", "the", "snow"] and e["grid"] == [7, 7]
-                assert len(e["maps"]) == 5 and all(len(m) == 49 for m in e["maps"])
-            scores = [h["score"] for h in body["results"]]
-            assert scores == sorted(scores, reverse=True)
-            assert "rerank" in body["timings_ms"]
-            # re-ranked without explanations: no maps in the answer
-            r = c.get("/search", params={"q": "a dog", "k": 3, "rerank": 6})
-            assert r.status_code == 200 and "explanation" not in r.json()["results"][0]
-            check_error(c.get("/search", params={"q": "a dog", "rerank": 201}), 400)
-    finally:
-        s.stop()
+def test_rerank_and_explanations_with_the_slow_model(rerank_server):
+    with rerank_server.client() as c:
+        h = c.get("/healthz").json()
+        assert h["rerank"] == {"enabled": True, "model": "slow", "note": None, "max": 200}
+        r = c.get("/search", params={"q": "a dog in the snow", "k": 5, "rerank": 12, "explain": 1})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["rerank"] == 12 and len(body["results"]) == 5
+        for hit in body["results"]:
+            assert {"fast_score", "slow_score", "explanation"} <= set(hit)
+            e = hit["explanation"]
+            assert e["tokens"] == ["dog", "snow"] and e["grid"] == [14, 14]
+            assert len(e["maps"]) == 2 and all(len(m) == 196 for m in e["maps"])
+            assert all(abs(sum(m) - 1) < 0.01 for m in e["maps"])
+        scores = [h["score"] for h in body["results"]]
+        assert scores == sorted(scores, reverse=True)
+        assert body["timings_ms"]["rerank"] > 0
+        # the fused order differs from the Fast order only through the Slow scores
+        fast_only = c.get("/search", params={"q": "a dog in the snow", "k": 12}).json()["results"]
+        assert {h["id"] for h in body["results"]} <= {h["id"] for h in fast_only}
+        # re-ranked without explanations: no maps in the answer
+        r = c.get("/search", params={"q": "a dog", "k": 3, "rerank": 6})
+        assert r.status_code == 200 and "explanation" not in r.json()["results"][0]
+        check_error(c.get("/search", params={"q": "a dog", "rerank": 201}), 400)
+        check_error(c.get("/search", params={"q": "a dog", "rerank": 5, "explain": "x"}), 400)
 
 
 def test_add_images_with_write_token_and_refresh(index_dir, mini_flickr, tmp_path):
@@ -417,7 +416,8 @@ def test_sheds_load_with_503_and_recovers(index_dir, photo):
         s.stop()
 
 
-def test_load_script_small_run(server):
+def test_load_script_small_run(rerank_server):
+    server = rerank_server
     out = subprocess.run(
         [
             sys.executable,
@@ -429,7 +429,9 @@ def test_load_script_small_run(server):
             "--requests",
             "80",
             "--rerank-requests",
-            "0",
+            "12",
+            "--rerank-k",
+            "10",
             "--overload-clients",
             "16",
             "--overload-requests",
@@ -448,7 +450,9 @@ def test_load_script_small_run(server):
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     report = json.loads(out.stdout)
     phases = {p["phase"]: p for p in report["phases"]}
-    assert set(phases) >= {"fast", "overload", "recovery"}
+    assert set(phases) == {"fast", "rerank", "overload", "recovery"}
+    rerank = phases["rerank"]
+    assert rerank["ok"] == 12 and rerank["server_errors"] == rerank["lost"] == rerank["shed"] == 0
     fast = phases["fast"]
     assert fast["requests"] == 80 and fast["server_errors"] == 0 and fast["lost"] == 0
     assert fast["intended_4xx"] > 0 and fast["unexpected"] == 0 and fast["ok"] > 0
@@ -518,8 +522,9 @@ def test_serve_startup_errors_exit_2(index_dir, tmp_path, capsys, tiny_fast_chec
     assert "Traceback" not in proc.stderr
 
 
-def test_serve_command_runs_and_stops(index_dir):
-    """`vlsearch serve` as a user starts it: answers, then stops on SIGINT."""
+def test_serve_command_runs_with_reranking_and_stops(index_dir, slow_checkpoint, tmp_path):
+    """`vlsearch serve` as a user starts it: the Slow checkpoint exists, so re-ranking is on; it answers,
+    re-ranks and explains, then stops on SIGINT."""
     import signal
 
     with socket.socket() as s:
@@ -531,19 +536,23 @@ def test_serve_command_runs_and_stops(index_dir):
         stderr=subprocess.STDOUT,
         text=True,
     )
+    base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.time() + 120
         while True:
             try:
-                r = httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=5)
+                r = httpx.get(base + "/healthz", timeout=5)
                 break
             except httpx.TransportError:
                 assert proc.poll() is None, proc.stdout.read()
                 assert time.time() < deadline, "server did not come up"
                 time.sleep(0.3)
-        assert r.json()["rerank"]["enabled"] is False and "slow" in r.json()["rerank"]["note"]
-        r = httpx.get(f"http://127.0.0.1:{port}/search", params={"q": "two dogs", "k": 2}, timeout=30)
+        assert r.json()["rerank"]["enabled"] is True and r.json()["rerank"]["model"] == "slow"
+        r = httpx.get(base + "/search", params={"q": "two dogs", "k": 2}, timeout=30)
         assert r.status_code == 200 and len(r.json()["results"]) == 2
+        q = {"q": "a dog on the beach", "k": 3, "rerank": 8, "explain": 1}
+        r = httpx.get(base + "/search", params=q, timeout=60)
+        assert r.status_code == 200 and r.json()["results"][0]["explanation"]["tokens"] == ["dog", "beach"]
     finally:
         proc.send_signal(signal.SIGINT)
         try:
@@ -552,4 +561,17 @@ def test_serve_command_runs_and_stops(index_dir):
             proc.kill()
             out, _ = proc.communicate()
     assert proc.returncode == 0, out
-    assert "Traceback" not in out and "re-ranking off" in out
+    assert "Traceback" not in out and "re-ranking on (slow)" in out and "stopped" in out
+
+
+def test_rerank_off_without_a_slow_checkpoint(tmp_path, monkeypatch):
+    import argparse
+
+    from vlsearch.commands.serve import rerank_choice
+
+    args = argparse.Namespace(no_rerank=False, rerank_model="slow")
+    monkeypatch.setenv("VLSEARCH_HOME", str(tmp_path))
+    model, note = rerank_choice(args)
+    assert model is None and "vlsearch train slow" in note and str(tmp_path) in note
+    args.no_rerank = True
+    assert rerank_choice(args) == (None, "re-ranking was turned off with --no-rerank")

@@ -78,7 +78,7 @@ class ServeSettings:
     rerank_model: str | None = None  # name shown in /healthz
     rerank_note: str = ""  # why re-ranking is off, for /healthz and the page
     page_k: int = 24  # what the web page asks for
-    page_rerank: int = 48  # Fast candidates the page has the Slow model re-rank
+    page_rerank: int = 30  # Fast candidates the page has the Slow model re-rank
     warm_up: bool = True
 
 
@@ -263,7 +263,8 @@ def parse_flag(value: str | None, name: str) -> bool:
 
 
 def jsonable(x, digits: int = 4):
-    """Explanations and timings come as numpy: plain, rounded JSON values."""
+    """Explanations and timings come as numpy: plain JSON values, floats to ``digits`` significant digits
+    (heat-map values are small: 196 of them sum to 1)."""
     if isinstance(x, np.ndarray):
         return jsonable(x.tolist(), digits)
     if isinstance(x, dict):
@@ -276,8 +277,24 @@ def jsonable(x, digits: int = 4):
         return int(x)
     if isinstance(x, float | np.floating):
         v = float(x)
-        return round(v, digits) if np.isfinite(v) else None
+        return float(f"{v:.{digits}g}") if np.isfinite(v) else None
     return x
+
+
+def guard_reranker(reranker) -> None:
+    """The re-ranker's image keys/values LRU (an OrderedDict) is not safe for two threads at once: run
+    its ``image_kv`` under a lock (the Slow scoring itself still runs in parallel)."""
+    fn = getattr(reranker, "image_kv", None)
+    if fn is None or getattr(fn, "_serialized", False):
+        return
+    lock = threading.Lock()
+
+    def image_kv(keys):
+        with lock:
+            return fn(keys)
+
+    image_kv._serialized = True
+    reranker.image_kv = image_kv
 
 
 def image_url(image_id: str) -> str:
@@ -297,6 +314,8 @@ class Service:
         self.stale: str | None = None  # set when the index on disk was rebuilt with another model
         self.refreshes = 0
         self._seen_index = engine.index
+        if engine.reranker is not None:
+            guard_reranker(engine.reranker)
 
     @property
     def rerank_enabled(self) -> bool:
@@ -474,7 +493,8 @@ def decode_upload(data: bytes):
 
 # -- the app ----------------------------------------------------------------------------------------------
 def create_app(engine: SearchEngine, settings: ServeSettings | None = None, reranker=None) -> FastAPI:
-    """The service over an opened engine. ``reranker`` replaces the engine's (tests inject one)."""
+    """The service over an opened engine. ``reranker`` (optional) replaces the engine's: anything with the
+    ``Reranker.rerank_text(text, keys, fast_scores, explain)`` contract."""
     from contextlib import asynccontextmanager
 
     settings = settings or ServeSettings()
