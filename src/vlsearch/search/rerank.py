@@ -32,7 +32,64 @@ def _bar(total: int, desc: str, progress: bool):
 
 
 def _grid_or_none(model: SlowModel, grid: torch.Tensor | None) -> torch.Tensor | None:
-    return grid if model.config.use_grid else None
+    return grid if getattr(model.config, "use_grid", True) else None
+
+
+def _generic(model) -> bool:
+    """Pair scorers other than the Slow model (the joint deformer) have no text/image split to reuse:
+    they are driven through ``score_texts_images(states, lengths, mid, grid, text_index, image_index)``."""
+    return not isinstance(model, SlowModel)
+
+
+@torch.no_grad()
+def _score_all_pairs_generic(model, feats, progress: bool) -> np.ndarray:
+    M, N = len(feats.states), feats.n_images
+    sim = np.zeros((M, N), dtype=np.float32)
+    order = np.argsort(feats.lengths.numpy(), kind="stable")  # similar lengths share a chunk
+    bar = _bar(M * N, f"{type(model).__name__}: all pairs", progress)
+    for s in range(0, M, TEXT_CHUNK):
+        rows = torch.as_tensor(order[s : s + TEXT_CHUNK])
+        L = max(1, int(feats.lengths[rows].max()))
+        scores = model.score_texts_images(feats.states[rows, :L], feats.lengths[rows], feats.mid, feats.grid)
+        sim[rows.numpy()] = scores.float().numpy()
+        bar.update(len(rows) * N)
+    bar.close()
+    return sim
+
+
+@torch.no_grad()
+def _measure_costs_generic(model, feats, K: int, n_queries: int = 8, gallery_sample: int = 256) -> dict:
+    """``measure_costs`` for a generic pair scorer: K pairs per re-ranked query, and the gallery
+    extrapolated from ``gallery_sample`` images per query (one forward pass per pair: linear)."""
+    N, M = feats.n_images, len(feats.states)
+    rng = np.random.default_rng(0)
+    queries = rng.choice(M, size=min(n_queries, M), replace=False)
+    K = min(K, N)
+
+    def one(q, imgs) -> float:
+        L = max(1, int(feats.lengths[q]))
+        t0 = time.perf_counter()
+        model.score_texts_images(
+            feats.states[q : q + 1, :L], feats.lengths[q : q + 1], feats.mid[imgs], feats.grid[imgs]
+        )
+        return time.perf_counter() - t0
+
+    rerank = [one(q, torch.as_tensor(rng.choice(N, size=K, replace=False))) for q in queries][1:]
+    S = min(gallery_sample, N)
+    sample = torch.as_tensor(rng.choice(N, size=S, replace=False))
+    gallery = [one(q, sample) for q in queries[: max(2, n_queries // 2)]]
+    per_pair = float(np.median(gallery)) / S
+    ms = 1e3 * float(np.median(rerank or [one(queries[0], sample[:K])]))
+    return {
+        "rerank_k": K,
+        "slow_pairs_per_query": K,
+        "rerank_ms_per_query": ms,
+        "rerank_ms_per_query_cached_images": ms,
+        "slow_alone_pairs_per_query": N,
+        "slow_alone_ms_per_query_gallery": 1e3 * per_pair * N,
+        "slow_alone_note": f"extrapolated to {N} images from {S} sampled images x {len(gallery)} queries",
+        "slow_compute_ratio_pairs": N / K,
+    }
 
 
 def subset_text(text: TextState, rows: torch.Tensor) -> TextState:
@@ -59,6 +116,8 @@ def score_all_pairs(model: SlowModel, feats, progress: bool = True) -> np.ndarra
 
     Each caption's text-only layers and each image's keys/values are computed once."""
     model.eval()
+    if _generic(model):
+        return _score_all_pairs_generic(model, feats, progress)
     M, N = len(feats.states), feats.n_images
     sim = np.zeros((M, N), dtype=np.float32)
     order = np.argsort(feats.lengths.numpy(), kind="stable")  # similar lengths share a chunk
@@ -102,6 +161,9 @@ def score_pairs_grouped(
     out = np.zeros(len(text_index), dtype=np.float32)
     if len(out) == 0:
         return out
+    if _generic(model):
+        ti, ii = torch.as_tensor(text_index), torch.as_tensor(image_index)
+        return model.score_texts_images(states, lengths, mid, grid, ti, ii).float().numpy()
     order = np.argsort(image_index, kind="stable")
     imgs, starts = np.unique(image_index[order], return_index=True)
     ends = np.r_[starts[1:], len(order)]
@@ -199,6 +261,8 @@ def measure_costs(model: SlowModel, feats, K: int, n_queries: int = 8, gallery_s
     are part of the Fast encode time): re-ranking K images (text layers + their keys/values + K pairs),
     also with image keys/values cached; and the Slow model alone over the whole gallery, extrapolated
     from ``gallery_sample`` images per query with image keys/values precomputed (the favourable case)."""
+    if _generic(model):
+        return _measure_costs_generic(model, feats, K, n_queries, gallery_sample)
     model.eval()
     N = feats.n_images
     M = len(feats.states)

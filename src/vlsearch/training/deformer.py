@@ -1,0 +1,482 @@
+"""Training VLDeformer in its two stages (Zhang et al. 2021, arXiv 2110.11338).
+
+1. ``train_joint`` (named model ``deformer-joint``): the early-interaction transformer learns image-text
+   matching on Flickr8k train. Listwise ITM: every caption ranks its image against hard negatives mined by
+   the Fast model (plus random ones), every image ranks one of its captions against the Fast model's hard
+   negative captions, both by softmax cross-entropy over the joint model's scores. Multi-task: the same
+   weights also run on each modality alone and those pooled embeddings get a symmetric InfoNCE, so the
+   shared weights support both modes from the start.
+2. ``train_decomposed`` (named model ``deformer``): the joint checkpoint, switched to ``mode="decomposed"``,
+   is fine-tuned on a *small* target subset of train (``--subset``, default 0.2) with the bi-modal
+   hard-negative contrastive loss: each image/caption embedding is contrasted with the other modality's
+   embeddings *and* with its own modality's (bi-modal negatives), in batches grouped from mutually
+   confusable images (hard negatives, re-mined each epoch with the model being fine-tuned).
+
+Training is time-boxed (``--minutes``); the learning rate anneals on whichever of the step and time
+budgets runs out first.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from vlsearch.eval.metrics import retrieval_metrics
+from vlsearch.models.deformer import DeformerConfig, DeformerModel
+from vlsearch.training.features import DatasetFeatures
+from vlsearch.training.losses import info_nce
+
+
+@dataclass
+class JointTrainConfig:
+    epochs: int = 12  # passes over the train images for the contrastive term (47 steps each at batch 128)
+    minutes: float = 18.0  # wall-clock cap
+    batch_size: int = 128  # contrastive batch (separately run streams)
+    itm_queries: int = 16  # captions (and images) per step with an ITM list each
+    itm_hard: int = 6  # hard negatives per list, drawn from the Fast model's top ``mine_k``
+    itm_random: int = 1  # random negatives per list
+    mine_k: int = 20
+    itm_weight: float = 1.0
+    contrastive_weight: float = 1.0
+    lr: float = 1e-3  # new parameters (projections, embeddings, heads)
+    layer_lr: float = 1e-4  # the MiniLM-initialised transformer layers
+    weight_decay: float = 0.05
+    warmup_steps: int = 50
+    flip: bool = True
+    feature_dropout: float = 0.1
+    hard_negatives_from: str = "fast"
+    seed: int = 0
+    bf16: bool = True
+
+
+@dataclass
+class DecomposeTrainConfig:
+    subset: float = 0.2  # fraction of the train images (with their captions) used to fine-tune
+    epochs: int = 30
+    minutes: float = 10.0
+    batch_size: int = 128
+    group: int = 4  # images per group of mutually confusable images in a batch
+    intra_weight: float = 1.0  # weight of the same-modality (bi-modal) negatives in the denominators
+    lr: float = 2e-4
+    layer_lr: float = 2e-5
+    weight_decay: float = 0.05
+    warmup_steps: int = 20
+    flip: bool = True
+    feature_dropout: float = 0.1
+    seed: int = 0
+    bf16: bool = True
+
+
+# -- helpers ---------------------------------------------------------------------------------------------
+def _progress(step: int, total: int, t0: float, budget_s: float) -> float:
+    return max(step / max(1, total), (time.time() - t0) / max(1e-9, budget_s))
+
+
+def _lr_factor(step: int, warmup: int, progress: float) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def _optimizer(model: DeformerModel, lr: float, layer_lr: float, wd: float) -> torch.optim.AdamW:
+    layers = [p for n, p in model.named_parameters() if n.startswith("layers.")]
+    other = [p for n, p in model.named_parameters() if not n.startswith("layers.")]
+    return torch.optim.AdamW(
+        [{"params": other, "lr": lr, "base": lr}, {"params": layers, "lr": layer_lr, "base": layer_lr}],
+        weight_decay=wd,
+    )
+
+
+def _set_lr(opt, factor: float) -> None:
+    for g in opt.param_groups:
+        g["lr"] = g["base"] * factor
+
+
+def _image_inputs(feats: DatasetFeatures, rows, flip: bool, dropout: float, gen: torch.Generator, use_mid):
+    """Grid (and mid) of these image rows as float32, with a random horizontal flip and feature dropout."""
+    grid = feats.grid[rows].float()
+    mid = feats.mid[rows].float() if use_mid else None
+    if flip and torch.rand((), generator=gen) < 0.5:
+        B, _, C = grid.shape
+        grid = grid.view(B, 7, 7, C).flip(2).reshape(B, 49, C)
+        if mid is not None:
+            mid = mid.view(B, 14, 14, -1).flip(2).reshape(B, 196, -1)
+    if dropout:
+        grid = F.dropout(grid, dropout)
+    return grid, mid
+
+
+def captions_of_images(caption_image: torch.Tensor, n_images: int) -> list[list[int]]:
+    out: list[list[int]] = [[] for _ in range(n_images)]
+    for c, i in enumerate(caption_image.tolist()):
+        out[i].append(c)
+    return out
+
+
+@torch.no_grad()
+def embed_decomposed(model: DeformerModel, feats: DatasetFeatures, batch: int = 512):
+    """(image embeddings [N,D], caption embeddings [M,D]) of the separately run streams, numpy."""
+    model.eval()
+    mid = feats.mid if model.config.use_mid else None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        img = torch.cat(
+            [
+                model.encode_image(feats.grid[s : s + batch], None if mid is None else mid[s : s + batch])
+                for s in range(0, feats.n_images, batch)
+            ]
+        ).float()
+        order = torch.argsort(feats.lengths)  # similar lengths together: less padding
+        txt = torch.empty(len(order), model.config.embed_dim)
+        for s in range(0, len(order), batch):
+            rows = order[s : s + batch]
+            txt[rows] = model.encode_text(feats.states[rows], feats.lengths[rows]).float()
+    return img.numpy(), txt.numpy()
+
+
+def decomposed_metrics(model: DeformerModel, feats: DatasetFeatures) -> dict:
+    img, txt = embed_decomposed(model, feats)
+    return retrieval_metrics(txt @ img.T, feats.caption_image.numpy())
+
+
+def _fmt(m: dict) -> str:
+    return f"t2i R@1 {m['t2i']['r1']:.1f} i2t R@1 {m['i2t']['r1']:.1f} mean recall {m['mean_recall']:.2f}"
+
+
+def fast_hard_negatives(name: str, feats: DatasetFeatures, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Hard negatives of a trained dual encoder (default: the named model ``fast``) on these features."""
+    from vlsearch.models.registry import load_model
+    from vlsearch.training.mining import mine_hard_negatives
+
+    model, _, _ = load_model(name)
+    return mine_hard_negatives(model, feats, k)
+
+
+# -- stage 1: the joint model ------------------------------------------------------------------------------
+def train_joint(
+    train: DatasetFeatures,
+    hard: tuple[np.ndarray, np.ndarray],
+    config: DeformerConfig | None = None,
+    tc: JointTrainConfig | None = None,
+    dev: DatasetFeatures | None = None,
+    progress: bool = True,
+    log=print,
+) -> tuple[DeformerModel, dict]:
+    """``hard`` = (neg_images_per_caption [M,k], neg_captions_per_image [N,k]) on ``train``, best first."""
+    config = config or DeformerConfig()
+    tc = tc or JointTrainConfig()
+    config.mode = "joint"
+    torch.manual_seed(tc.seed)
+    gen = torch.Generator().manual_seed(tc.seed)
+    rng = np.random.default_rng(tc.seed)
+    model = DeformerModel(config)
+    opt = _optimizer(model, tc.lr, tc.layer_lr, tc.weight_decay)
+    neg_img = torch.from_numpy(np.asarray(hard[0])[:, : tc.mine_k])
+    neg_cap = torch.from_numpy(np.asarray(hard[1])[:, : tc.mine_k])
+    caps_of = captions_of_images(train.caption_image, train.n_images)
+    pool = np.array([i for i, c in enumerate(caps_of) if c])
+    steps_per_epoch = max(1, len(pool) // tc.batch_size)
+    total = steps_per_epoch * tc.epochs
+    budget = 60 * tc.minutes
+    use_mid = config.use_mid
+    q, n_list = tc.itm_queries, 1 + tc.itm_hard + tc.itm_random
+    history: dict = {"loss": [], "dev": []}
+    bar = tqdm(
+        total=total, desc="train deformer-joint", disable=not progress, file=sys.stderr, dynamic_ncols=True
+    )
+    t0 = time.time()
+    step = 0
+    done = False
+    for epoch in range(tc.epochs):
+        model.train()
+        order = rng.permutation(pool)
+        for s in range(steps_per_epoch):
+            frac = _progress(step, total, t0, budget)
+            if frac >= 1.0:
+                done = True
+                break
+            _set_lr(opt, _lr_factor(step, tc.warmup_steps, frac))
+            imgs = torch.from_numpy(order[s * tc.batch_size : (s + 1) * tc.batch_size])
+            caps = torch.tensor([caps_of[i][rng.integers(len(caps_of[i]))] for i in imgs.tolist()])
+            # ITM lists: caption -> [own image, hard images.., random images..]; image -> [own caption, ..]
+            qc, qi = caps[:q], imgs[:q]
+            hard_i = neg_img[qc][:, torch.randperm(neg_img.shape[1], generator=gen)[: tc.itm_hard]]
+            rand_i = torch.from_numpy(rng.choice(pool, (q, tc.itm_random)))
+            list_img = torch.cat([qi[:, None], hard_i, rand_i], 1)  # [q, n_list]
+            hard_c = neg_cap[qi][:, torch.randperm(neg_cap.shape[1], generator=gen)[: tc.itm_hard]]
+            rand_c = torch.from_numpy(rng.integers(0, len(train.states), (q, tc.itm_random)))
+            list_cap = torch.cat([qc[:, None], hard_c, rand_c], 1)  # [q, n_list]
+            # all images needed this step get one token computation (shared augmentation)
+            need = torch.unique(torch.cat([imgs, list_img.reshape(-1)]))
+            where = torch.full((train.n_images,), -1, dtype=torch.long)
+            where[need] = torch.arange(len(need))
+            grid, mid = _image_inputs(train, need, tc.flip, tc.feature_dropout, gen, use_mid)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=tc.bf16):
+                img_tok = model.image_tokens(grid, mid)
+                # (a) contrastive on the separately run streams
+                loss = torch.zeros(())
+                if tc.contrastive_weight:
+                    h = model.run_layers(img_tok[where[imgs]], None)
+                    im = F.normalize(model.image_embed(h.mean(1)).float(), dim=-1)
+                    tx = model.encode_text(train.states[caps], train.lengths[caps])
+                    same = imgs[:, None] == imgs[None, :]
+                    loss = loss + tc.contrastive_weight * info_nce(im, tx.float(), model.scale, same)
+                # (b) listwise ITM, both directions, on the joint sequence
+                if tc.itm_weight:
+                    t_rows = torch.cat([qc[:, None].expand(q, n_list), list_cap], 0).reshape(-1)
+                    i_rows = torch.cat([list_img, qi[:, None].expand(q, n_list)], 0).reshape(-1)
+                    logits = model.joint_logits_bucketed(
+                        img_tok[where[i_rows]], train.states[t_rows], train.lengths[t_rows]
+                    ).view(2 * q, n_list)
+                    target = torch.zeros(2 * q, dtype=torch.long)
+                    loss = loss + tc.itm_weight * F.cross_entropy(logits, target)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+            opt.step()
+            step += 1
+            history["loss"].append(float(loss.detach()))
+            bar.update(1)
+            bar.set_postfix(loss=f"{float(loss.detach()):.3f}", T=f"{1 / float(model.scale.detach()):.3f}")
+        if dev is not None and (done or epoch == tc.epochs - 1 or (epoch + 1) % max(1, tc.epochs // 4) == 0):
+            m = decomposed_metrics(model, dev)
+            history["dev"].append({"epoch": epoch + 1, "step": step, "streams": m})
+            log(f"epoch {epoch + 1} step {step}: dev (separate streams) {_fmt(m)} ({time.time() - t0:.0f}s)")
+        if done:
+            break
+    bar.close()
+    history["steps"] = step
+    history["train_seconds"] = time.time() - t0
+    return model.eval(), history
+
+
+# -- stage 2: decomposition ------------------------------------------------------------------------------
+def subset_features(feats: DatasetFeatures, fraction: float, seed: int = 0) -> DatasetFeatures:
+    """A seeded random ``fraction`` of the images with all their captions (tensors only)."""
+    if not 0 < fraction <= 1:
+        from vlsearch.errors import VLSearchError
+
+        raise VLSearchError(f"--subset must be a fraction in (0, 1], not {fraction}")
+    n = feats.n_images
+    keep = np.sort(np.random.default_rng(seed).permutation(n)[: max(2, round(fraction * n))])
+    new = torch.full((n,), -1, dtype=torch.long)
+    new[torch.from_numpy(keep)] = torch.arange(len(keep))
+    cap_new = new[feats.caption_image]
+    caps = torch.nonzero(cap_new >= 0).squeeze(1)
+    keep_t = torch.from_numpy(keep)
+    return DatasetFeatures(
+        feats.dataset,
+        feats.grid[keep_t],
+        None if feats.mid is None else feats.mid[keep_t],
+        feats.states[caps],
+        feats.lengths[caps],
+        feats.token_ids[caps],
+        cap_new[caps],
+    )
+
+
+def bimodal_contrastive(
+    im: torch.Tensor, tx: torch.Tensor, scale: torch.Tensor, same: torch.Tensor, intra_weight: float = 1.0
+) -> torch.Tensor:
+    """Bi-modal contrastive loss over B (image, caption) rows.
+
+    Every embedding of the 2B is an anchor whose positive is its pair in the other modality; its negatives
+    are the other modality's rows (as InfoNCE) *and* its own modality's other rows (bi-modal negatives,
+    weighted by ``intra_weight`` in the denominator). ``same`` [B,B] marks rows of the same image, which are
+    never negatives.
+    """
+    cross = scale * im @ tx.t()  # [B,B]
+    ii = scale * im @ im.t()
+    tt = scale * tx @ tx.t()
+    eye = torch.eye(len(im), dtype=torch.bool)
+    off = same & ~eye
+    neg_inf = float("-inf")
+    log_w = math.log(intra_weight) if intra_weight > 0 else neg_inf
+    target = torch.arange(len(im))
+    losses = []
+    for c, intra in ((cross, ii), (cross.t(), tt)):
+        c = c.masked_fill(off, neg_inf)
+        intra = (intra + log_w).masked_fill(same, neg_inf)
+        losses.append(F.cross_entropy(torch.cat([c, intra], 1), target))
+    return 0.5 * (losses[0] + losses[1])
+
+
+def _grouped_batches(
+    neighbours: np.ndarray, pool: np.ndarray, batch: int, group: int, rng
+) -> list[np.ndarray]:
+    """Batches of unique images made of groups: an anchor and its ``group - 1`` most confusable images."""
+    anchors = rng.permutation(pool)
+    batches, cur, used = [], [], set()
+    for a in anchors:
+        if a in used:
+            continue
+        members = [a] + [int(n) for n in neighbours[a] if n not in used and n not in cur][: group - 1]
+        for m in members:
+            if m not in cur:
+                cur.append(m)
+        used.update(members)
+        if len(cur) >= batch:
+            batches.append(np.array(cur[:batch]))
+            cur = cur[batch:]
+    return batches
+
+
+def _image_neighbours(img: np.ndarray, k: int) -> np.ndarray:
+    sim = torch.from_numpy(img) @ torch.from_numpy(img).T
+    sim.fill_diagonal_(float("-inf"))
+    return sim.topk(min(k, len(img) - 1), dim=1).indices.numpy()
+
+
+def train_decomposed(
+    joint: DeformerModel,
+    target: DatasetFeatures,
+    tc: DecomposeTrainConfig | None = None,
+    dev: DatasetFeatures | None = None,
+    progress: bool = True,
+    log=print,
+) -> tuple[DeformerModel, dict]:
+    """Fine-tune a copy of ``joint`` in decomposed mode on ``target`` (the small subset)."""
+    tc = tc or DecomposeTrainConfig()
+    torch.manual_seed(tc.seed)
+    gen = torch.Generator().manual_seed(tc.seed)
+    rng = np.random.default_rng(tc.seed)
+    model = copy.deepcopy(joint).set_mode("decomposed")
+    opt = _optimizer(model, tc.lr, tc.layer_lr, tc.weight_decay)
+    caps_of = captions_of_images(target.caption_image, target.n_images)
+    pool = np.array([i for i, c in enumerate(caps_of) if c])
+    steps_per_epoch = max(1, len(pool) // tc.batch_size)
+    total = steps_per_epoch * tc.epochs
+    budget = 60 * tc.minutes
+    history: dict = {"loss": [], "dev": []}
+    if dev is not None:
+        m = decomposed_metrics(model, dev)
+        history["dev"].append({"epoch": 0, **m})
+        log(f"decomposed before fine-tuning: dev {_fmt(m)}")
+    bar = tqdm(
+        total=total, desc="decompose deformer", disable=not progress, file=sys.stderr, dynamic_ncols=True
+    )
+    t0 = time.time()
+    step, done = 0, False
+    for epoch in range(tc.epochs):
+        img_emb, _ = embed_decomposed(model, target)  # hard negatives: re-mined by the model itself
+        neighbours = _image_neighbours(img_emb, 2 * tc.group)
+        model.train()
+        for imgs in _grouped_batches(neighbours, pool, tc.batch_size, tc.group, rng):
+            frac = _progress(step, total, t0, budget)
+            if frac >= 1.0:
+                done = True
+                break
+            _set_lr(opt, _lr_factor(step, tc.warmup_steps, frac))
+            imgs = torch.from_numpy(imgs)
+            caps = torch.tensor([caps_of[i][rng.integers(len(caps_of[i]))] for i in imgs.tolist()])
+            grid, mid = _image_inputs(target, imgs, tc.flip, tc.feature_dropout, gen, model.config.use_mid)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=tc.bf16):
+                im = model.encode_image(grid, mid)
+                tx = model.encode_text(target.states[caps], target.lengths[caps])
+            same = imgs[:, None] == imgs[None, :]
+            loss = bimodal_contrastive(im.float(), tx.float(), model.scale, same, tc.intra_weight)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+            opt.step()
+            step += 1
+            history["loss"].append(float(loss.detach()))
+            bar.update(1)
+            bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
+        if dev is not None and (done or epoch == tc.epochs - 1 or (epoch + 1) % max(1, tc.epochs // 4) == 0):
+            m = decomposed_metrics(model, dev)
+            history["dev"].append({"epoch": epoch + 1, "step": step, **m})
+            log(f"epoch {epoch + 1} step {step}: dev {_fmt(m)} ({time.time() - t0:.0f}s)")
+        if done:
+            break
+    bar.close()
+    history["steps"] = step
+    history["train_seconds"] = time.time() - t0
+    return model.eval(), history
+
+
+# -- CLI entry points (`vlsearch train deformer-joint`, `vlsearch train deformer`) -----------------------
+def _load(args, mid: bool):
+    from vlsearch.data import load_dataset
+
+    progress = not args.quiet
+    train = DatasetFeatures.load(load_dataset(args.data_root, "train"), mid=mid, progress=progress)
+    try:
+        dev = DatasetFeatures.load(load_dataset(args.data_root, "dev"), mid=mid, progress=progress)
+    except Exception:
+        dev = None
+    return train, dev
+
+
+def _apply(tc, args, extra: dict | None):
+    if getattr(args, "epochs", None):
+        tc.epochs = args.epochs
+    if getattr(args, "minutes", None):
+        tc.minutes = args.minutes
+    for k, v in (extra or {}).items():
+        setattr(tc, k, v)
+    return tc
+
+
+def train_joint_from_args(args, extra: dict | None = None, config: DeformerConfig | None = None):
+    """`vlsearch train deformer-joint`: the early-interaction model on Flickr8k train."""
+    from vlsearch.commands.train import out_path
+    from vlsearch.models.checkpoint import save_checkpoint
+
+    tc = _apply(JointTrainConfig(seed=args.seed), args, extra)
+    config = config or DeformerConfig()
+    log = (lambda *a, **k: None) if args.quiet else print
+    train, dev = _load(args, config.use_mid)
+    t0 = time.time()
+    hard = fast_hard_negatives(tc.hard_negatives_from, train, tc.mine_k)
+    log(
+        f"mined {hard[0].shape[1]} hard negatives per caption with {tc.hard_negatives_from!r} ({time.time() - t0:.0f}s)"
+    )
+    model, history = train_joint(train, hard, config, tc, dev=dev, progress=not args.quiet, log=log)
+    meta = {
+        "train": asdict(tc),
+        "data_root": str(args.data_root or "default"),
+        "dev": history["dev"][-1:] or None,
+        "steps": history["steps"],
+        "train_seconds": history["train_seconds"],
+    }
+    return save_checkpoint(out_path(args, "deformer-joint"), model, meta)
+
+
+def train_decomposed_from_args(args, extra: dict | None = None, joint: str | None = None):
+    """`vlsearch train deformer [--subset F]`: decompose the trained ``deformer-joint`` on a train subset."""
+    from vlsearch.commands.train import out_path
+    from vlsearch.models.checkpoint import save_checkpoint
+    from vlsearch.models.registry import load_model
+
+    tc = _apply(DecomposeTrainConfig(seed=args.seed), args, extra)
+    if getattr(args, "subset", None):
+        tc.subset = args.subset
+    joint_name = joint or getattr(args, "joint", None) or "deformer-joint"
+    net, _, joint_path = load_model(joint_name)
+    if not isinstance(net, DeformerModel):
+        from vlsearch.errors import CheckpointError
+
+        raise CheckpointError(f"{joint_name!r} is a {net.model_type!r} model, not a deformer")
+    log = (lambda *a, **k: None) if args.quiet else print
+    train, dev = _load(args, net.config.use_mid)
+    target = subset_features(train, tc.subset, tc.seed)
+    log(f"decomposing on {target.n_images} images / {len(target.states)} captions ({tc.subset:.0%} of train)")
+    model, history = train_decomposed(net, target, tc, dev=dev, progress=not args.quiet, log=log)
+    meta = {
+        "train": asdict(tc),
+        "joint": str(joint_path),
+        "data_root": str(args.data_root or "default"),
+        "subset_images": target.n_images,
+        "dev": history["dev"][-1:] or None,
+        "steps": history["steps"],
+        "train_seconds": history["train_seconds"],
+    }
+    return save_checkpoint(out_path(args, "deformer"), model, meta)

@@ -1,0 +1,226 @@
+"""VLDeformer: one set of weights, a joint pair scorer and a decomposed dual encoder."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from vlsearch.cli import main
+from vlsearch.models.deformer import DeformerConfig, DeformerModel
+
+
+def tiny_config(**kw) -> DeformerConfig:
+    base = dict(n_layers=1, image_grid=2, embed_dim=32)
+    base.update(kw)
+    return DeformerConfig(**base)
+
+
+def fake_inputs(n_images=3, n_texts=4, L=9, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    grid = torch.randn(n_images, 49, 1280, generator=g).abs()
+    mid = torch.randn(n_images, 196, 112, generator=g).abs()
+    states = torch.randn(n_texts, L, 384, generator=g)
+    lengths = torch.randint(3, L + 1, (n_texts,), generator=g)
+    lengths[0] = L
+    return grid, mid, states, lengths
+
+
+def test_modes_share_every_parameter():
+    torch.manual_seed(0)
+    model = DeformerModel(tiny_config(use_mid=True), init_from_pretrained=False)
+    assert model.is_pair_scorer
+    grid, mid, states, lengths = fake_inputs()
+    # the transformer parameters the joint score reads are the very tensors the two encoders read
+    layer_params = {n: p for n, p in model.named_parameters() if n.startswith("layers.")}
+
+    def touched(loss):
+        model.zero_grad(set_to_none=True)
+        loss.backward()
+        return {n for n, p in layer_params.items() if p.grad is not None and p.grad.abs().sum() > 0}
+
+    joint = touched(model.score_pairs(grid[:3], mid[:3], states[:3], lengths[:3]).sum())
+    image = touched(model.encode_image(grid, mid).sum())
+    text = touched(model.encode_text(states, lengths).sum())
+    assert joint and joint == image | text
+    assert image == text  # both encoders run the same layers
+    # switching mode changes no weight: the decomposed model IS the joint model's parameters
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    model.set_mode("decomposed")
+    assert not model.is_pair_scorer
+    after = model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    # and a change to a shared layer moves both the joint score and the decomposed embeddings
+    with torch.no_grad():
+        e_img, e_txt = model.encode_image(grid, mid), model.encode_text(states, lengths)
+        s = model.score_pairs(grid[:3], mid[:3], states[:3], lengths[:3])
+        model.layers[0].ffn_in.weight.mul_(1.5)
+        assert not torch.allclose(e_img, model.encode_image(grid, mid))
+        assert not torch.allclose(e_txt, model.encode_text(states, lengths))
+        assert not torch.allclose(s, model.score_pairs(grid[:3], mid[:3], states[:3], lengths[:3]))
+
+
+def test_decomposition_fine_tunes_the_joint_weights():
+    from vlsearch.training.deformer import DecomposeTrainConfig, subset_features, train_decomposed
+    from vlsearch.training.features import DatasetFeatures
+
+    torch.manual_seed(0)
+    joint = DeformerModel(tiny_config(), init_from_pretrained=False)
+    grid, mid, states, lengths = fake_inputs(n_images=12, n_texts=24)
+    feats = DatasetFeatures(
+        None, grid.half(), None, states.half(), lengths, lengths[:, None], torch.arange(24) % 12
+    )
+    target = subset_features(feats, 0.5, seed=0)
+    assert target.n_images == 6 and len(target.states) == 12
+    tc = DecomposeTrainConfig(epochs=2, batch_size=6, group=2, warmup_steps=1, minutes=1)
+    dec, hist = train_decomposed(joint, target, tc, progress=False)
+    assert hist["steps"] >= 1 and np.isfinite(hist["loss"]).all()
+    assert dec.config.mode == "decomposed" and joint.config.mode == "joint"
+    assert dec.state_dict().keys() == joint.state_dict().keys()
+    changed = [k for k, v in dec.state_dict().items() if not torch.equal(v, joint.state_dict()[k])]
+    assert any(k.startswith("layers.") for k in changed)
+
+
+def test_joint_score_is_invariant_to_padding():
+    torch.manual_seed(0)
+    model = DeformerModel(tiny_config(use_mid=True), init_from_pretrained=False).eval()
+    grid, mid, states, lengths = fake_inputs(n_images=4, n_texts=4, L=8)
+    padded = torch.cat([states, 100 * torch.randn(4, 12, 384)], 1)  # garbage beyond each length
+    states = torch.where(torch.arange(8)[None, :, None] < lengths[:, None, None], states, 0.0)
+    with torch.no_grad():
+        a = model.score_pairs(grid, mid, states, lengths)
+        b = model.score_pairs(grid, mid, padded, lengths)
+        # garbage in the padded positions of the short captions too
+        noisy = states.clone()
+        noisy[lengths < 8] += 50 * (torch.arange(8)[None, :, None] >= lengths[lengths < 8][:, None, None])
+        c = model.score_pairs(grid, mid, noisy, lengths)
+    assert torch.allclose(a, b, atol=1e-5) and torch.allclose(a, c, atol=1e-5)
+    # each caption alone (no padding at all) scores the same as in the padded batch
+    for i in range(4):
+        L = int(lengths[i])
+        alone = model.score_pairs(grid[i : i + 1], mid[i : i + 1], states[i : i + 1, :L], lengths[i : i + 1])
+        assert torch.allclose(alone, a[i : i + 1], atol=1e-5)
+    # the all-pairs entry point (bf16) agrees with aligned pairs, and pair lists index into it
+    full = model.score_texts_images(padded, lengths, mid, grid)
+    assert full.shape == (4, 4)
+    assert torch.allclose(full.diagonal(), a, atol=0.1 * a.abs().max() + 0.1)
+    ti, ii = torch.tensor([0, 3, 2]), torch.tensor([1, 1, 0])
+    assert torch.allclose(
+        model.score_texts_images(padded, lengths, mid, grid, ti, ii), full[ti, ii], atol=1e-4
+    )
+
+
+def test_checkpoint_round_trip(tmp_path):
+    from vlsearch.errors import CheckpointError
+    from vlsearch.models.checkpoint import load_checkpoint, save_checkpoint
+    from vlsearch.models.registry import load_model
+
+    torch.manual_seed(0)
+    model = DeformerModel(tiny_config(use_mid=True), init_from_pretrained=False).eval()
+    grid, mid, states, lengths = fake_inputs()
+    path = save_checkpoint(tmp_path / "joint", model, {"note": "test"})
+    again, meta = load_model(path)[:2]
+    assert isinstance(again, DeformerModel) and again.is_pair_scorer and meta["note"] == "test"
+    with torch.no_grad():
+        assert torch.equal(
+            model.score_pairs(grid, mid, states[:3], lengths[:3]),
+            again.score_pairs(grid, mid, states[:3], lengths[:3]),
+        )
+    model.set_mode("decomposed")
+    dec, _ = load_checkpoint(save_checkpoint(tmp_path / "dec", model), DeformerModel)
+    assert dec.config.mode == "decomposed" and not dec.is_pair_scorer and dec.config.embed_dim == 32
+    with torch.no_grad():
+        assert torch.equal(model.encode_image(grid, mid), dec.encode_image(grid, mid))
+        assert torch.equal(model.encode_text(states, lengths), dec.encode_text(states, lengths))
+    cfg = json.loads((tmp_path / "dec" / "config.json").read_text())
+    cfg["config"]["mode"] = "sideways"
+    (tmp_path / "dec" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError):
+        load_model(tmp_path / "dec")
+
+
+def test_cost_helper_on_synthetic_gallery():
+    from vlsearch.models.deformer import measure_query_cost
+
+    torch.manual_seed(0)
+    model = DeformerModel(tiny_config(), init_from_pretrained=False)
+    dec = DeformerModel(tiny_config(mode="decomposed"), init_from_pretrained=False)
+    grid, mid, states, lengths = fake_inputs(n_images=20, n_texts=2)
+    rows = measure_query_cost(
+        model, dec, grid, None, states, lengths, gallery_sizes=(20, 200), joint_measured=20, batch=8
+    )
+    assert [r["gallery"] for r in rows] == [20, 200]
+    assert not rows[0]["joint_extrapolated"] and rows[1]["joint_extrapolated"]
+    assert rows[1]["joint_ms_per_query"] == pytest.approx(10 * rows[0]["joint_ms_per_query"])
+    assert all(r["speedup"] > 0 for r in rows)
+
+
+@pytest.fixture(scope="module")
+def tiny_deformers(tiny_fast_checkpoint, mini_flickr, tmp_path_factory):
+    """A deformer-joint and its decomposition trained for a few steps on the mini split (checkpoint paths)."""
+    from vlsearch.training import deformer as training
+
+    out = tmp_path_factory.mktemp("deformers")
+    args = argparse.Namespace(
+        data_root=str(mini_flickr),
+        epochs=2,
+        seed=0,
+        out=str(out / "joint"),
+        quiet=True,
+        subset=None,
+        minutes=None,
+    )
+    small = DeformerConfig(n_layers=1, image_grid=2, embed_dim=64)
+    joint = training.train_joint_from_args(
+        args,
+        extra={"batch_size": 16, "itm_queries": 4, "itm_hard": 2, "mine_k": 5, "warmup_steps": 1},
+        config=small,
+    )
+    args.out, args.subset = str(out / "dec"), 0.5
+    dec = training.train_decomposed_from_args(
+        args, extra={"batch_size": 8, "group": 2, "warmup_steps": 1}, joint=str(joint)
+    )
+    return joint, dec
+
+
+def test_tiny_decomposed_model_plugs_into_index_and_search(tiny_deformers, mini_flickr, tmp_path, capsys):
+    import vlsearch
+    from vlsearch.index.build import build_index
+    from vlsearch.index.gallery import GalleryIndex
+
+    joint, dec = tiny_deformers
+    out = tmp_path / "idx"
+    build_index(out, mini_flickr, "dev", model=str(dec), progress=False)
+    idx = GalleryIndex.open(out)
+    assert idx.config.model_type == "deformer" and idx.config.dim == 64 and idx.config.n_images == 40
+    engine = vlsearch.load(out)
+    res = engine.search("a dog runs through the grass", k=5)
+    assert len(res.hits) == 5 and res.hits[0].score >= res.hits[-1].score
+    first = idx.record(0)
+    assert engine.search_image(first.path, k=3).hits[0].row == 0
+    assert main(["search", "a dog", "--index", str(out), "--model", str(dec), "--k", "3", "--json"]) == 0
+    assert len(json.loads(capsys.readouterr().out)["results"]) == 3
+    # and `vlsearch eval` embeds it like the Fast model
+    assert (
+        main(["eval", "--data-root", str(mini_flickr), "--model", str(dec), "--images", "10", "--json"]) == 0
+    )
+    res = json.loads(capsys.readouterr().out)
+    assert res["n_images"] == 10 and "fast_encode_ms" in res["cost"]
+
+
+def test_eval_joint_and_rerank(tiny_deformers, mini_flickr, capsys):
+    pytest.importorskip("vlsearch.search.rerank")
+    joint, dec = tiny_deformers
+    assert (
+        main(["eval", "--data-root", str(mini_flickr), "--model", str(joint), "--images", "8", "--json"]) == 0
+    )
+    res = json.loads(capsys.readouterr().out)
+    assert res["n_images"] == 8 and res["n_captions"] == 40 and res["cost"]["pairs_per_s"] > 0
+    assert res["t2i"]["r10"] == 100.0
+    argv = ["eval", "--data-root", str(mini_flickr), "--model", str(dec), "--images", "8", "--json"]
+    assert main([*argv, "--rerank", "3", "--rerank-model", str(joint)]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["rerank"] == 3 and res["t2i"]["r10"] == 100.0
