@@ -148,7 +148,7 @@ def test_search_health_images_and_schema(client, photo):
     h = client.get("/healthz").json()
     assert h["status"] == "ok" and h["index"]["n_images"] == 40 and h["index"]["model"] == "fast"
     assert h["rerank"]["enabled"] is False and h["rerank"]["note"]
-    assert h["write"]["enabled"] is False and h["load"]["capacity"] == 2 + 32
+    assert h["write"]["enabled"] is False and h["load"]["capacity"] == 2 + 16
 
     r = client.get("/search", params={"q": "a dog runs on the grass", "k": 5})
     assert r.status_code == 200
@@ -414,6 +414,37 @@ def test_sheds_load_with_503_and_recovers(index_dir, photo):
             assert c.get("/search", params={"q": "a dog", "k": 3}).status_code == 200
     finally:
         s.stop()
+
+
+def test_model_pool_bounds_and_heavy_lane():
+    """The admission counters: at most workers + max_queue admitted, heavy work at most workers +
+    max_heavy_queue; full means Busy at once; slots come back when the work is done."""
+    import asyncio
+
+    from vlsearch.serve.app import Busy, ModelPool
+
+    gate = threading.Event()
+
+    async def scenario():
+        pool = ModelPool(workers=1, threads_per_worker=1, max_queue=3, max_heavy_queue=1)
+        held = [asyncio.ensure_future(pool.run(gate.wait, heavy=True)) for _ in range(2)]
+        await asyncio.sleep(0.05)
+        with pytest.raises(Busy):
+            await pool.run(gate.wait, heavy=True)  # heavy lane full (1 running + 1 waiting)
+        held += [asyncio.ensure_future(pool.run(gate.wait)) for _ in range(2)]  # light work still admitted
+        await asyncio.sleep(0.05)
+        with pytest.raises(Busy):
+            await pool.run(gate.wait)  # 4 admitted: full
+        stats = pool.stats()
+        assert stats["in_flight"] == 4 and stats["heavy_in_flight"] == 2 and stats["shed"] == 2
+        gate.set()
+        results = await asyncio.gather(*held)
+        assert all(r[0] is True for r in results)
+        assert pool.stats()["in_flight"] == 0 and pool.stats()["heavy_in_flight"] == 0
+        assert (await pool.run(lambda: 7))[0] == 7
+        pool.shutdown()
+
+    asyncio.run(scenario())
 
 
 def test_load_script_small_run(rerank_server):

@@ -32,8 +32,14 @@ def register(sub):
     p.add_argument(
         "--max-queue",
         type=int,
-        default=32,
-        help="model requests allowed to wait for a thread; beyond that, 503 + Retry-After (default: 32)",
+        default=16,
+        help="model requests allowed to wait for a thread; beyond that, 503 + Retry-After (default: 16)",
+    )
+    p.add_argument(
+        "--max-rerank-queue",
+        type=int,
+        default=8,
+        help="of those, re-ranking (and adding) requests allowed to wait (default: 8)",
     )
     p.add_argument("--max-upload-mb", type=float, default=20, help="upload size cap in MB (default: 20)")
     p.add_argument("--access-log", action="store_true", help="log every request")
@@ -108,8 +114,14 @@ def run(args):
     logging.getLogger("faiss").setLevel(logging.WARNING)  # its loader logs every fallback at INFO
     if not 0 <= args.port <= 65535:
         raise QueryError(f"--port must be between 0 and 65535, not {args.port}")
-    if args.max_queue < 0 or (args.workers is not None and args.workers < 1) or args.max_upload_mb <= 0:
-        raise QueryError("--workers must be >= 1, --max-queue >= 0 and --max-upload-mb > 0")
+    if (
+        min(args.max_queue, args.max_rerank_queue) < 0
+        or (args.workers is not None and args.workers < 1)
+        or args.max_upload_mb <= 0
+    ):
+        raise QueryError(
+            "--workers must be >= 1, --max-queue and --max-rerank-queue >= 0, --max-upload-mb > 0"
+        )
     index_dir = Path(args.index).expanduser() if args.index else default_index_dir()
     token = args.write_token or os.environ.get("VLSEARCH_WRITE_TOKEN") or None
     sock = listen(args.host, args.port)  # fail fast on a busy port, before loading models
@@ -134,6 +146,7 @@ def _serve(args, sock, index_dir: Path, token: str | None) -> int:
         workers=workers,
         threads_per_worker=max(1, cores // workers),
         max_queue=args.max_queue,
+        max_rerank_queue=args.max_rerank_queue,
         max_upload_bytes=int(args.max_upload_mb * 1024 * 1024),
         write_token=token,
         rerank_model=rerank_model,

@@ -20,13 +20,15 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import heapq
 import hmac
 import io
+import itertools
 import logging
 import os
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import parse_qsl, quote
@@ -71,7 +73,8 @@ CSP = (
 class ServeSettings:
     workers: int = 2  # model threads: one per core
     threads_per_worker: int = 1  # torch intra-op threads per model thread
-    max_queue: int = 32  # admitted model requests waiting for a thread; more get 503 at once
+    max_queue: int = 16  # admitted model requests waiting for a thread; more get 503 at once
+    max_rerank_queue: int = 8  # of which heavy ones (re-rank, add images) at most
     retry_after: int = 1  # seconds, sent with 503
     max_upload_bytes: int = MAX_UPLOAD_BYTES
     write_token: str | None = None  # POST /images is off without one
@@ -109,34 +112,90 @@ def _init_worker(threads: int) -> None:
     torch.set_num_threads(max(1, threads))
 
 
-class ModelPool:
-    """``workers`` threads for model work behind an admission counter of ``workers + max_queue``.
+class Scheduler:
+    """``workers`` threads running jobs by deadline: a job's deadline is its arrival time, plus
+    ``heavy_delay`` seconds for heavy work, so Fast queries overtake Slow re-ranks that arrived less
+    than ``heavy_delay`` before them (re-ranks still never starve). Unbounded: ModelPool bounds it."""
 
-    The counter is only touched on the event loop thread. A slot is released when the work is really
+    def __init__(self, workers: int, threads_per_worker: int, heavy_delay: float = 0.5):
+        self.heavy_delay = heavy_delay
+        self._heap: list = []
+        self._order = itertools.count()
+        self._cv = threading.Condition()
+        self._closed = False
+        self._threads = [
+            threading.Thread(
+                target=self._work, args=(threads_per_worker,), name=f"vlsearch-model-{i}", daemon=True
+            )
+            for i in range(workers)
+        ]
+        for t in self._threads:
+            t.start()
+
+    def submit(self, fn, heavy: bool = False) -> Future:
+        future: Future = Future()
+        with self._cv:
+            if self._closed:
+                raise RuntimeError("the model pool is shut down")
+            deadline = time.monotonic() + (self.heavy_delay if heavy else 0.0)
+            heapq.heappush(self._heap, (deadline, next(self._order), future, fn))
+            self._cv.notify()
+        return future
+
+    def _work(self, threads: int) -> None:
+        _init_worker(threads)
+        while True:
+            with self._cv:
+                while not self._heap and not self._closed:
+                    self._cv.wait()
+                if not self._heap:
+                    return
+                _, _, future, fn = heapq.heappop(self._heap)
+            if not future.set_running_or_notify_cancel():
+                continue  # cancelled while waiting: its caller went away
+            try:
+                future.set_result(fn())
+            except BaseException as e:  # noqa: BLE001 - handed to the waiting request
+                future.set_exception(e)
+
+    def shutdown(self) -> None:
+        with self._cv:
+            self._closed = True
+            for _, _, future, _ in self._heap:
+                future.cancel()
+            self._heap.clear()
+            self._cv.notify_all()
+
+
+class ModelPool:
+    """``workers`` threads for model work behind an admission counter of ``workers + max_queue``, and a
+    second one for heavy work (Slow re-ranking, adding images) of ``workers + max_heavy_queue``, so a
+    queue full of re-ranks cannot make every admitted request wait for seconds; and Fast work goes
+    first when both wait (see Scheduler).
+
+    The counters are only touched on the event loop thread. A slot is released when the work is really
     done (or cancelled before it started), not when the waiting request goes away, so clients that hang
     up cannot make the pool take on more than its capacity.
     """
 
-    def __init__(self, workers: int, threads_per_worker: int, max_queue: int):
+    def __init__(self, workers: int, threads_per_worker: int, max_queue: int, max_heavy_queue: int = 8):
         self.workers = max(1, workers)
         self.capacity = self.workers + max(0, max_queue)
-        self.executor = ThreadPoolExecutor(
-            self.workers,
-            thread_name_prefix="vlsearch-model",
-            initializer=_init_worker,
-            initargs=(threads_per_worker,),
-        )
+        self.heavy_capacity = min(self.capacity, self.workers + max(0, max_heavy_queue))
+        self.executor = Scheduler(self.workers, threads_per_worker)
         self.pending = 0
+        self.heavy_pending = 0
         self.peak = 0
         self.served = 0
         self.shed = 0
 
-    async def run(self, fn, *args):
-        if self.pending >= self.capacity:
+    async def run(self, fn, *args, heavy: bool = False):
+        if self.pending >= self.capacity or (heavy and self.heavy_pending >= self.heavy_capacity):
             self.shed += 1
             raise Busy()
         loop = asyncio.get_running_loop()
         self.pending += 1
+        self.heavy_pending += heavy
         self.peak = max(self.peak, self.pending)
         queued = time.perf_counter()
 
@@ -145,15 +204,16 @@ class ModelPool:
             return fn(*args), (started - queued) * 1e3
 
         try:
-            cf = self.executor.submit(job)
+            cf = self.executor.submit(job, heavy)
         except BaseException:
-            self.pending -= 1
+            self._release(heavy)
             raise
-        cf.add_done_callback(lambda _f: loop.call_soon_threadsafe(self._release))
+        cf.add_done_callback(lambda _f: loop.call_soon_threadsafe(self._release, heavy))
         return await asyncio.wrap_future(cf)
 
-    def _release(self) -> None:
+    def _release(self, heavy: bool) -> None:
         self.pending -= 1
+        self.heavy_pending -= heavy
         self.served += 1
 
     def stats(self) -> dict:
@@ -161,13 +221,15 @@ class ModelPool:
             "workers": self.workers,
             "capacity": self.capacity,
             "in_flight": self.pending,
+            "heavy_capacity": self.heavy_capacity,
+            "heavy_in_flight": self.heavy_pending,
             "peak_in_flight": self.peak,
             "served": self.served,
             "shed": self.shed,
         }
 
     def shutdown(self) -> None:
-        self.executor.shutdown(wait=False, cancel_futures=True)
+        self.executor.shutdown()
 
 
 # -- early checks on the raw request: body size and write access, before any body is read ---------------
@@ -308,7 +370,9 @@ class Service:
         self.fingerprint = engine.index.config.model_fingerprint
         self.model_name = engine.index.config.model
         self.started = time.time()
-        self.pool = ModelPool(settings.workers, settings.threads_per_worker, settings.max_queue)
+        self.pool = ModelPool(
+            settings.workers, settings.threads_per_worker, settings.max_queue, settings.max_rerank_queue
+        )
         self._refresh_lock = threading.Lock()
         self._write_lock = threading.Lock()
         self.stale: str | None = None  # set when the index on disk was rebuilt with another model
@@ -589,7 +653,9 @@ def create_app(engine: SearchEngine, settings: ServeSettings | None = None, rera
             raise QueryError("explain=1 needs rerank=K: the Slow model is what explains")
         if rerank and not service.rerank_enabled:
             raise ApiError(400, "re-ranking is not available on this server", settings.rerank_note)
-        result, wait_ms = await service.pool.run(service.text_search, text, k, rerank, explain)
+        result, wait_ms = await service.pool.run(
+            service.text_search, text, k, rerank, explain, heavy=bool(rerank)
+        )
         explanations = result.explanations if explain else None
         hits = []
         for rank, h in enumerate(result.hits, 1):
@@ -699,7 +765,7 @@ def create_app(engine: SearchEngine, settings: ServeSettings | None = None, rera
                 bad.append({"filename": name, "reason": str(e)})
         if bad:
             raise ApiError(400, f"{len(bad)} of {len(uploads)} upload(s) are not readable images", bad)
-        result, _ = await service.pool.run(service.add_images, uploads)
+        result, _ = await service.pool.run(service.add_images, uploads, heavy=True)
         return JSONResponse(result, status_code=201)
 
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
