@@ -143,6 +143,27 @@ def score_all_pairs(model: SlowModel, feats, progress: bool = True) -> np.ndarra
 
 
 @torch.no_grad()
+def all_text_states(model: SlowModel, states, lengths, rows: np.ndarray | None = None) -> TextState:
+    """TextState of many texts (all, or ``rows``), computed in length-sorted chunks and kept in bf16."""
+    rows = np.arange(len(lengths)) if rows is None else np.asarray(rows)
+    T = len(rows)
+    L = max(1, int(lengths[torch.as_tensor(rows)].max())) if T else 1
+    c = model.config
+    heads = model.layers[0].cross_attn.heads
+    h = torch.zeros(T, L, c.text_dim, dtype=torch.bfloat16)
+    q = torch.zeros(T, heads, L, c.text_dim // heads, dtype=torch.bfloat16)
+    mask = torch.zeros(T, L, dtype=torch.bool)
+    order = np.argsort(lengths[torch.as_tensor(rows)].numpy(), kind="stable")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        for s in range(0, T, 512):
+            pos = torch.as_tensor(order[s : s + 512])
+            part = _text_states(model, states, lengths, rows[order[s : s + 512]])
+            n = part.mask.shape[1]
+            h[pos, :n], q[pos, :, :n], mask[pos, :n] = part.h.to(h.dtype), part.q.to(q.dtype), part.mask
+    return TextState(h, mask, q)
+
+
+@torch.no_grad()
 def score_pairs_grouped(
     model: SlowModel,
     states: torch.Tensor,
@@ -154,16 +175,15 @@ def score_pairs_grouped(
     progress: bool = False,
     desc: str = "slow: pairs",
 ) -> np.ndarray:
-    """Scores of arbitrary (text, image) pairs, grouped by image so that each image's keys/values are
-    computed once and the texts paired with it are scored as one block. Returns float32 [P]."""
+    """Scores of arbitrary (text, image) pairs. Every text's text-only layers run once; pairs are grouped by
+    image, so each image's keys/values are computed once and its texts are scored as one block."""
     model.eval()
     text_index, image_index = np.asarray(text_index), np.asarray(image_index)
     out = np.zeros(len(text_index), dtype=np.float32)
     if len(out) == 0:
         return out
-    if _generic(model):
-        ti, ii = torch.as_tensor(text_index), torch.as_tensor(image_index)
-        return model.score_texts_images(states, lengths, mid, grid, ti, ii).float().numpy()
+    texts_needed, text_pos = np.unique(text_index, return_inverse=True)
+    text = all_text_states(model, states, lengths, texts_needed)
     order = np.argsort(image_index, kind="stable")
     imgs, starts = np.unique(image_index[order], return_index=True)
     ends = np.r_[starts[1:], len(order)]
@@ -173,13 +193,9 @@ def score_pairs_grouped(
             chunk = imgs[c0 : c0 + IMAGE_CHUNK * 4]
             sel = torch.as_tensor(chunk, dtype=torch.long)
             kv = model.image_kv(mid[sel], None if grid is None else grid[sel])
-            pair_sl = order[starts[c0] : ends[c0 + len(chunk) - 1]]
-            texts_needed = np.unique(text_index[pair_sl])
-            text = _text_states(model, states, lengths, texts_needed)
-            pos_of = {t: i for i, t in enumerate(texts_needed.tolist())}
             for j in range(len(chunk)):
                 pairs = order[starts[c0 + j] : ends[c0 + j]]
-                rows = torch.tensor([pos_of[t] for t in text_index[pairs].tolist()], dtype=torch.long)
+                rows = torch.as_tensor(text_pos[pairs], dtype=torch.long)
                 for r0 in range(0, len(rows), TEXT_CHUNK * 2):
                     r = rows[r0 : r0 + TEXT_CHUNK * 2]
                     s = model.score_block(subset_text(text, r), slice_kv(kv, slice(j, j + 1)))

@@ -27,16 +27,17 @@ from vlsearch.training.features import DatasetFeatures
 
 @dataclass
 class SlowTrainConfig:
-    minutes: float = 20.0  # wall-clock budget for the optimisation (the cosine schedule follows it)
+    minutes: float = 25.0  # wall-clock budget for the optimisation (the cosine schedule follows it)
     max_epochs: float = 30.0  # cap in passes over the train images as group seeds
     group_size: int = 16
     group_hard: int = 12  # images from the seed caption's Fast hard negatives; the rest are random
     groups_per_step: int = 2
     mine_k: int = 31  # hard negatives are drawn from each caption's Fast top-mine_k wrong images
-    lr: float = 3e-4  # fresh parameters (image projections, cross-attention, head)
-    pretrained_lr: float = 5e-5  # MiniLM-initialised self-attention and feed-forward
+    lr: float = 5e-4  # fresh parameters (image projections, cross-attention, head)
+    pretrained_lr: float = 1e-4  # MiniLM-initialised self-attention and feed-forward
     weight_decay: float = 0.01
-    warmup_steps: int = 50
+    warmup_steps: int = 20
+    bucket: int = 40  # captions per length bucket within a group
     i2t_weight: float = 1.0
     flip: bool = True  # random horizontal flip of both feature maps
     fusion_k: int = 20  # the re-ranking depth the fusion weights are chosen for, on dev
@@ -117,13 +118,16 @@ def train_slow(
     log=print,
     init_from_pretrained: bool = True,
     max_steps: int | None = None,
+    init: SlowModel | None = None,
 ) -> tuple[SlowModel, dict]:
-    """Train on ``train`` (DatasetFeatures with mid) with Fast hard negatives ``neg_img`` [M, >=1]."""
+    """Train on ``train`` (DatasetFeatures with mid) with Fast hard negatives ``neg_img`` [M, >=1];
+    ``init`` warm-starts from a trained model (a new warm-up + cosine schedule over this budget)."""
     if train.mid is None:
         raise ValueError("the Slow model trains on the 14x14 mid map: DatasetFeatures.load(..., mid=True)")
     torch.manual_seed(tc.seed)
     rng = np.random.default_rng(tc.seed)
-    model = SlowModel(config, init_from_pretrained=init_from_pretrained)
+    model = init.train() if init is not None else SlowModel(config, init_from_pretrained=init_from_pretrained)
+    config = model.config
     fresh, pretrained = [], []
     for name, p in model.named_parameters():
         is_pretrained = name.startswith("layers.") and ".cross_attn." not in name
@@ -159,13 +163,18 @@ def train_slow(
             if tc.flip and rng.random() < 0.5:
                 mid = _flip(mid, config.mid_side)
                 grid = _flip(grid, config.grid_side) if grid is not None else None
-            caps = torch.from_numpy(captions)
-            lengths = train.lengths[caps]
-            states = train.states[caps, : int(lengths.max())]
+            # captions sorted by length and scored in buckets: each bucket pads only to its own longest
+            order = np.argsort(train.lengths[torch.from_numpy(captions)].numpy(), kind="stable")
+            captions, cap_img = captions[order], cap_img[order]
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 kv = model.image_kv(mid, grid)
-                text = model.text_state(states, lengths)
-                scores = model.score_block(text, kv)
+                parts = []
+                for b0 in range(0, len(captions), tc.bucket):
+                    caps = torch.from_numpy(captions[b0 : b0 + tc.bucket])
+                    lengths = train.lengths[caps]
+                    text = model.text_state(train.states[caps, : int(lengths.max())], lengths)
+                    parts.append(model.score_block(text, kv))
+                scores = torch.cat(parts)
             loss = loss + group_loss(scores.float(), torch.from_numpy(cap_img), tc.i2t_weight)
         loss = loss / tc.groups_per_step
         opt.zero_grad(set_to_none=True)
@@ -244,8 +253,13 @@ def train_from_args(args):
     train = DatasetFeatures.load(load_dataset(args.data_root, "train"), mid=True, progress=progress)
     fast_name = getattr(args, "fast_model", None) or "fast"
     mined = cached_fast_candidates(fast_name, train, tc.mine_k, progress)
-    config = SlowConfig()
-    model, history = train_slow(train, mined["neg_img"], config, tc, progress=progress, log=log)
+    config, init, previous = SlowConfig(), None, None
+    if getattr(args, "init", None):  # warm start (not a CLI option: scripts pass a checkpoint path)
+        from vlsearch.models.checkpoint import load_checkpoint
+
+        init, previous = load_checkpoint(args.init, SlowModel)
+        config = init.config
+    model, history = train_slow(train, mined["neg_img"], config, tc, progress=progress, log=log, init=init)
     log(
         f"trained {history['steps']} steps ({history['epochs']:.2f} epochs) in {history['train_seconds'] / 60:.1f} min"
     )
@@ -255,6 +269,12 @@ def train_from_args(args):
         "data_root": str(args.data_root or "default"),
         "history": {k: v for k, v in history.items() if k != "loss"},
     }
+    if previous is not None:
+        meta["warm_start"] = {
+            "from": str(args.init),
+            "train": previous.get("train"),
+            "history": previous.get("history"),
+        }
     meta["loss_last"] = float(np.mean(history["loss"][-50:])) if history["loss"] else None
     try:
         dev = DatasetFeatures.load(load_dataset(args.data_root, "dev"), mid=True, progress=progress)
@@ -281,9 +301,9 @@ def train_from_args(args):
 # -- distillation -------------------------------------------------------------------------------------------
 @dataclass
 class DistillConfig:
-    k: int = 15  # candidates per train caption: its image + the Fast top-k wrong images
+    k: int = 11  # candidates per train caption: its image + the Fast top-k wrong images
     target: str = "fused"  # "fused" (fast + w * slow, in the Fast logit scale) or "slow" (the Slow score)
-    captions_per_step: int = 128  # batch captions that get the KL term (the rest only InfoNCE)
+    captions_per_step: int = 96  # batch captions that get the KL term (all get InfoNCE)
     weight: float = 1.0
     temperature: float = 1.0
 
@@ -296,7 +316,11 @@ def candidate_kl(student: torch.Tensor, teacher: torch.Tensor, temperature: floa
 
 
 class SlowTeacher:
-    """Precomputed teacher logits over fixed candidates; ``loss`` is the train_fast hook."""
+    """Precomputed teacher logits over fixed candidates; ``loss`` is the train_fast hook.
+
+    The student's scores over the same candidates use its image tower on the un-augmented grids; the
+    mean+max pooling has no parameters, so the pooled grids are computed once and only the MLP runs per
+    step."""
 
     def __init__(
         self, candidates: torch.Tensor, logits: torch.Tensor, captions_per_step: int = 128, seed: int = 0
@@ -304,6 +328,18 @@ class SlowTeacher:
         self.candidates, self.logits = candidates.long(), logits.float()
         self.captions_per_step = captions_per_step
         self.gen = torch.Generator().manual_seed(seed)
+        self._pooled: torch.Tensor | None = None
+
+    def _image_emb(self, model, train, rows: torch.Tensor) -> torch.Tensor:
+        if not all(hasattr(model, a) for a in ("pool_image", "image_norm", "image_mlp", "image_skip")):
+            return model.encode_image(train.grid[rows])
+        if self._pooled is None or len(self._pooled) != len(train.grid):
+            with torch.no_grad():
+                self._pooled = torch.cat(
+                    [model.pool_image(train.grid[s : s + 512]) for s in range(0, len(train.grid), 512)]
+                )
+        x = model.image_norm(self._pooled[rows])
+        return F.normalize(model.image_mlp(x) + model.image_skip(x), dim=-1)
 
     def loss(self, model, train, imgs, caps, image_emb, text_emb, temperature) -> torch.Tensor:
         rows = torch.arange(len(caps))
@@ -312,7 +348,7 @@ class SlowTeacher:
         cand = self.candidates[caps[rows]]  # [B, C]
         uniq, inv = torch.unique(cand, return_inverse=True)
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            emb = model.encode_image(train.grid[uniq])
+            emb = self._image_emb(model, train, uniq)
         emb = emb.float()[inv]  # [B, C, D]
         student = model.scale * (text_emb[rows][:, None, :] * emb).sum(-1)
         return candidate_kl(student, self.logits[caps[rows]], temperature)
