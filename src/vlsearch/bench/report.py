@@ -89,14 +89,15 @@ def markdown(r: dict) -> str:
     out.append("")
     rec = {(x["n"], x["kind"]): x["recall_at_10_vs_exact"] for x in r["recall"]}
     out.append(
-        "| gallery | index | pipeline | p50 ms | p99 ms | floor ms | scan-all floor ms | recall@10 vs exact |"
+        "| gallery | index | pipeline | p50 ms | p99 ms | queries | floor ms | scan-all floor ms | recall@10 vs exact |"
     )
-    out.append("|---:|---|---|---:|---:|---:|---:|---:|")
+    out.append("|---:|---|---|---:|---:|---:|---:|---:|---:|")
     for row in r["latency"]:
         recall = rec.get((row["n"], row["kind"])) if row["pipeline"] == "fast" else None
         p50 = _f(row["p50_ms"]) + (" (extrapolated)" if row.get("extrapolated") else "")
         out.append(
             f"| {_n(row['n'])} | {row['kind']} | {row['pipeline']} | {p50} | {_f(row.get('p99_ms'))} | "
+            f"{row.get('n_queries') or ''} | "
             f"{_f(row.get('floor_ms'), 2)} | {_f(row.get('scan_all_fp32_floor_ms'), 2)} | "
             f"{_f(recall, 3) if recall is not None else ''} |"
         )
@@ -106,6 +107,19 @@ def markdown(r: dict) -> str:
         "at the measured bandwidth (+ the Slow model's FLOPs and image tokens for K pairs). scan-all floor: "
         "streaming all N fp32 embeddings once."
     )
+    qt = r.get("query_threads") or {}
+    if qt:
+        probe = ", ".join(f"{k} thread(s) {v:.1f} ms" for k, v in (qt.get("fast_probe_ms") or {}).items())
+        line = (
+            f"Torch threads per query, chosen by measurement: Fast {qt.get('fast')} (text encoding: {probe})"
+        )
+        if qt.get("fast+slow"):
+            probe = ", ".join(
+                f"{k} thread(s) {v:.1f} ms" for k, v in (qt.get("fast+slow_probe_ms") or {}).items()
+            )
+            line += f"; Fast+Slow {qt['fast+slow']} (K=50 query: {probe})"
+        out.append("")
+        out.append(line + ". Re-ranking starts from a cold per-image key/value memo on every query.")
     out.append("")
     out.append("### Index build and memory")
     out.append("")
@@ -156,6 +170,17 @@ def markdown(r: dict) -> str:
                 else ""
             )
             + "."
+        )
+    b = r.get("billion_ivfpq")
+    if b:
+        out.append("")
+        out.append(
+            f"IVF-PQ at 1 billion images (EXTRAPOLATED from {b['measured_on']}): {b['ram_gb']:.0f} GB RAM "
+            f"({b['ram_bytes_per_image']} B/image: PQ code + id; {b['nlist']:,} lists), "
+            f"{b['fp16_recheck_vectors_gb_on_ssd']:.0f} GB fp16 vectors memory-mapped for the exact re-check "
+            f"({b['recheck_reads_per_query']} rows/query); one query ~{b['query_p50_ms_estimate']:.0f} ms p50 "
+            f"(text {b['text_encode_p50_ms']:.1f} + coarse {b['coarse_65536_flat_p50_ms']:.1f} + scan/re-check "
+            f"{b['scan_and_recheck_p50_ms']:.1f} ms for {b['codes_scanned_per_query']:,.0f} codes), one thread."
         )
     t = r["targets"]
     out.append("")

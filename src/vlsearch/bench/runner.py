@@ -250,6 +250,8 @@ def run_bench(
             "slow_alone_measured",
             "query_gflops",
             "queries",
+            "query_threads",
+            "billion_ivfpq",
         ):
             result[key] = g[key]
         if serve and g["largest"]:

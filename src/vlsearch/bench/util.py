@@ -29,16 +29,41 @@ def rate(fn: Callable[[], object], items: int, budget_s: float, min_calls: int =
     }
 
 
-def latencies(fn: Callable[[object], object], args: list, warmup: int = 2) -> dict:
-    """Per-call wall time in ms over ``args`` (one call each): p50, p99, mean."""
+def latencies(
+    fn: Callable[[object], object], args: list, warmup: int = 2, budget_s: float | None = None, min_n: int = 5
+) -> dict:
+    """Per-call wall time in ms over ``args`` (one call each): p50, p99, mean. With ``budget_s``, stops
+    early once that much time is spent (after at least ``min_n`` calls); ``n_queries`` says how many ran."""
     for a in args[:warmup]:
         fn(a)
     ms = []
+    t_end = time.perf_counter() + budget_s if budget_s else None
     for a in args:
         t0 = time.perf_counter()
         fn(a)
         ms.append(1e3 * (time.perf_counter() - t0))
+        if t_end is not None and len(ms) >= min_n and time.perf_counter() > t_end:
+            break
     return summarize(ms)
+
+
+def best_threads(fn: Callable[[], object], candidates: list[int], calls: int = 7) -> tuple[int, dict]:
+    """The torch thread count (of ``candidates``) with the lowest median time for ``fn``; all medians in ms."""
+    import torch
+
+    before = torch.get_num_threads()
+    medians = {}
+    for n in candidates:
+        torch.set_num_threads(n)
+        fn()
+        ts = []
+        for _ in range(calls):
+            t0 = time.perf_counter()
+            fn()
+            ts.append(1e3 * (time.perf_counter() - t0))
+        medians[n] = float(np.median(ts))
+    torch.set_num_threads(before)
+    return min(medians, key=medians.get), medians
 
 
 def summarize(ms: list[float]) -> dict:
