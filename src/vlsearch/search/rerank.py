@@ -92,10 +92,12 @@ def _measure_costs_generic(model, feats, K: int, n_queries: int = 8, gallery_sam
     }
 
 
-def subset_text(text: TextState, rows: torch.Tensor) -> TextState:
-    """Rows of a TextState, trimmed to their longest text (exact: padded positions are masked)."""
+def subset_text(text: TextState, rows: torch.Tensor, round_to: int = 1) -> TextState:
+    """Rows of a TextState, trimmed to their longest text (exact: padded positions are masked); with
+    ``round_to`` the length is rounded up so that repeated calls see few distinct shapes."""
     mask = text.mask.index_select(0, rows)
     L = max(1, int(mask.sum(1).max()))
+    L = min(text.mask.shape[1], -(-L // round_to) * round_to)
     return TextState(text.h.index_select(0, rows)[:, :L], mask[:, :L], text.q.index_select(0, rows)[:, :, :L])
 
 
@@ -198,8 +200,12 @@ def score_pairs_grouped(
                 rows = torch.as_tensor(text_pos[pairs], dtype=torch.long)
                 for r0 in range(0, len(rows), TEXT_CHUNK * 2):
                     r = rows[r0 : r0 + TEXT_CHUNK * 2]
-                    s = model.score_block(subset_text(text, r), slice_kv(kv, slice(j, j + 1)))
-                    out[pairs[r0 : r0 + TEXT_CHUNK * 2]] = s[:, 0].float().numpy()
+                    n = len(r)
+                    # pad the block to a multiple of 8 texts and 8 tokens: few distinct shapes, so the
+                    # CPU matmul kernels made for one shape are reused by the next images
+                    r = torch.cat([r, r[-1:].expand((-n) % 8)])
+                    s = model.score_block(subset_text(text, r, 8), slice_kv(kv, slice(j, j + 1)))
+                    out[pairs[r0 : r0 + n]] = s[:n, 0].float().numpy()
                 bar.update(len(pairs))
     bar.close()
     return out

@@ -301,9 +301,10 @@ def train_from_args(args):
 # -- distillation -------------------------------------------------------------------------------------------
 @dataclass
 class DistillConfig:
-    k: int = 11  # candidates per train caption: its image + the Fast top-k wrong images
+    k: int = 7  # candidates per train caption: its image + the Fast top-k wrong images
     target: str = "fused"  # "fused" (fast + w * slow, in the Fast logit scale) or "slow" (the Slow score)
     captions_per_step: int = 96  # batch captions that get the KL term (all get InfoNCE)
+    captions_per_image: int = 1  # train captions with teacher scores (fixed, seeded); others: InfoNCE only
     weight: float = 1.0
     temperature: float = 1.0
 
@@ -342,9 +343,11 @@ class SlowTeacher:
         return F.normalize(model.image_mlp(x) + model.image_skip(x), dim=-1)
 
     def loss(self, model, train, imgs, caps, image_emb, text_emb, temperature) -> torch.Tensor:
-        rows = torch.arange(len(caps))
-        if self.captions_per_step and len(caps) > self.captions_per_step:
-            rows = torch.randperm(len(caps), generator=self.gen)[: self.captions_per_step]
+        rows = torch.flatnonzero(self.candidates[caps, 0] >= 0)  # captions the teacher scored
+        if len(rows) == 0:
+            return text_emb.sum() * 0.0
+        if self.captions_per_step and len(rows) > self.captions_per_step:
+            rows = rows[torch.randperm(len(rows), generator=self.gen)[: self.captions_per_step]]
         cand = self.candidates[caps[rows]]  # [B, C]
         uniq, inv = torch.unique(cand, return_inverse=True)
         with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -368,7 +371,10 @@ def teacher_logits(slow_name, train: DatasetFeatures, dc: DistillConfig, fast_na
 
     slow, _, slow_path = load_model(slow_name)
     _, _, fast_path = load_model(fast_name)
-    key = f"{fingerprint(slow_path)}-{fingerprint(fast_path)}-{features_fingerprint(train)}-k{dc.k}"
+    key = (
+        f"{fingerprint(slow_path)}-{fingerprint(fast_path)}-{features_fingerprint(train)}"
+        f"-k{dc.k}-c{dc.captions_per_image}"
+    )
     cache = home() / "distill" / f"{key}.npz"
     if cache.is_file():
         with np.load(cache) as z:
@@ -377,18 +383,27 @@ def teacher_logits(slow_name, train: DatasetFeatures, dc: DistillConfig, fast_na
     ci = train.caption_image.numpy()
     cand = np.concatenate([ci[:, None], mined["neg_img"][:, : dc.k]], axis=1)
     M = len(cand)
-    slow_scores = score_pairs_grouped(
+    # a fixed, seeded subset of each image's captions gets teacher scores; the others are marked -1
+    rng = np.random.default_rng(0)
+    keep = np.zeros(M, dtype=bool)
+    by_image = np.argsort(ci, kind="stable")
+    for caps in np.split(by_image, np.flatnonzero(np.diff(ci[by_image])) + 1):
+        keep[rng.permutation(caps)[: dc.captions_per_image]] = True
+    rows = np.flatnonzero(keep)
+    slow_scores = np.zeros(cand.shape, dtype=np.float32)
+    slow_scores[rows] = score_pairs_grouped(
         slow,
         train.states,
         train.lengths,
         train.mid,
         train.grid if slow.config.use_grid else None,
-        np.repeat(np.arange(M), cand.shape[1]),
-        cand.ravel(),
+        np.repeat(rows, cand.shape[1]),
+        cand[rows].ravel(),
         progress,
         "distill: slow teacher scores",
-    ).reshape(cand.shape)
-    fast_cos = np.einsum("md,mkd->mk", mined["text_emb"], mined["image_emb"][cand])
+    ).reshape(len(rows), cand.shape[1])
+    cand[~keep] = -1
+    fast_cos = np.einsum("md,mkd->mk", mined["text_emb"], mined["image_emb"][np.maximum(cand, 0)])
     buf = io.BytesIO()
     np.savez(
         buf,
