@@ -70,7 +70,7 @@ def overlay_png(image_path: str | Path, explanation: dict, size: int = 224) -> b
     ImageDraw.Draw(sheet).text((4, 3), "image", fill="black")
     for n, (word, m) in enumerate(zip(words, maps, strict=True), start=1):
         heat = np.asarray(m, dtype=np.float32).reshape(gh, gw)
-        heat = heat / max(float(heat.max()), 1e-12)
+        heat = (heat - heat.min()) / max(float(heat.max() - heat.min()), 1e-12)  # contrast per word
         up = np.asarray(Image.fromarray((heat * 255).astype(np.uint8)).resize((size, size), Image.BILINEAR))
         a = (up.astype(np.float32) / 255.0)[..., None]
         red = np.array([1.0, 0.1, 0.0], dtype=np.float32)
