@@ -184,6 +184,12 @@ def score_pairs_grouped(
     out = np.zeros(len(text_index), dtype=np.float32)
     if len(out) == 0:
         return out
+    if _generic(model):  # the joint deformer: its own pair path (no per-text state to reuse)
+        with torch.no_grad():
+            scores = model.score_texts_images(
+                states, lengths, mid, grid, torch.as_tensor(text_index), torch.as_tensor(image_index)
+            )
+        return scores.float().numpy()
     texts_needed, text_pos = np.unique(text_index, return_inverse=True)
     text = all_text_states(model, states, lengths, texts_needed)
     order = np.argsort(image_index, kind="stable")
