@@ -124,6 +124,13 @@ def test_distillation_loss_zero_when_student_and_teacher_agree():
     with torch.no_grad():
         loss = teacher.loss(model, train, None, caps, None, text, 1.0)
     assert float(loss) == pytest.approx(0.0, abs=1e-5)
+    # captions the teacher did not score (candidates -1) are left out, whatever their logits
+    partial = cands.clone()
+    partial[5:] = -1
+    noisy = logits.clone()
+    noisy[5:] = torch.randn(5, 6) * 5
+    with torch.no_grad():
+        assert float(SlowTeacher(partial, noisy, 0).loss(model, train, None, caps, None, text, 1.0)) < 1e-5
     other = SlowTeacher(cands, torch.randn(10, 6) * 5, captions_per_step=4)
     with torch.no_grad():
         assert float(other.loss(model, train, None, caps, None, text, 1.0)) > 0

@@ -343,7 +343,7 @@ class SlowTeacher:
         return F.normalize(model.image_mlp(x) + model.image_skip(x), dim=-1)
 
     def loss(self, model, train, imgs, caps, image_emb, text_emb, temperature) -> torch.Tensor:
-        rows = torch.flatnonzero(self.candidates[caps, 0] >= 0)  # captions the teacher scored
+        rows = torch.nonzero(self.candidates[caps, 0] >= 0).flatten()  # captions the teacher scored
         if len(rows) == 0:
             return text_emb.sum() * 0.0
         if self.captions_per_step and len(rows) > self.captions_per_step:
