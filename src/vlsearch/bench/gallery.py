@@ -101,10 +101,10 @@ def run(
     """engine_parts: (embedder, model name, model fingerprint). Returns latency/recall/index sections."""
     embedder, model_name, fingerprint = engine_parts
     n_fast = 8 if quick else 200
-    n_rerank = 2 if quick else 60
+    n_rerank = 2 if quick else 40
     rerank_ks = RERANK_KS[:2] if quick else RERANK_KS
     warmup = 1 if quick else 2
-    budget = 5.0 if quick else 30.0  # seconds per latency measurement (at least 5 queries each)
+    budget = 5.0 if quick else 20.0  # seconds per latency measurement (at least 5 queries each)
     n_recall = min(100 if quick else 1000, len(data.query_embeddings))
     n_slow_alone = 2 if quick else 3
     texts = data.captions(max(n_fast, n_rerank))

@@ -1,7 +1,8 @@
 """One small interface over faiss indexes of unit vectors searched by inner product (cosine).
 
-Exact search (Flat) below ``AUTO_THRESHOLD`` vectors; an HNSW graph above it, whose recall against exact
-search `vlsearch eval --index hnsw` and `vlsearch bench` report. IVF-Flat (inverted lists of full vectors)
+Exact search (Flat) below ``AUTO_THRESHOLD`` vectors; an HNSW graph above it and IVF-PQ from
+``AUTO_IVFPQ_THRESHOLD``: their recall against exact search `vlsearch eval --index` and `vlsearch bench`
+report. IVF-Flat (inverted lists of full vectors)
 builds much faster than HNSW on few cores. IVF-PQ is for galleries that no longer fit in memory as float32:
 it keeps 32-byte codes in memory and re-checks its top ``k * k_factor`` candidates exactly against the
 fp16 embeddings (the gallery's memory-mapped ``embeddings.npy``, attached with ``attach_vectors``).
@@ -17,6 +18,10 @@ import faiss
 import numpy as np
 
 AUTO_THRESHOLD = 50_000
+# Above this, "auto" picks IVF-PQ: on 2 cores an HNSW graph of 1M vectors takes 8-11 min to build and
+# needs efSearch 512 to keep recall@10 >= 0.95, where IVF-PQ builds in ~4 min, keeps 0.96 at 1/30 of
+# the memory and answers faster (`vlsearch bench`, docs/bench.md).
+AUTO_IVFPQ_THRESHOLD = 500_000
 
 
 class VectorIndex(ABC):
@@ -68,15 +73,22 @@ class FlatIndex(VectorIndex):
 
 
 class HNSWIndex(VectorIndex):
-    """Graph index. Defaults measured by `vlsearch bench` on 2 cores (docs/bench.md): M=32 with
-    efConstruction=40 builds twice as fast as 80 for ~0.5 point less recall@10 at efSearch=128."""
+    """Graph index. Defaults measured on 2 cores (docs/bench.md): M=32 with efConstruction=40 builds twice
+    as fast as 80 for ~0.5 point less recall@10; efSearch grows with the gallery (128 -> 512 at 1M)."""
 
     kind = "hnsw"
 
     @classmethod
     def create(
-        cls, dim: int, n_expected: int = 0, m: int = 32, ef_construction: int = 40, ef_search: int = 128
+        cls,
+        dim: int,
+        n_expected: int = 0,
+        m: int = 32,
+        ef_construction: int = 40,
+        ef_search: int | None = None,
     ) -> HNSWIndex:
+        if ef_search is None:  # recall@10 >= 0.95 measured: 128 up to 200k vectors, 512 at 1M
+            ef_search = 128 if n_expected <= 200_000 else 256 if n_expected <= 500_000 else 512
         index = faiss.IndexHNSWFlat(dim, m, faiss.METRIC_INNER_PRODUCT)
         index.hnsw.efConstruction = ef_construction
         index.hnsw.efSearch = ef_search
@@ -210,7 +222,13 @@ KINDS: dict[str, type[VectorIndex]] = {c.kind: c for c in (FlatIndex, HNSWIndex,
 
 def make_vector_index(dim: int, n_expected: int, kind: str = "auto") -> VectorIndex:
     if kind == "auto":
-        kind = "flat" if n_expected < AUTO_THRESHOLD else "hnsw"
+        kind = (
+            "flat"
+            if n_expected < AUTO_THRESHOLD
+            else "hnsw"
+            if n_expected < AUTO_IVFPQ_THRESHOLD
+            else "ivfpq"
+        )
     if kind not in KINDS:
         raise ValueError(f"unknown index kind {kind!r}; choose from auto, {', '.join(KINDS)}")
     return KINDS[kind].create(dim, n_expected)
