@@ -63,6 +63,46 @@ def test_modes_share_every_parameter():
         assert not torch.allclose(s, model.score_pairs(grid[:3], mid[:3], states[:3], lengths[:3]))
 
 
+def test_closed_gates_make_the_joint_score_its_own_decomposition():
+    torch.manual_seed(0)
+    model = DeformerModel(tiny_config(n_layers=2), init_from_pretrained=False).eval()
+    grid, mid, states, lengths = fake_inputs(n_images=4, n_texts=4)
+    with torch.no_grad():
+        # with the cross-modal gates at 0 (their init) and no ITM MLP term (init: ~0) the joint score is
+        # exactly the scaled cosine of the separately run streams
+        model.itm_head[-1].weight.zero_()
+        joint = model.score_pairs(grid, None, states, lengths)
+        dual = model.scale * (model.encode_image(grid) * model.encode_text(states, lengths)).sum(-1)
+        assert torch.allclose(joint, dual, atol=1e-4)
+        # opening a gate lets image and text interact: the joint score moves, the encoders do not
+        model.cross_gate.fill_(1.0)
+        assert not torch.allclose(model.score_pairs(grid, None, states, lengths), dual, atol=1e-3)
+        again = model.scale * (model.encode_image(grid) * model.encode_text(states, lengths)).sum(-1)
+        assert torch.allclose(again, dual)
+
+
+def test_warm_start_from_fast_is_exactly_that_fast_model():
+    from vlsearch.models.fast import FastConfig, FastModel
+
+    torch.manual_seed(0)
+    fast = FastModel(FastConfig(embed_dim=32), init_from_pretrained=False).eval()
+    model = DeformerModel(tiny_config(n_layers=2), init_from_pretrained=False).eval()
+    model.init_from_fast(fast)
+    with torch.no_grad():
+        model.itm_head[-1].weight.zero_()  # (the ITM MLP term starts ~0, not 0)
+    grid, mid, states, lengths = fake_inputs(n_images=4, n_texts=4)
+    with torch.no_grad():
+        assert torch.allclose(model.encode_image(grid), fast.encode_image(grid), atol=1e-5)
+        assert torch.allclose(
+            model.encode_text(states, lengths), fast.encode_text(states, lengths), atol=1e-5
+        )
+        joint = model.score_pairs(grid, None, states, lengths)
+        ref = fast.scale * (fast.encode_image(grid) * fast.encode_text(states, lengths)).sum(-1)
+        assert torch.allclose(joint, ref, atol=1e-3)
+    with pytest.raises(ValueError, match="does not match"):
+        DeformerModel(tiny_config(n_layers=1), init_from_pretrained=False).init_from_fast(fast)
+
+
 def test_decomposition_fine_tunes_the_joint_weights():
     from vlsearch.training.deformer import DecomposeTrainConfig, subset_features, train_decomposed
     from vlsearch.training.features import DatasetFeatures
@@ -75,7 +115,16 @@ def test_decomposition_fine_tunes_the_joint_weights():
     )
     target = subset_features(feats, 0.5, seed=0)
     assert target.n_images == 6 and len(target.states) == 12
-    tc = DecomposeTrainConfig(epochs=2, batch_size=6, group=2, warmup_steps=1, minutes=1)
+    tc = DecomposeTrainConfig(
+        epochs=2,
+        batch_size=6,
+        group=2,
+        warmup_steps=1,
+        minutes=1,
+        distill_weight=1.0,
+        distill_queries=3,
+        distill_list=3,
+    )
     dec, hist = train_decomposed(joint, target, tc, progress=False)
     assert hist["steps"] >= 1 and np.isfinite(hist["loss"]).all()
     assert dec.config.mode == "decomposed" and joint.config.mode == "joint"
@@ -87,6 +136,9 @@ def test_decomposition_fine_tunes_the_joint_weights():
 def test_joint_score_is_invariant_to_padding():
     torch.manual_seed(0)
     model = DeformerModel(tiny_config(use_mid=True), init_from_pretrained=False).eval()
+    with torch.no_grad():
+        model.cross_gate.fill_(0.5)
+        model.itm_head[-1].weight.normal_()
     grid, mid, states, lengths = fake_inputs(n_images=4, n_texts=4, L=8)
     padded = torch.cat([states, 100 * torch.randn(4, 12, 384)], 1)  # garbage beyond each length
     states = torch.where(torch.arange(8)[None, :, None] < lengths[:, None, None], states, 0.0)

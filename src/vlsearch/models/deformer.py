@@ -30,6 +30,21 @@ MODES = ("joint", "decomposed")
 
 
 @dataclass
+class ImageTokens:
+    """What the model reads from images: tokens [N, Ni, D] and the image tower's embedding [N, E] (or
+    None without a tower). Indexing selects images."""
+
+    tokens: torch.Tensor
+    tower: torch.Tensor | None = None
+
+    def __getitem__(self, idx) -> ImageTokens:
+        return ImageTokens(self.tokens[idx], None if self.tower is None else self.tower[idx])
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+
+@dataclass
 class DeformerConfig:
     mode: str = "joint"  # "joint" (pair scorer, ITM head) or "decomposed" (dual encoder)
     dim: int = 384
@@ -47,6 +62,15 @@ class DeformerConfig:
     # same MLP plus the scaled cosine of the jointly encoded text and image halves, projected by the
     # embedding heads: at init the joint score is a dual-encoder score of cross-attended features)
     itm_head: str = "sim+mlp"
+    # joint self-attention = softmax over the query's own modality + gate * softmax over the other one
+    # (one gate per layer and head, tanh(param), 0 at init: the joint model starts as its own
+    # decomposition and learns how much cross-modal interaction to add); False: one softmax over all
+    cross_gate: bool = True
+    global_hidden: int = 2048  # MLP width of the global image token (0: linear)
+    # image embedding = image_embed(pooled image tokens) + a Fast-style tower on the pooled grid
+    # (LayerNorm, MLP + linear skip; same layout as FastModel's, so a Fast checkpoint can initialise it)
+    image_tower: bool = True
+    image_tower_hidden: int = 2048
     # re-ranking a dual encoder's top-K with this joint model (`vlsearch eval --rerank K --rerank-model`):
     # fused = dual cosine + fusion_weight * ITM logit (t2i; fusion_weight_i2t for i2t), as for the Slow model
     fusion_weight: float = 1.0
@@ -79,7 +103,14 @@ class DeformerModel(nn.Module):
             self.mid_norm = nn.LayerNorm(4 * config.mid_dim)
             self.mid_proj = nn.Linear(4 * config.mid_dim, D)
         self.global_norm = nn.LayerNorm(2 * config.image_dim)
-        self.global_proj = nn.Linear(2 * config.image_dim, D)
+        if config.global_hidden:
+            self.global_proj = nn.Sequential(
+                nn.Linear(2 * config.image_dim, config.global_hidden),
+                nn.GELU(),
+                nn.Linear(config.global_hidden, D),
+            )
+        else:
+            self.global_proj = nn.Linear(2 * config.image_dim, D)
         self.image_pos = nn.Parameter(torch.zeros(config.n_image_tokens, D))
         self.image_type = nn.Parameter(torch.zeros(D))
         self.text_type = nn.Parameter(torch.zeros(D))  # text states already carry MiniLM positions
@@ -92,15 +123,51 @@ class DeformerModel(nn.Module):
             self.layers = nn.ModuleList(
                 TransformerLayer(D, config.heads, config.ffn) for _ in range(config.n_layers)
             )
-        # ITM head on the pooled joint output: [text CLS, mean text, mean image]
-        self.itm_head = nn.Sequential(nn.Linear(3 * D, D), nn.GELU(), nn.Linear(D, 1))
+        if config.image_tower:
+            pooled = 2 * config.image_dim
+            self.tower_norm = nn.LayerNorm(pooled)
+            self.tower_mlp = nn.Sequential(
+                nn.Linear(pooled, config.image_tower_hidden),
+                nn.GELU(),
+                nn.Linear(config.image_tower_hidden, config.embed_dim),
+            )
+            self.tower_skip = nn.Linear(pooled, config.embed_dim, bias=False)
+        self.cross_gate = nn.Parameter(torch.zeros(config.n_layers, config.heads))
+        # ITM head on the pooled joint output: [text CLS, mean text, mean image, mean text * mean image]
+        self.itm_head = nn.Sequential(nn.Linear(4 * D, D), nn.GELU(), nn.Linear(D, 1))
         # decomposed embeddings (also trained in joint mode, as the multi-task contrastive term)
         self.image_embed = nn.Linear(D, config.embed_dim)
         self.text_embed = nn.Linear(D, config.embed_dim)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / config.init_temperature)))
-        if config.itm_head == "sim+mlp":
-            nn.init.zeros_(self.itm_head[-1].weight)
+        if config.itm_head == "sim+mlp":  # start as the dual score (a small MLP term, so it gets gradient)
+            nn.init.normal_(self.itm_head[-1].weight, std=1e-3)
             nn.init.zeros_(self.itm_head[-1].bias)
+
+    def image_embedding(self, pooled: torch.Tensor, img: ImageTokens) -> torch.Tensor:
+        """Normalised image embedding from the pooled image-token output [B,D] (+ the image tower)."""
+        e = self.image_embed(pooled).float()
+        if img.tower is not None:
+            e = e + img.tower.float()
+        return F.normalize(e, dim=-1)
+
+    @torch.no_grad()
+    def init_from_fast(self, fast) -> None:
+        """Warm start from a trained FastModel: its text tower becomes the shared layers and text head,
+        its image tower this model's image tower; the image-token head starts at zero, so the decomposed
+        model starts as exactly that Fast model (and the joint one, with closed gates, as its scorer)."""
+        fc, c = fast.config, self.config
+        if (fc.text_split_layer, fc.text_layers, fc.embed_dim) != (c.split_layer, c.n_layers, c.embed_dim):
+            raise ValueError("the Fast model's text tower does not match this deformer's layers/embed_dim")
+        if not c.image_tower or fc.image_pool != "mean+max" or fc.image_hidden != c.image_tower_hidden:
+            raise ValueError("the Fast model's image tower does not match this deformer's image tower")
+        self.layers.load_state_dict(fast.text_layers.state_dict())
+        self.text_embed.load_state_dict(fast.text_proj.state_dict())
+        self.tower_norm.load_state_dict(fast.image_norm.state_dict())
+        self.tower_mlp.load_state_dict(fast.image_mlp.state_dict())
+        self.tower_skip.load_state_dict(fast.image_skip.state_dict())
+        self.logit_scale.copy_(fast.logit_scale)
+        nn.init.zeros_(self.image_embed.weight)
+        nn.init.zeros_(self.image_embed.bias)
 
     # -- mode -----------------------------------------------------------------------------------------
     @property
@@ -118,12 +185,18 @@ class DeformerModel(nn.Module):
         return self.logit_scale.exp().clamp(max=100.0)
 
     # -- tokens ---------------------------------------------------------------------------------------
-    def image_tokens(self, grid: torch.Tensor, mid: torch.Tensor | None = None) -> torch.Tensor:
-        """grid [B,49,1280] (+ mid [B,196,C]) -> [B, g*g+1, D] image tokens (global token first)."""
+    def image_tokens(self, grid: torch.Tensor, mid: torch.Tensor | None = None) -> ImageTokens:
+        """grid [B,49,1280] (+ mid [B,196,C]) -> [B, g*g+1, D] image tokens (global token first) and the
+        image tower's embedding."""
         cfg = self.config
         grid = grid.float()
         B = grid.shape[0]
-        glob = self.global_proj(self.global_norm(torch.cat([grid.mean(1), grid.amax(1)], -1)))
+        pooled = torch.cat([grid.mean(1), grid.amax(1)], -1)
+        tower = None
+        if cfg.image_tower:
+            x = self.tower_norm(pooled)
+            tower = self.tower_mlp(x) + self.tower_skip(x)
+        glob = self.global_proj(self.global_norm(pooled))
         cells = grid
         if cfg.image_grid != 7:
             g = grid.transpose(1, 2).reshape(B, -1, 7, 7)
@@ -138,7 +211,7 @@ class DeformerModel(nn.Module):
                 m = F.adaptive_avg_pool2d(m, cfg.image_grid)
             tok = tok + self.mid_proj(self.mid_norm(m.flatten(2).transpose(1, 2)))
         x = torch.cat([glob[:, None], tok], 1) + self.image_pos + self.image_type
-        return self.image_ln(x)
+        return ImageTokens(self.image_ln(x), tower)
 
     def text_tokens(self, states: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """states [B,L,384], lengths [B] -> (tokens [B,L,D], mask [B,L] True = real token)."""
@@ -151,26 +224,30 @@ class DeformerModel(nn.Module):
         return x
 
     # -- joint mode: the early-interaction pair scorer -------------------------------------------------
-    def joint_logits(
-        self, img_tok: torch.Tensor, txt_tok: torch.Tensor, txt_mask: torch.Tensor
-    ) -> torch.Tensor:
+    def joint_logits(self, img: ImageTokens, txt_tok: torch.Tensor, txt_mask: torch.Tensor) -> torch.Tensor:
         """Aligned rows of image tokens [B,Ni,D] and text tokens [B,L,D] (+ mask) -> ITM logits [B]."""
         L = txt_tok.shape[1]
-        x = torch.cat([txt_tok, img_tok.to(txt_tok.dtype)], 1)
-        mask = torch.cat([txt_mask, torch.ones(img_tok.shape[:2], dtype=torch.bool)], 1)
-        x = self.run_layers(x, mask)
+        x = torch.cat([txt_tok, img.tokens.to(txt_tok.dtype)], 1)
+        mask = torch.cat([txt_mask, torch.ones(img.tokens.shape[:2], dtype=torch.bool)], 1)
+        if self.config.cross_gate:
+            is_img = torch.arange(x.shape[1]) >= L
+            same = is_img[:, None] == is_img[None, :]  # [S,S] query and key of one modality
+            for j, layer in enumerate(self.layers):
+                x = gated_joint_layer(layer, x, mask, same, torch.tanh(self.cross_gate[j]))
+        else:
+            x = self.run_layers(x, mask)
         t, i = x[:, :L], x[:, L:]
         t_mean, i_mean = masked_mean(t, txt_mask), i.mean(1)
-        logit = self.itm_head(torch.cat([t[:, 0], t_mean, i_mean], -1)).squeeze(-1).float()
+        logit = self.itm_head(torch.cat([t[:, 0], t_mean, i_mean, t_mean * i_mean], -1)).squeeze(-1).float()
         if self.config.itm_head == "sim+mlp":
             te = F.normalize(self.text_embed(t_mean).float(), dim=-1)
-            ie = F.normalize(self.image_embed(i_mean).float(), dim=-1)
+            ie = self.image_embedding(i_mean, img)
             logit = logit + self.scale * (te * ie).sum(-1)
         return logit
 
     def joint_logits_bucketed(
         self,
-        img_tok: torch.Tensor,
+        img_tok: ImageTokens,
         states: torch.Tensor,
         lengths: torch.Tensor,
         chunk: int = 64,
@@ -197,7 +274,7 @@ class DeformerModel(nn.Module):
 
     def score_tokens_grid(
         self,
-        img_tok: torch.Tensor,
+        img_tok: ImageTokens,
         txt_tok: torch.Tensor,
         txt_mask: torch.Tensor,
         batch: int = 256,
@@ -253,8 +330,8 @@ class DeformerModel(nn.Module):
     # -- decomposed mode: the same layers on one modality at a time ------------------------------------
     def encode_image(self, grid: torch.Tensor, mid: torch.Tensor | None = None) -> torch.Tensor:
         """grid [B,49,1280] (+ mid [B,196,C]) -> [B, embed_dim] unit vectors (image stream alone)."""
-        h = self.run_layers(self.image_tokens(grid, mid), None)
-        return F.normalize(self.image_embed(h.mean(1)).float(), dim=-1)
+        img = self.image_tokens(grid, mid)
+        return self.image_embedding(self.run_layers(img.tokens, None).mean(1), img)
 
     def encode_text(self, states: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """states [B,L,384] (MiniLM after split_layer layers), lengths [B] -> [B, embed_dim] unit vectors."""
@@ -262,6 +339,32 @@ class DeformerModel(nn.Module):
         txt, mask = self.text_tokens(states[:, :L], lengths)
         h = self.run_layers(txt, mask)
         return F.normalize(self.text_embed(masked_mean(h, mask)).float(), dim=-1)
+
+
+def gated_joint_layer(
+    layer: TransformerLayer, x: torch.Tensor, mask: torch.Tensor, same: torch.Tensor, gate: torch.Tensor
+) -> torch.Tensor:
+    """One TransformerLayer over a joint image+text sequence with modality-factorised attention.
+
+    The layer's own Q/K/V/output weights; each query attends with one softmax over the keys of its own
+    modality (exactly what the layer computes on that modality alone) plus ``gate`` [heads] times a softmax
+    over the keys of the other modality. x [B,S,D], mask [B,S] (True = real token), same [S,S] bool.
+    """
+    att = layer.self_attn
+    B, S, _ = x.shape
+    H, hd = att.heads, att.head_dim
+    q = att.q(x).view(B, S, H, hd).transpose(1, 2)
+    k = att.k(x).view(B, S, H, hd).transpose(1, 2)
+    v = att.v(x).view(B, S, H, hd).transpose(1, 2)
+    scores = (q @ k.transpose(-1, -2)) / math.sqrt(hd)
+    low = torch.finfo(scores.dtype).min
+    keys = mask[:, None, None, :]
+    intra = scores.masked_fill(~(keys & same), low).softmax(-1)
+    inter = scores.masked_fill(~(keys & ~same), low).softmax(-1)
+    weights = intra + gate.to(intra.dtype)[None, :, None, None] * inter
+    ctx = (weights @ v).transpose(1, 2).reshape(B, S, -1)
+    x = att.norm(x + att.out(ctx))
+    return layer.ffn_norm(x + layer.ffn_out(F.gelu(layer.ffn_in(x))))
 
 
 # -- cost: per-query work of the two modes ---------------------------------------------------------------
@@ -302,7 +405,10 @@ def measure_query_cost(
     with torch.autocast("cpu", dtype=torch.bfloat16):
         m = min(joint_measured, max(gallery_sizes))
         reps = -(-m // n_real)
-        img_tok = joint.image_tokens(grid, mid).repeat(reps, 1, 1)[:m]
+        img = joint.image_tokens(grid, mid)
+        img_tok = ImageTokens(
+            img.tokens.repeat(reps, 1, 1)[:m], None if img.tower is None else img.tower.repeat(reps, 1)[:m]
+        )
         real_emb = torch.cat(
             [
                 decomposed.encode_image(grid[s : s + batch], None if mid is None else mid[s : s + batch])

@@ -47,12 +47,17 @@ class JointTrainConfig:
     itm_weight: float = 1.0
     contrastive_weight: float = 1.0
     lr: float = 1e-3  # new parameters (projections, embeddings, heads)
-    layer_lr: float = 1e-4  # the MiniLM-initialised transformer layers
+    layer_lr: float = 1e-5  # pretrained parameters (MiniLM layers; with init_from="fast" the Fast towers)
+    gate_lr: float = 1e-2  # the cross-modal attention gates (no weight decay)
     weight_decay: float = 0.05
     warmup_steps: int = 50
     flip: bool = True
     feature_dropout: float = 0.1
-    hard_negatives_from: str = "fast"
+    fast_model: str = "fast"  # the dual encoder that mines the hard negatives (and can warm-start)
+    # "minilm": shared layers from MiniLM, the rest fresh; "fast": warm start from the trained Fast model
+    # (its text tower = the shared layers + text head, its image tower = the image tower), so the
+    # decomposed model starts as that Fast model and the joint one adds interaction on top
+    init_from: str = "fast"
     seed: int = 0
     bf16: bool = True
 
@@ -65,6 +70,13 @@ class DecomposeTrainConfig:
     batch_size: int = 128
     group: int = 4  # images per group of mutually confusable images in a batch
     intra_weight: float = 1.0  # weight of the same-modality (bi-modal) negatives in the denominators
+    # + distill_weight * KL(joint || decomposed) over each of ``distill_queries`` captions' lists of
+    # ``distill_list`` images (its own and the most confusable ones): the decomposition learns to rank
+    # like the joint model it came from. 0 = the paper's contrastive-only decomposition.
+    distill_weight: float = 0.0
+    distill_queries: int = 16
+    distill_list: int = 8
+    distill_temperature: float = 1.0
     lr: float = 2e-4
     layer_lr: float = 2e-5
     weight_decay: float = 0.05
@@ -86,11 +98,27 @@ def _lr_factor(step: int, warmup: int, progress: float) -> float:
     return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def _optimizer(model: DeformerModel, lr: float, layer_lr: float, wd: float) -> torch.optim.AdamW:
-    layers = [p for n, p in model.named_parameters() if n.startswith("layers.")]
-    other = [p for n, p in model.named_parameters() if not n.startswith("layers.")]
+# parameters that come pretrained: MiniLM's layers, and with a Fast warm start its towers too
+PRETRAINED = ("layers.",)
+FROM_FAST = ("layers.", "text_embed.", "tower_", "logit_scale")
+
+
+def _optimizer(
+    model: DeformerModel, lr: float, layer_lr: float, wd: float, pretrained=PRETRAINED, gate_lr=None
+) -> torch.optim.AdamW:
+    """Pretrained parameters (names starting with ``pretrained``) at ``layer_lr``, the cross-modal gates
+    at ``gate_lr`` (default ``lr``) without weight decay, the rest at ``lr``."""
+    named = list(model.named_parameters())
+    old = [p for n, p in named if n.startswith(pretrained)]
+    gates = [p for n, p in named if n == "cross_gate"]
+    new = [p for n, p in named if not n.startswith(pretrained) and n != "cross_gate"]
+    g_lr = lr if gate_lr is None else gate_lr
     return torch.optim.AdamW(
-        [{"params": other, "lr": lr, "base": lr}, {"params": layers, "lr": layer_lr, "base": layer_lr}],
+        [
+            {"params": new, "lr": lr, "base": lr},
+            {"params": old, "lr": layer_lr, "base": layer_lr},
+            {"params": gates, "lr": g_lr, "base": g_lr, "weight_decay": 0.0},
+        ],
         weight_decay=wd,
     )
 
@@ -150,13 +178,15 @@ def _fmt(m: dict) -> str:
     return f"t2i R@1 {m['t2i']['r1']:.1f} i2t R@1 {m['i2t']['r1']:.1f} mean recall {m['mean_recall']:.2f}"
 
 
-def fast_hard_negatives(name: str, feats: DatasetFeatures, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Hard negatives of a trained dual encoder (default: the named model ``fast``) on these features."""
-    from vlsearch.models.registry import load_model
+def fast_hard_negatives(fast, feats: DatasetFeatures, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Hard negatives of a trained dual encoder (a model, or a name such as ``fast``) on these features."""
     from vlsearch.training.mining import mine_hard_negatives
 
-    model, _, _ = load_model(name)
-    return mine_hard_negatives(model, feats, k)
+    if isinstance(fast, str):
+        from vlsearch.models.registry import load_model
+
+        fast = load_model(fast)[0]
+    return mine_hard_negatives(fast, feats, k)
 
 
 # -- stage 1: the joint model ------------------------------------------------------------------------------
@@ -168,8 +198,10 @@ def train_joint(
     dev: DatasetFeatures | None = None,
     progress: bool = True,
     log=print,
+    fast=None,
 ) -> tuple[DeformerModel, dict]:
-    """``hard`` = (neg_images_per_caption [M,k], neg_captions_per_image [N,k]) on ``train``, best first."""
+    """``hard`` = (neg_images_per_caption [M,k], neg_captions_per_image [N,k]) on ``train``, best first;
+    ``fast``: the FastModel to warm-start from when ``tc.init_from == "fast"``."""
     config = config or DeformerConfig()
     tc = tc or JointTrainConfig()
     config.mode = "joint"
@@ -177,7 +209,14 @@ def train_joint(
     gen = torch.Generator().manual_seed(tc.seed)
     rng = np.random.default_rng(tc.seed)
     model = DeformerModel(config)
-    opt = _optimizer(model, tc.lr, tc.layer_lr, tc.weight_decay)
+    if tc.init_from == "fast":
+        if fast is None:
+            raise ValueError("init_from='fast' needs the trained Fast model")
+        model.init_from_fast(fast)
+    elif tc.init_from != "minilm":
+        raise ValueError(f"init_from must be 'minilm' or 'fast', not {tc.init_from!r}")
+    warm = FROM_FAST if tc.init_from == "fast" else PRETRAINED
+    opt = _optimizer(model, tc.lr, tc.layer_lr, tc.weight_decay, warm, tc.gate_lr)
     neg_img = torch.from_numpy(np.asarray(hard[0])[:, : tc.mine_k])
     neg_cap = torch.from_numpy(np.asarray(hard[1])[:, : tc.mine_k])
     caps_of = captions_of_images(train.caption_image, train.n_images)
@@ -223,8 +262,8 @@ def train_joint(
                 # (a) contrastive on the separately run streams
                 loss = torch.zeros(())
                 if tc.contrastive_weight:
-                    h = model.run_layers(img_tok[where[imgs]], None)
-                    im = F.normalize(model.image_embed(h.mean(1)).float(), dim=-1)
+                    own = img_tok[where[imgs]]
+                    im = model.image_embedding(model.run_layers(own.tokens, None).mean(1), own)
                     tx = model.encode_text(train.states[caps], train.lengths[caps])
                     same = imgs[:, None] == imgs[None, :]
                     loss = loss + tc.contrastive_weight * info_nce(im, tx.float(), model.scale, same)
@@ -334,6 +373,33 @@ def _image_neighbours(img: np.ndarray, k: int) -> np.ndarray:
     return sim.topk(min(k, len(img) - 1), dim=1).indices.numpy()
 
 
+def _distill_lists(model, joint, target, imgs, caps, tx, neighbours, tc) -> torch.Tensor:
+    """KL(joint || decomposed) over the first captions' image lists (own image + nearest neighbours)."""
+    q = min(tc.distill_queries, len(imgs))
+    n = min(tc.distill_list, neighbours.shape[1] + 1)
+    own = imgs[:q]
+    lists = torch.cat([own[:, None], torch.from_numpy(neighbours[own.numpy(), : n - 1])], 1)  # [q, n]
+    flat = lists.reshape(-1)
+    grid = target.grid[flat].float()
+    mid = target.mid[flat].float() if model.config.use_mid else None
+    rows = caps[:q].repeat_interleave(n)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=tc.bf16):
+        teacher = joint.joint_logits_bucketed(
+            joint.image_tokens(grid, mid), target.states[rows], target.lengths[rows]
+        ).view(q, n)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=tc.bf16):
+        e_img = model.encode_image(grid, mid).float().view(q, n, -1)
+    student = model.scale * (tx[:q, None, :] * e_img).sum(-1)
+    T = tc.distill_temperature
+    kl = F.kl_div(
+        F.log_softmax(student / T, -1),
+        F.log_softmax(teacher.float() / T, -1),
+        log_target=True,
+        reduction="batchmean",
+    )
+    return kl * T * T
+
+
 def train_decomposed(
     joint: DeformerModel,
     target: DatasetFeatures,
@@ -347,8 +413,9 @@ def train_decomposed(
     torch.manual_seed(tc.seed)
     gen = torch.Generator().manual_seed(tc.seed)
     rng = np.random.default_rng(tc.seed)
+    joint = joint.eval()
     model = copy.deepcopy(joint).set_mode("decomposed")
-    opt = _optimizer(model, tc.lr, tc.layer_lr, tc.weight_decay)
+    opt = _optimizer(model, tc.lr, tc.layer_lr, tc.weight_decay, FROM_FAST)
     caps_of = captions_of_images(target.caption_image, target.n_images)
     pool = np.array([i for i, c in enumerate(caps_of) if c])
     steps_per_epoch = max(1, len(pool) // tc.batch_size)
@@ -366,7 +433,7 @@ def train_decomposed(
     step, done = 0, False
     for epoch in range(tc.epochs):
         img_emb, _ = embed_decomposed(model, target)  # hard negatives: re-mined by the model itself
-        neighbours = _image_neighbours(img_emb, 2 * tc.group)
+        neighbours = _image_neighbours(img_emb, max(2 * tc.group, tc.distill_list))
         model.train()
         for imgs in _grouped_batches(neighbours, pool, tc.batch_size, tc.group, rng):
             frac = _progress(step, total, t0, budget)
@@ -382,6 +449,10 @@ def train_decomposed(
                 tx = model.encode_text(target.states[caps], target.lengths[caps])
             same = imgs[:, None] == imgs[None, :]
             loss = bimodal_contrastive(im.float(), tx.float(), model.scale, same, tc.intra_weight)
+            if tc.distill_weight:
+                loss = loss + tc.distill_weight * _distill_lists(
+                    model, joint, target, imgs, caps, tx.float(), neighbours, tc
+                )
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
@@ -434,14 +505,20 @@ def train_joint_from_args(args, extra: dict | None = None, config: DeformerConfi
     config = config or DeformerConfig()
     log = (lambda *a, **k: None) if args.quiet else print
     train, dev = _load(args, config.use_mid)
+    from vlsearch.models.registry import load_model
+
     t0 = time.time()
-    hard = fast_hard_negatives(tc.hard_negatives_from, train, tc.mine_k)
+    fast, _, fast_path = load_model(tc.fast_model)
+    hard = fast_hard_negatives(fast, train, tc.mine_k)
     log(
-        f"mined {hard[0].shape[1]} hard negatives per caption with {tc.hard_negatives_from!r} ({time.time() - t0:.0f}s)"
+        f"mined {hard[0].shape[1]} hard negatives per caption with {tc.fast_model!r} ({time.time() - t0:.0f}s)"
     )
-    model, history = train_joint(train, hard, config, tc, dev=dev, progress=not args.quiet, log=log)
+    model, history = train_joint(
+        train, hard, config, tc, dev=dev, progress=not args.quiet, log=log, fast=fast
+    )
     meta = {
         "train": asdict(tc),
+        "fast": str(fast_path),
         "data_root": str(args.data_root or "default"),
         "dev": history["dev"][-1:] or None,
         "steps": history["steps"],
