@@ -101,10 +101,11 @@ def run(
     """engine_parts: (embedder, model name, model fingerprint). Returns latency/recall/index sections."""
     embedder, model_name, fingerprint = engine_parts
     n_fast = 8 if quick else 200
-    n_rerank = 2 if quick else 40
+    n_rerank = 2 if quick else 30
     rerank_ks = RERANK_KS[:2] if quick else RERANK_KS
     warmup = 1 if quick else 2
-    budget = 5.0 if quick else 20.0  # seconds per latency measurement (at least 5 queries each)
+    budget = 5.0 if quick else 15.0  # seconds per latency measurement (at least 5 queries each)
+    rerank_budget = 5.0 if quick else 8.0
     n_recall = min(100 if quick else 1000, len(data.query_embeddings))
     n_slow_alone = 2 if quick else 3
     texts = data.captions(max(n_fast, n_rerank))
@@ -245,7 +246,7 @@ def run(
                         lambda t, K=K, e=engine: _cold(e).search(t, k=10, rerank=K),
                         texts[:n_rerank],
                         warmup,
-                        budget,
+                        rerank_budget,
                     )
                     pair_ms = floors.flop_ms(K * (slow_pair_gflops or 0) * 1e9)
                     rows.append(
