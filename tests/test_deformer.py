@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -238,7 +239,9 @@ def tiny_deformers(tiny_fast_checkpoint, mini_flickr, tmp_path_factory):
     return joint, dec
 
 
-def test_tiny_decomposed_model_plugs_into_index_and_search(tiny_deformers, mini_flickr, tmp_path, capsys):
+def test_tiny_decomposed_model_plugs_into_index_and_search(
+    tiny_deformers, tiny_fast_checkpoint, mini_flickr, tmp_path, capsys
+):
     import vlsearch
     from vlsearch.index.build import build_index
     from vlsearch.index.gallery import GalleryIndex
@@ -247,7 +250,9 @@ def test_tiny_decomposed_model_plugs_into_index_and_search(tiny_deformers, mini_
     out = tmp_path / "idx"
     build_index(out, mini_flickr, "dev", model=str(dec), progress=False)
     idx = GalleryIndex.open(out)
-    assert idx.config.model_type == "deformer" and idx.config.dim == 64 and idx.config.n_images == 40
+    # the warm start from the Fast model fixes the embedding size to the Fast model's (not the config's 64)
+    fast_dim = json.loads((Path(tiny_fast_checkpoint) / "config.json").read_text())["config"]["embed_dim"]
+    assert idx.config.model_type == "deformer" and idx.config.dim == fast_dim and idx.config.n_images == 40
     engine = vlsearch.load(out)
     res = engine.search("a dog runs through the grass", k=5)
     assert len(res.hits) == 5 and res.hits[0].score >= res.hits[-1].score

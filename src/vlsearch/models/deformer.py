@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -83,6 +83,18 @@ class DeformerConfig:
             raise VLSearchError(f"deformer mode must be one of {MODES}, not {self.mode!r}")
         if self.itm_head not in ("mlp", "sim+mlp"):
             raise VLSearchError(f"deformer itm_head must be 'mlp' or 'sim+mlp', not {self.itm_head!r}")
+
+    def aligned_with_fast(self, fast_config) -> DeformerConfig:
+        """This config with the text layers, embedding size and image tower of a Fast model, so
+        ``init_from_fast`` can copy its weights (a warm start fixes these shapes)."""
+        return replace(
+            self,
+            split_layer=fast_config.text_split_layer,
+            n_layers=fast_config.text_layers,
+            embed_dim=fast_config.embed_dim,
+            image_tower=True,
+            image_tower_hidden=fast_config.image_hidden,
+        )
 
     @property
     def n_image_tokens(self) -> int:

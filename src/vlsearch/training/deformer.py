@@ -208,10 +208,15 @@ def train_joint(
     torch.manual_seed(tc.seed)
     gen = torch.Generator().manual_seed(tc.seed)
     rng = np.random.default_rng(tc.seed)
-    model = DeformerModel(config)
     if tc.init_from == "fast":
         if fast is None:
             raise ValueError("init_from='fast' needs the trained Fast model")
+        aligned = config.aligned_with_fast(fast.config)
+        if aligned != config:
+            log("warm start from the Fast model: text layers, embed_dim and image tower follow its config")
+        config = aligned
+    model = DeformerModel(config)
+    if tc.init_from == "fast":
         model.init_from_fast(fast)
     elif tc.init_from != "minilm":
         raise ValueError(f"init_from must be 'minilm' or 'fast', not {tc.init_from!r}")
