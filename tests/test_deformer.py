@@ -229,7 +229,14 @@ def tiny_deformers(tiny_fast_checkpoint, mini_flickr, tmp_path_factory):
     small = DeformerConfig(n_layers=1, image_grid=2, embed_dim=64)
     joint = training.train_joint_from_args(
         args,
-        extra={"batch_size": 16, "itm_queries": 4, "itm_hard": 2, "mine_k": 5, "warmup_steps": 1},
+        extra={
+            "batch_size": 16,
+            "itm_queries": 4,
+            "itm_hard": 2,
+            "mine_k": 5,
+            "warmup_steps": 1,
+            "fast_model": "fast",
+        },
         config=small,
     )
     args.out, args.subset = str(out / "dec"), 0.5
@@ -281,3 +288,18 @@ def test_eval_joint_and_rerank(tiny_deformers, mini_flickr, capsys):
     assert main([*argv, "--rerank", "3", "--rerank-model", str(joint)]) == 0
     res = json.loads(capsys.readouterr().out)
     assert res["rerank"] == 3 and res["t2i"]["r10"] == 100.0
+
+
+def test_joint_training_with_frozen_streams_keeps_the_fast_model(tiny_deformers, tiny_fast_checkpoint):
+    """The joint model adds interaction on top of its warm start: run apart, it is still that Fast model."""
+    from vlsearch.models.registry import load_model
+
+    joint = load_model(tiny_deformers[0])[0].set_mode("decomposed").eval()
+    fast = load_model(tiny_fast_checkpoint)[0].eval()
+    grid, _, states, lengths = fake_inputs(n_images=4, n_texts=4)
+    with torch.no_grad():
+        assert torch.allclose(joint.encode_image(grid), fast.encode_image(grid), atol=1e-4)
+        assert torch.allclose(
+            joint.encode_text(states, lengths), fast.encode_text(states, lengths), atol=1e-4
+        )
+        assert torch.tanh(joint.cross_gate).abs().max() > 0  # while the interaction did train

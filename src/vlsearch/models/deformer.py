@@ -55,7 +55,7 @@ class DeformerConfig:
     image_dim: int = 1280
     mid_dim: int = 112
     use_mid: bool = False  # fold the 14x14 map (2x2 space-to-depth) onto the 7x7 cells
-    image_grid: int = 7  # image tokens per side (adaptive average pool of the 7x7 map); + 1 global token
+    image_grid: int = 4  # image tokens per side (adaptive average pool of the 7x7 map); + 1 global token
     embed_dim: int = 256  # decomposed embedding size
     init_temperature: float = 0.05
     # ITM head: "mlp" (MLP on [text CLS, mean text, mean image] of the joint output) or "sim+mlp" (the
