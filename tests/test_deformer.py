@@ -132,6 +132,13 @@ def test_decomposition_fine_tunes_the_joint_weights():
     assert dec.state_dict().keys() == joint.state_dict().keys()
     changed = [k for k, v in dec.state_dict().items() if not torch.equal(v, joint.state_dict()[k])]
     assert any(k.startswith("layers.") for k in changed)
+    # with a dev set, the decomposition keeps its best dev state (epoch 0 = the joint model's own streams)
+    from vlsearch.training.deformer import decomposed_metrics
+
+    dec, hist = train_decomposed(joint, target, tc, dev=target, progress=False, log=lambda *a: None)
+    best = max(hist["dev"], key=lambda d: d["mean_recall"])
+    assert hist["best_epoch"] == best["epoch"]
+    assert decomposed_metrics(dec, target)["mean_recall"] == pytest.approx(best["mean_recall"], abs=0.01)
 
 
 def test_joint_score_is_invariant_to_padding():

@@ -438,9 +438,11 @@ def train_decomposed(
     total = steps_per_epoch * tc.epochs
     budget = 60 * tc.minutes
     history: dict = {"loss": [], "dev": []}
+    best = None  # (dev mean recall, epoch, weights): the decomposition keeps its best dev state
     if dev is not None:
         m = decomposed_metrics(model, dev)
         history["dev"].append({"epoch": 0, **m})
+        best = (m["mean_recall"], 0, copy.deepcopy(model.state_dict()))
         log(f"decomposed before fine-tuning: dev {_fmt(m)}")
     bar = tqdm(
         total=total, desc="decompose deformer", disable=not progress, file=sys.stderr, dynamic_ncols=True
@@ -481,9 +483,15 @@ def train_decomposed(
             m = decomposed_metrics(model, dev)
             history["dev"].append({"epoch": epoch + 1, "step": step, **m})
             log(f"epoch {epoch + 1} step {step}: dev {_fmt(m)} ({time.time() - t0:.0f}s)")
+            if m["mean_recall"] > best[0]:
+                best = (m["mean_recall"], epoch + 1, copy.deepcopy(model.state_dict()))
         if done:
             break
     bar.close()
+    if best is not None:
+        model.load_state_dict(best[2])
+        history["best_epoch"] = best[1]
+        log(f"kept the best dev state: epoch {best[1]} (mean recall {best[0]:.2f})")
     history["steps"] = step
     history["train_seconds"] = time.time() - t0
     return model.eval(), history
@@ -568,7 +576,8 @@ def train_decomposed_from_args(args, extra: dict | None = None, joint: str | Non
         "joint": str(joint_path),
         "data_root": str(args.data_root or "default"),
         "subset_images": target.n_images,
-        "dev": history["dev"][-1:] or None,
+        "dev": [d for d in history["dev"] if d["epoch"] == history.get("best_epoch")] or None,
+        "best_epoch": history.get("best_epoch"),
         "steps": history["steps"],
         "train_seconds": history["train_seconds"],
     }
