@@ -215,7 +215,7 @@ def test_cost_helper_on_synthetic_gallery():
     assert [r["gallery"] for r in rows] == [20, 200]
     assert not rows[0]["joint_extrapolated"] and rows[1]["joint_extrapolated"]
     assert rows[1]["joint_ms_per_query"] == pytest.approx(10 * rows[0]["joint_ms_per_query"])
-    assert all(r["speedup"] > 0 for r in rows)
+    assert all(r["speedup"] > 0 and r["speedup_batched"] > 0 for r in rows)
 
 
 @pytest.fixture(scope="module")

@@ -578,6 +578,7 @@ def train_decomposed_from_args(args, extra: dict | None = None, joint: str | Non
         "subset_images": target.n_images,
         "dev": [d for d in history["dev"] if d["epoch"] == history.get("best_epoch")] or None,
         "best_epoch": history.get("best_epoch"),
+        "dev_history": history["dev"],  # every evaluated epoch: what the fine-tuning did, kept or not
         "steps": history["steps"],
         "train_seconds": history["train_seconds"],
     }
