@@ -10,9 +10,12 @@ import pytest
 from vlsearch.cli import main
 
 
-def test_bench_quick_writes_json_plot_and_table(tiny_fast_checkpoint, mini_flickr, tmp_path, capsys):
+def test_bench_quick_writes_json_plot_and_table(
+    tiny_fast_checkpoint, mini_flickr, tmp_path, capsys, monkeypatch
+):
+    monkeypatch.chdir(tmp_path)  # a relative --out, as `make bench` passes
     out = tmp_path / "bench"
-    code = main(["bench", "--quick", "--out", str(out), "--data-root", str(mini_flickr), "--sizes", "60,300"])
+    code = main(["bench", "--quick", "--out", "bench", "--data-root", str(mini_flickr), "--sizes", "60,300"])
     assert code == 0
     printed = capsys.readouterr().out
     assert "### Query latency" in printed and "CLIP ViT-B/32" in printed

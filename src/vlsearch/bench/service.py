@@ -28,6 +28,7 @@ def serving_folder(gallery: Path, kind: str, out: Path) -> Path:
     from vlsearch.index.gallery import GalleryIndex
 
     out.mkdir(parents=True, exist_ok=True)
+    gallery = gallery.resolve()  # symlink targets must not be relative to the caller's working directory
     for name in ("meta.sqlite", "embeddings.npy"):
         (out / name).symlink_to(gallery / name)
     src = gallery / ("images.faiss" if kind == "flat" else f"images.{kind}.faiss")
