@@ -24,7 +24,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vlsearch.models.layers import TransformerLayer, masked_mean, minilm_upper_layers
+from vlsearch.models.layers import (
+    TransformerLayer,
+    image_tower,
+    masked_mean,
+    mean_max_pool,
+    minilm_upper_layers,
+)
 
 MODES = ("joint", "decomposed")
 
@@ -136,14 +142,9 @@ class DeformerModel(nn.Module):
                 TransformerLayer(D, config.heads, config.ffn) for _ in range(config.n_layers)
             )
         if config.image_tower:
-            pooled = 2 * config.image_dim
-            self.tower_norm = nn.LayerNorm(pooled)
-            self.tower_mlp = nn.Sequential(
-                nn.Linear(pooled, config.image_tower_hidden),
-                nn.GELU(),
-                nn.Linear(config.image_tower_hidden, config.embed_dim),
+            self.tower_norm, self.tower_mlp, self.tower_skip = image_tower(
+                2 * config.image_dim, config.image_tower_hidden, config.embed_dim
             )
-            self.tower_skip = nn.Linear(pooled, config.embed_dim, bias=False)
         self.cross_gate = nn.Parameter(torch.zeros(config.n_layers, config.heads))
         # ITM head on the pooled joint output: [text CLS, mean text, mean image, mean text * mean image]
         self.itm_head = nn.Sequential(nn.Linear(4 * D, D), nn.GELU(), nn.Linear(D, 1))
@@ -203,7 +204,7 @@ class DeformerModel(nn.Module):
         cfg = self.config
         grid = grid.float()
         B = grid.shape[0]
-        pooled = torch.cat([grid.mean(1), grid.amax(1)], -1)
+        pooled = mean_max_pool(grid)
         tower = None
         if cfg.image_tower:
             x = self.tower_norm(pooled)
@@ -363,20 +364,13 @@ def gated_joint_layer(
     over the keys of the other modality. x [B,S,D], mask [B,S] (True = real token), same [S,S] bool.
     """
     att = layer.self_attn
-    B, S, _ = x.shape
-    H, hd = att.heads, att.head_dim
-    q = att.q(x).view(B, S, H, hd).transpose(1, 2)
-    k = att.k(x).view(B, S, H, hd).transpose(1, 2)
-    v = att.v(x).view(B, S, H, hd).transpose(1, 2)
-    scores = (q @ k.transpose(-1, -2)) / math.sqrt(hd)
+    scores, v = att.scores_values(x, x)
     low = torch.finfo(scores.dtype).min
     keys = mask[:, None, None, :]
     intra = scores.masked_fill(~(keys & same), low).softmax(-1)
     inter = scores.masked_fill(~(keys & ~same), low).softmax(-1)
     weights = intra + gate.to(intra.dtype)[None, :, None, None] * inter
-    ctx = (weights @ v).transpose(1, 2).reshape(B, S, -1)
-    x = att.norm(x + att.out(ctx))
-    return layer.ffn_norm(x + layer.ffn_out(F.gelu(layer.ffn_in(x))))
+    return layer.feed_forward(att.merge(x, weights @ v))
 
 
 # -- cost: per-query work of the two modes ---------------------------------------------------------------

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vlsearch.models.layers import masked_mean, minilm_upper_layers
+from vlsearch.models.layers import image_tower, masked_mean, mean_max_pool, minilm_upper_layers
 
 
 @dataclass
@@ -35,13 +35,9 @@ class FastModel(nn.Module):
         super().__init__()
         self.config = config
         pooled = config.image_dim * (2 if config.image_pool == "mean+max" else 1)
-        self.image_norm = nn.LayerNorm(pooled)
-        self.image_mlp = nn.Sequential(
-            nn.Linear(pooled, config.image_hidden),
-            nn.GELU(),
-            nn.Linear(config.image_hidden, config.embed_dim),
+        self.image_norm, self.image_mlp, self.image_skip = image_tower(
+            pooled, config.image_hidden, config.embed_dim
         )
-        self.image_skip = nn.Linear(pooled, config.embed_dim, bias=False)
         if init_from_pretrained:
             self.text_layers = minilm_upper_layers(config.text_split_layer, config.text_layers)
         else:
@@ -56,7 +52,7 @@ class FastModel(nn.Module):
     def pool_image(self, grid: torch.Tensor) -> torch.Tensor:
         grid = grid.float()
         if self.config.image_pool == "mean+max":
-            return torch.cat([grid.mean(1), grid.amax(1)], dim=-1)
+            return mean_max_pool(grid)
         return grid.mean(1)
 
     def encode_image(self, grid: torch.Tensor, mid: torch.Tensor | None = None) -> torch.Tensor:

@@ -26,21 +26,30 @@ class Attention(nn.Module):
         self.last_weights: torch.Tensor | None = None
         self.keep_weights = False
 
-    def forward(self, x: torch.Tensor, kv: torch.Tensor, kv_mask: torch.Tensor | None) -> torch.Tensor:
-        """x [B,Lq,D], kv [B,Lk,Dkv], kv_mask [B,Lk] bool (True = attend). Post-LN residual, as BERT."""
+    def scores_values(self, x: torch.Tensor, kv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scaled per-head scores [B,H,Lq,Lk] of queries x [B,Lq,D] on keys kv [B,Lk,Dkv], and the values
+        [B,H,Lk,hd]: the part every attention variant shares (the deformer's gated one too)."""
         B, Lq, _ = x.shape
         Lk = kv.shape[1]
         q = self.q(x).view(B, Lq, self.heads, self.head_dim).transpose(1, 2)
         k = self.k(kv).view(B, Lk, self.heads, self.head_dim).transpose(1, 2)
         v = self.v(kv).view(B, Lk, self.heads, self.head_dim).transpose(1, 2)
-        scores = (q @ k.transpose(-1, -2)) / math.sqrt(self.head_dim)
+        return (q @ k.transpose(-1, -2)) / math.sqrt(self.head_dim), v
+
+    def merge(self, x: torch.Tensor, ctx: torch.Tensor) -> torch.Tensor:
+        """Per-head context ctx [B,H,Lq,hd] -> output projection + post-LN residual with x [B,Lq,D]."""
+        B, _, Lq, _ = ctx.shape
+        return self.norm(x + self.out(ctx.transpose(1, 2).reshape(B, Lq, -1)))
+
+    def forward(self, x: torch.Tensor, kv: torch.Tensor, kv_mask: torch.Tensor | None) -> torch.Tensor:
+        """x [B,Lq,D], kv [B,Lk,Dkv], kv_mask [B,Lk] bool (True = attend). Post-LN residual, as BERT."""
+        scores, v = self.scores_values(x, kv)
         if kv_mask is not None:
             scores = scores.masked_fill(~kv_mask[:, None, None, :], torch.finfo(scores.dtype).min)
         weights = scores.softmax(-1)
         if self.keep_weights:
             self.last_weights = weights.detach()
-        ctx = (weights @ v).transpose(1, 2).reshape(B, Lq, -1)
-        return self.norm(x + self.out(ctx))
+        return self.merge(x, weights @ v)
 
 
 class TransformerLayer(nn.Module):
@@ -58,6 +67,10 @@ class TransformerLayer(nn.Module):
         x = self.self_attn(x, x, mask)
         if self.cross_attn is not None and cross is not None:
             x = self.cross_attn(x, cross, cross_mask)
+        return self.feed_forward(x)
+
+    def feed_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The feed-forward block with its post-LN residual (after whatever attention ran)."""
         return self.ffn_norm(x + self.ffn_out(F.gelu(self.ffn_in(x))))
 
     @torch.no_grad()
@@ -96,6 +109,18 @@ def minilm_upper_layers(split_layer: int, n_layers: int, cross_dim: int | None =
             layer.load_bert_layer(bert.encoder.layer[src])
         layers.append(layer)
     return layers
+
+
+def mean_max_pool(grid: torch.Tensor) -> torch.Tensor:
+    """[B, cells, C] -> [B, 2C]: mean and max over the image's grid cells."""
+    return torch.cat([grid.mean(1), grid.amax(1)], dim=-1)
+
+
+def image_tower(in_dim: int, hidden: int, out_dim: int) -> tuple[nn.LayerNorm, nn.Sequential, nn.Linear]:
+    """The Fast image tower's modules: LayerNorm, MLP and a linear skip; embedding = mlp(x) + skip(x)
+    with x = norm(pooled). The deformer builds its own from here too, so a Fast checkpoint fits it."""
+    mlp = nn.Sequential(nn.Linear(in_dim, hidden), nn.GELU(), nn.Linear(hidden, out_dim))
+    return nn.LayerNorm(in_dim), mlp, nn.Linear(in_dim, out_dim, bias=False)
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

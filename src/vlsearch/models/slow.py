@@ -24,7 +24,6 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from vlsearch.models.layers import Attention, TransformerLayer, minilm_upper_layers
@@ -141,7 +140,7 @@ class SlowModel(nn.Module):
         mask = torch.arange(L)[None, :] < lengths[:, None]
         first = self.layers[0]
         h = first.self_attn(states.float(), states.float(), mask)
-        h = first.ffn_norm(h + first.ffn_out(F.gelu(first.ffn_in(h))))
+        h = first.feed_forward(h)
         ca = first.cross_attn
         q = ca.q(h).view(T, L, ca.heads, ca.head_dim).transpose(1, 2)
         return TextState(h, mask, q)
@@ -187,7 +186,7 @@ class SlowModel(nn.Module):
         image-major over NI images x T texts; else pair p uses image ``image_index[p]``."""
         P, L = mask.shape
         ca = self.layers[0].cross_attn
-        h = ca.norm(h0 + ca.out(ctx.transpose(1, 2).reshape(P, L, -1).to(h0.dtype)))
+        h = ca.merge(h0, ctx.to(h0.dtype))
         n = len(self.layers)
         for j in range(1, n):
             layer = self.layers[j]
@@ -199,7 +198,7 @@ class SlowModel(nn.Module):
             qq = sa.q(x).view(P, Lq, sa.heads, sa.head_dim).transpose(1, 2)
             att = (qq @ kk.transpose(-1, -2)) / math.sqrt(sa.head_dim)
             att = att.masked_fill(~mask[:, None, None, :], torch.finfo(att.dtype).min).softmax(-1)
-            x = sa.norm(x + sa.out((att @ vv).transpose(1, 2).reshape(P, Lq, -1)))
+            x = sa.merge(x, att @ vv)
             cx = layer.cross_attn
             q = cx.q(x).view(P, Lq, cx.heads, cx.head_dim).transpose(1, 2)  # [P,H,Lq,hd]
             k, v = kv[j]
@@ -211,8 +210,7 @@ class SlowModel(nn.Module):
                 c = c.view(NI, H, T, Lq, hd).permute(0, 2, 1, 3, 4).reshape(P, H, Lq, hd)
             else:
                 c, _ = _attend(q, k.index_select(0, image_index), v.index_select(0, image_index))
-            x = cx.norm(x + cx.out(c.transpose(1, 2).reshape(P, Lq, -1).to(x.dtype)))
-            h = layer.ffn_norm(x + layer.ffn_out(F.gelu(layer.ffn_in(x))))
+            h = layer.feed_forward(cx.merge(x, c.to(x.dtype)))
         return self.head(h[:, 0]).squeeze(-1).float()
 
     def forward(

@@ -107,6 +107,8 @@ def _lr_factor(step: int, warmup: int, progress: float) -> float:
 # parameters that come pretrained: MiniLM's layers, and with a Fast warm start its towers too
 PRETRAINED = ("layers.",)
 FROM_FAST = ("layers.", "text_embed.", "tower_", "logit_scale")
+# what the separately run streams read: frozen with ``freeze_streams`` (image_embed starts at zero)
+STREAMS = (*FROM_FAST, "image_embed.", "text_type")
 
 
 def _optimizer(
@@ -230,7 +232,7 @@ def train_joint(
     frozen = tc.init_from == "fast" and tc.freeze_streams
     if frozen:
         for name, p in model.named_parameters():
-            p.requires_grad_(not name.startswith((*FROM_FAST, "image_embed.", "text_type")))
+            p.requires_grad_(not name.startswith(STREAMS))
     opt = _optimizer(model, tc.lr, tc.layer_lr, tc.weight_decay, warm, tc.gate_lr)
     neg_img = torch.from_numpy(np.asarray(hard[0])[:, : tc.mine_k])
     neg_cap = torch.from_numpy(np.asarray(hard[1])[:, : tc.mine_k])
