@@ -119,6 +119,53 @@ def test_index_round_trip_search_and_add(tiny_fast_checkpoint, mini_flickr, tmp_
     assert len(payload["results"]) == 3
 
 
+def test_concurrent_adds_lose_nothing(tiny_fast_checkpoint, mini_flickr, tmp_path, monkeypatch):
+    """Two adds racing on one index (`index --add` against the service's POST /images): the second
+    reads the index only after the first has swapped its images in, so both sets land."""
+    import threading
+
+    from vlsearch.index import build
+    from vlsearch.index.gallery import GalleryIndex
+
+    out = tmp_path / "idx"
+    build.build_index(out, mini_flickr, "dev", progress=False)
+    train = sorted((mini_flickr / "Flickr8k_text" / "Flickr_8k.trainImages.txt").read_text().split())
+    folders = []
+    for n, names in enumerate((train[:3], train[3:6])):
+        folder = tmp_path / f"new{n}"
+        folder.mkdir()
+        for name in names:
+            (folder / name).symlink_to(mini_flickr / "Flicker8k_Dataset" / name)
+        folders.append(folder)
+    build.add_to_index(out, folders[0], progress=False)  # warm the caches: only the race below is timed
+    shutil.rmtree(out)
+    build.build_index(out, mini_flickr, "dev", progress=False)
+
+    first_writing = threading.Event()
+    real_write = build.write_gallery
+
+    def slow_write(*args, **kwargs):  # the first writer sits between its read and its swap
+        if threading.current_thread().name == "first":
+            first_writing.set()
+            threading.Event().wait(1.5)
+        return real_write(*args, **kwargs)
+
+    monkeypatch.setattr(build, "write_gallery", slow_write)
+    added = {}
+
+    def add(n):
+        added[n] = build.add_to_index(out, folders[n], progress=False)[0]
+
+    first = threading.Thread(target=add, args=(0,), name="first")
+    first.start()
+    assert first_writing.wait(60)
+    add(1)
+    first.join()
+    assert added == {0: 3, 1: 3}
+    index = GalleryIndex.open(out)
+    assert len(index.images) == 46 and {r.id for r in build.read_records(index)} >= set(train[:6])
+
+
 def test_bad_queries_and_corrupt_index(tiny_fast_checkpoint, mini_flickr, tmp_path, capsys):
     import vlsearch
     from vlsearch.index.build import build_index

@@ -17,6 +17,7 @@ from vlsearch.index.gallery import (
     read_captions,
     read_records,
     write_gallery,
+    write_lock,
 )
 from vlsearch.models.registry import fingerprint, load_model
 from vlsearch.search.embedder import Embedder
@@ -81,57 +82,83 @@ def build_index(
 def add_to_index(index_dir: str | Path, items, progress: bool = True) -> tuple[int, ImageReport]:
     """Add images (a folder or a list of files) to an index without re-embedding what it holds.
 
-    Rebuilds the vector index from the stored embeddings and swaps it in atomically; O(N) per call.
+    New images are embedded first; then, under the index's write lock, the index is read again, what
+    another writer added meanwhile is skipped, and the vector index is rebuilt from the stored embeddings
+    and swapped in atomically: O(N) per call.
     """
     index = GalleryIndex.open(index_dir)
     if getattr(index, "is_sharded", False):  # a sharded index grows by a new shard
         return index.add_images(items, progress=progress)
-    net, meta, ckpt = load_model(index.config.model)
-    if fingerprint(ckpt) != index.config.model_fingerprint:
-        raise IndexError_(
-            f"index {index_dir} was built with another version of model {index.config.model!r}; rebuild it"
-        )
-    paths = _expand(items)
-    existing = read_records(index)
-    have = {r.path for r in existing}
-    paths = [p for p in paths if str(Path(p).resolve()) not in have]
-    report = ImageReport()
-    if not paths:
+    have = {r.path for r in read_records(index)}
+    net = checked_model(index)
+    index.close()
+    new, emb, report = embed_new_images(net, items, have, progress)
+    if not new:
         return 0, report
-    embedder = Embedder(net, progress=progress)
-    emb, keys = embedder.embed_paths(paths, report)
-    root = Path(items) if isinstance(items, str | Path) and Path(items).is_dir() else None
-    new = [
-        ImageRecord(str(Path(p).relative_to(root)) if root else Path(p).name, str(Path(p).resolve()), k)
-        for p, k in zip(paths, keys, strict=True)
-        if k is not None
-    ]
-    if new:
-        all_emb = np.concatenate([np.asarray(index.embeddings, dtype=np.float32), emb])
-        caps = read_captions(index)
-        cap_emb = (
-            index.captions.index.reconstruct_n(0, len(caps)) if caps and index.captions is not None else None
-        )
-        config = index.config
-        index.close()
-        write_gallery(index_dir, config, existing + new, all_emb, caps or None, cap_emb)
+    with write_lock(index_dir):
+        index = GalleryIndex.open(index_dir)
+        existing = read_records(index)
+        have = {r.path for r in existing}
+        fresh = [n for n, r in enumerate(new) if r.path not in have]
+        new, emb = [new[n] for n in fresh], emb[fresh]
+        if new:
+            all_emb = np.concatenate([np.asarray(index.embeddings, dtype=np.float32), emb])
+            caps = read_captions(index)
+            cap_emb = (
+                index.captions.index.reconstruct_n(0, len(caps))
+                if caps and index.captions is not None
+                else None
+            )
+            config = index.config
+            index.close()
+            write_gallery(index_dir, config, existing + new, all_emb, caps or None, cap_emb)
+        else:
+            index.close()
     return len(new), report
 
 
-def _expand(items) -> list[Path]:
+def checked_model(index):
+    """The model an index was built with, refusing other weights under the same name."""
+    net, _, ckpt = load_model(index.config.model)
+    if fingerprint(ckpt) != index.config.model_fingerprint:
+        raise IndexError_(
+            f"index {index.path} was built with another version of model {index.config.model!r}; rebuild it"
+        )
+    return net
+
+
+def embed_new_images(
+    net, items, have: set[str], progress: bool
+) -> tuple[list[ImageRecord], np.ndarray, ImageReport]:
+    """Embed the images of ``items`` whose resolved path is not in ``have``: their records, embeddings
+    [n, dim] and the report of unreadable files (left out)."""
+    todo = {path: name for path, name in images_to_add(items).items() if path not in have}
+    report = ImageReport()
+    if not todo:
+        return [], np.zeros((0, 0), dtype=np.float32), report
+    paths = list(todo)
+    emb, keys = Embedder(net, progress=progress).embed_paths(paths, report)
+    new = [ImageRecord(todo[p], p, k) for p, k in zip(paths, keys, strict=True) if k is not None]
+    return new, np.asarray(emb, dtype=np.float32), report
+
+
+def images_to_add(items) -> dict[str, str]:
+    """A folder (recursively) or a list of files -> {resolved path: id}; ids are paths relative to the
+    folder added (symlinks keep their own name), or file names."""
     if isinstance(items, str | Path):
         p = Path(items)
         if p.is_dir():
-            return load_folder(p).image_paths
+            folder = load_folder(p)
+            return {str(path): name for path, name in zip(folder.image_paths, folder.image_ids, strict=True)}
         if p.is_file():
-            return [p.resolve()]
+            return {str(p.resolve()): p.name}
         raise DataError(f"no such file or folder: {p}")
-    out = []
+    out = {}
     for it in items:
         p = Path(it)
         if not p.is_file():
             raise DataError(f"no such file: {p}")
         if p.suffix.lower() not in IMAGE_EXTENSIONS:
             raise DataError(f"not an image file: {p}")
-        out.append(p.resolve())
+        out[str(p.resolve())] = p.name
     return out

@@ -9,16 +9,20 @@ Layout of an index folder::
     embeddings.npy   image embeddings, fp16, memory-mapped (rebuilds, image-to-image, exact re-check)
 
 Every write builds a complete new folder beside the old one and swaps it in with renames, so a reader
-or a killed writer never sees a half-written index.
+or a killed writer never sees a half-written index. Writers that read the index first (``--add``, the
+service's POST /images) hold ``write_lock`` from that read to the swap, so concurrent adds lose nothing.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import shutil
 import sqlite3
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -175,6 +179,21 @@ def write_gallery(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path
+
+
+@contextmanager
+def write_lock(path: str | Path) -> Iterator[None]:
+    """An exclusive lock on one index across processes and threads (flock on a sibling lock file), for
+    read-modify-write updates: without it two adds that read the same index would each drop the other's
+    images when they swap in."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(f".{path.name}.lock"), "a+") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def swap_in(new: Path, path: Path) -> None:

@@ -217,35 +217,28 @@ class ShardedIndex:
     # -- growing: new images go into a new shard ---------------------------------------------------------
     def add_images(self, items, progress: bool = True):
         """Embed new images (a folder or files) into one new shard; returns (n added, ImageReport)."""
-        from vlsearch.data.images import ImageReport
-        from vlsearch.index.build import _expand
-        from vlsearch.index.gallery import write_gallery
-        from vlsearch.models.registry import fingerprint, load_model
-        from vlsearch.search.embedder import Embedder
+        from vlsearch.index.build import checked_model, embed_new_images
+        from vlsearch.index.gallery import GalleryIndex, write_gallery, write_lock
 
-        net, _, ckpt = load_model(self.config.model)
-        if fingerprint(ckpt) != self.config.model_fingerprint:
-            raise IndexError_(
-                f"index {self.path} was built with another version of model {self.config.model!r}; rebuild it"
-            )
         have = {r.path for r in self.all_records()}
-        paths = [p for p in _expand(items) if str(Path(p).resolve()) not in have]
-        report = ImageReport()
-        if not paths:
-            return 0, report
-        emb, keys = Embedder(net, progress=progress).embed_paths(paths, report)
-        root = Path(items) if isinstance(items, str | Path) and Path(items).is_dir() else None
-        new = [
-            ImageRecord(str(Path(p).relative_to(root)) if root else Path(p).name, str(Path(p).resolve()), k)
-            for p, k in zip(paths, keys, strict=True)
-            if k is not None
-        ]
+        new, emb, report = embed_new_images(checked_model(self), items, have, progress)
         if new:
-            name = shard_name(max(int(n.split("-")[-1]) for n in self.shard_names) + 1)
-            shard_cfg = IndexConfig(**{**asdict(self.config), "kind": "auto", "n_images": 0, "n_captions": 0})
-            write_gallery(self.path / name, shard_cfg, new, emb)
-            config = IndexConfig(**{**asdict(self.config), "n_images": self.config.n_images + len(new)})
-            write_sharded_config(self.path, config, self.shard_names + [name])
+            with write_lock(self.path):  # another writer may have added a shard since this one opened
+                current = GalleryIndex.open(self.path)
+                have = {r.path for r in current.all_records()}
+                current.close()
+                fresh = [n for n, r in enumerate(new) if r.path not in have]
+                new, emb = [new[n] for n in fresh], emb[fresh]
+                if new:
+                    name = shard_name(max(int(n.split("-")[-1]) for n in current.shard_names) + 1)
+                    shard_cfg = IndexConfig(
+                        **{**asdict(current.config), "kind": "auto", "n_images": 0, "n_captions": 0}
+                    )
+                    write_gallery(self.path / name, shard_cfg, new, emb)
+                    config = IndexConfig(
+                        **{**asdict(current.config), "n_images": current.config.n_images + len(new)}
+                    )
+                    write_sharded_config(self.path, config, current.shard_names + [name])
         if report:
             print(report.summary(), file=sys.stderr)
         return len(new), report
