@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 from vlsearch.eval.metrics import retrieval_metrics
 from vlsearch.models.deformer import DeformerConfig, DeformerModel
+from vlsearch.training import apply_overrides
 from vlsearch.training.features import DatasetFeatures
 from vlsearch.training.losses import info_nce
 
@@ -512,22 +513,12 @@ def _load(args, mid: bool):
     return train, dev
 
 
-def _apply(tc, args, extra: dict | None):
-    if getattr(args, "epochs", None):
-        tc.epochs = args.epochs
-    if getattr(args, "minutes", None):
-        tc.minutes = args.minutes
-    for k, v in (extra or {}).items():
-        setattr(tc, k, v)
-    return tc
-
-
 def train_joint_from_args(args, extra: dict | None = None, config: DeformerConfig | None = None):
     """`vlsearch train deformer-joint`: the early-interaction model on Flickr8k train."""
     from vlsearch.commands.train import out_path
     from vlsearch.models.checkpoint import save_checkpoint
 
-    tc = _apply(JointTrainConfig(seed=args.seed), args, extra)
+    tc = apply_overrides(JointTrainConfig(seed=args.seed), args, extra)
     config = config or DeformerConfig()
     log = (lambda *a, **k: None) if args.quiet else print
     train, dev = _load(args, config.use_mid)
@@ -559,7 +550,7 @@ def train_decomposed_from_args(args, extra: dict | None = None, joint: str | Non
     from vlsearch.models.checkpoint import save_checkpoint
     from vlsearch.models.registry import load_model
 
-    tc = _apply(DecomposeTrainConfig(seed=args.seed), args, extra)
+    tc = apply_overrides(DecomposeTrainConfig(seed=args.seed), args, extra)
     if getattr(args, "subset", None):
         tc.subset = args.subset
     joint_name = joint or getattr(args, "joint", None) or "deformer-joint"

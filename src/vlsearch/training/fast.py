@@ -14,6 +14,7 @@ from tqdm import tqdm
 
 from vlsearch.eval.metrics import retrieval_metrics
 from vlsearch.models.fast import FastConfig, FastModel
+from vlsearch.training import apply_overrides
 from vlsearch.training.features import DatasetFeatures
 from vlsearch.training.losses import info_nce
 
@@ -161,12 +162,7 @@ def train_from_args(args, teacher=None, extra: dict | None = None):
     from vlsearch.data import load_dataset
     from vlsearch.models.checkpoint import save_checkpoint
 
-    tc = FastTrainConfig(seed=args.seed)
-    if args.epochs:
-        tc.epochs = args.epochs
-    if extra:
-        for k, v in extra.items():
-            setattr(tc, k, v)
+    tc = apply_overrides(FastTrainConfig(seed=args.seed), args, extra)
     progress = not args.quiet
     train = DatasetFeatures.load(load_dataset(args.data_root, "train"), progress=progress)
     try:

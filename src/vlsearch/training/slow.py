@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from vlsearch.models.slow import SlowConfig, SlowModel
+from vlsearch.training import apply_overrides
 from vlsearch.training.features import DatasetFeatures
 
 
@@ -243,11 +244,7 @@ def train_from_args(args):
     from vlsearch.models.checkpoint import save_checkpoint
     from vlsearch.training.mining import cached_fast_candidates
 
-    tc = SlowTrainConfig(seed=args.seed)
-    if getattr(args, "minutes", None):
-        tc.minutes = float(args.minutes)
-    if getattr(args, "epochs", None):
-        tc.max_epochs = float(args.epochs)
+    tc = apply_overrides(SlowTrainConfig(seed=args.seed), args, epochs_field="max_epochs")
     progress = not args.quiet
     log = (lambda *a, **k: None) if args.quiet else (lambda m: print(m, file=sys.stderr))
     train = DatasetFeatures.load(load_dataset(args.data_root, "train"), mid=True, progress=progress)
