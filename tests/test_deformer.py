@@ -310,3 +310,33 @@ def test_joint_training_with_frozen_streams_keeps_the_fast_model(tiny_deformers,
             joint.encode_text(states, lengths), fast.encode_text(states, lengths), atol=1e-4
         )
         assert torch.tanh(joint.cross_gate).abs().max() > 0  # while the interaction did train
+
+
+def test_teacher_target_is_the_fused_rerank_score():
+    """A Slow teacher's target over an ITM list is scale * (stream cosine + w * teacher score): with the
+    fusion weight at 0 it is the model's own dual-encoder logits, and it moves with w by the teacher's
+    scores, per direction."""
+    from vlsearch.models.slow import SlowConfig, SlowModel
+    from vlsearch.training.deformer import teacher_list_logits
+    from vlsearch.training.features import DatasetFeatures
+
+    torch.manual_seed(0)
+    model = DeformerModel(tiny_config(), init_from_pretrained=False)
+    teacher = SlowModel(SlowConfig(n_layers=1, heads=4), init_from_pretrained=False).eval()
+    grid, mid, states, lengths = fake_inputs(n_images=4, n_texts=4)
+    feats = DatasetFeatures(None, grid.half(), mid.half(), states.half(), lengths, None, torch.arange(4))
+    q = 2  # lists 0-1: caption -> 2 images; lists 2-3: image -> 2 captions
+    t_rows = torch.tensor([0, 0, 1, 1, 2, 3, 3, 0])
+    i_rows = torch.tensor([0, 1, 1, 2, 2, 2, 3, 3])
+    teacher.config.fusion_weight = teacher.config.fusion_weight_i2t = 0.0
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        te = model.encode_text(feats.states, lengths).float()
+        ie = model.encode_image(feats.grid.float()).float()
+    own = model.scale.detach() * (te[t_rows] * ie[i_rows]).sum(-1)
+    base = teacher_list_logits(model, teacher, feats, t_rows, i_rows, q)
+    assert torch.allclose(base, own, atol=1e-4)
+    teacher.config.fusion_weight, teacher.config.fusion_weight_i2t = 0.5, 0.0
+    slow = teacher.score_texts_images(feats.states, lengths, feats.mid, feats.grid, t_rows, i_rows)
+    moved = teacher_list_logits(model, teacher, feats, t_rows, i_rows, q)
+    assert torch.allclose(moved[:4], own[:4] + model.scale.detach() * 0.5 * slow[:4], atol=1e-3)
+    assert torch.allclose(moved[4:], own[4:], atol=1e-4)  # i2t lists keep their own weight (0)

@@ -103,7 +103,8 @@ def test_place_candidates_never_drops_nor_duplicates():
 
 def test_distillation_loss_zero_when_student_and_teacher_agree():
     from vlsearch.models.fast import FastConfig, FastModel
-    from vlsearch.training.slow import SlowTeacher, candidate_kl
+    from vlsearch.training.losses import candidate_kl
+    from vlsearch.training.slow import SlowTeacher
 
     s = torch.randn(8, 16)
     assert float(candidate_kl(s, s.clone(), 2.0)) == pytest.approx(0.0, abs=1e-6)

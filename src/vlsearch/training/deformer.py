@@ -33,7 +33,7 @@ from vlsearch.eval.metrics import retrieval_metrics
 from vlsearch.models.deformer import DeformerConfig, DeformerModel
 from vlsearch.training import apply_overrides
 from vlsearch.training.features import DatasetFeatures
-from vlsearch.training.losses import info_nce
+from vlsearch.training.losses import candidate_kl, info_nce
 
 
 @dataclass
@@ -65,6 +65,12 @@ class JointTrainConfig:
     # shared layers, and the zero image-token head stay frozen), so the joint model is the Fast model plus
     # the cross-modal interaction (gates, image tokens, ITM head) learned on the Fast model's hard negatives
     freeze_streams: bool = True
+    # a pair scorer (e.g. "slow") to learn from: each ITM list also matches (KL, weight teacher_weight) the
+    # distribution of the teacher's re-ranking score there, scale * (stream cosine + w * teacher score) with
+    # w the teacher's dev-chosen fusion weight. On train the streams have memorised their pairs, so the
+    # plain ITM target is nearly solved before any interaction; the teacher says what re-ranking adds.
+    teacher: str = ""
+    teacher_weight: float = 1.0
     seed: int = 0
     bf16: bool = True
 
@@ -208,9 +214,11 @@ def train_joint(
     progress: bool = True,
     log=print,
     fast=None,
+    teacher=None,
 ) -> tuple[DeformerModel, dict]:
     """``hard`` = (neg_images_per_caption [M,k], neg_captions_per_image [N,k]) on ``train``, best first;
-    ``fast``: the FastModel to warm-start from when ``tc.init_from == "fast"``."""
+    ``fast``: the FastModel to warm-start from when ``tc.init_from == "fast"``; ``teacher``: the pair
+    scorer named by ``tc.teacher`` (its features: ``train`` with mid)."""
     config = config or DeformerConfig()
     tc = tc or JointTrainConfig()
     config.mode = "joint"
@@ -294,6 +302,9 @@ def train_joint(
                     ).view(2 * q, n_list)
                     target = torch.zeros(2 * q, dtype=torch.long)
                     loss = loss + tc.itm_weight * F.cross_entropy(logits, target)
+                    if teacher is not None and tc.teacher_weight:
+                        wanted = teacher_list_logits(model, teacher, train, t_rows, i_rows, q)
+                        loss = loss + tc.teacher_weight * candidate_kl(logits, wanted.view(2 * q, n_list))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
@@ -313,6 +324,41 @@ def train_joint(
     history["steps"] = step
     history["train_seconds"] = time.time() - t0
     return model.eval(), history
+
+
+@torch.no_grad()
+def teacher_list_logits(model: DeformerModel, teacher, train: DatasetFeatures, t_rows, i_rows, q: int):
+    """The teacher's re-ranking logits for the pairs (t_rows[p], i_rows[p]) of 2q ITM lists (the first q
+    rank images for a caption, the last q captions for an image): scale * (the model's stream cosine +
+    w * teacher score), w per direction as chosen on dev for the teacher; un-augmented features."""
+    t_u, t_inv = torch.unique(t_rows, return_inverse=True)
+    i_u, i_inv = torch.unique(i_rows, return_inverse=True)
+    grid, mid = train.grid[i_u], None if train.mid is None else train.mid[i_u]
+    scores = teacher.score_texts_images(
+        train.states[t_u],
+        train.lengths[t_u],
+        mid,
+        grid if getattr(teacher.config, "use_grid", True) else None,
+        t_inv,
+        i_inv,
+    ).float()
+    was_training = model.training
+    model.eval()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        te = model.encode_text(train.states[t_u], train.lengths[t_u]).float()
+        ie = model.encode_image(grid, mid if model.config.use_mid else None).float()
+    model.train(was_training)
+    cosine = (te[t_inv] * ie[i_inv]).sum(-1)
+    n = len(t_rows) // (2 * q)
+    w = torch.cat(
+        [
+            torch.full((q * n,), float(teacher.config.fusion_weight)),
+            torch.full(
+                (q * n,), float(getattr(teacher.config, "fusion_weight_i2t", teacher.config.fusion_weight))
+            ),
+        ]
+    )
+    return model.scale.detach().float() * (cosine + w * scores)
 
 
 # -- stage 2: decomposition ------------------------------------------------------------------------------
@@ -521,8 +567,10 @@ def train_joint_from_args(args, extra: dict | None = None, config: DeformerConfi
     tc = apply_overrides(JointTrainConfig(seed=args.seed), args, extra)
     config = config or DeformerConfig()
     log = (lambda *a, **k: None) if args.quiet else print
-    train, dev = _load(args, config.use_mid)
+    train, dev = _load(args, config.use_mid or bool(tc.teacher))
     from vlsearch.models.registry import load_model
+
+    teacher, teacher_path = load_model(tc.teacher)[::2] if tc.teacher else (None, None)
 
     t0 = time.time()
     fast, _, fast_path = load_model(tc.fast_model)
@@ -531,11 +579,12 @@ def train_joint_from_args(args, extra: dict | None = None, config: DeformerConfi
         f"mined {hard[0].shape[1]} hard negatives per caption with {tc.fast_model!r} ({time.time() - t0:.0f}s)"
     )
     model, history = train_joint(
-        train, hard, config, tc, dev=dev, progress=not args.quiet, log=log, fast=fast
+        train, hard, config, tc, dev=dev, progress=not args.quiet, log=log, fast=fast, teacher=teacher
     )
     meta = {
         "train": asdict(tc),
         "fast": str(fast_path),
+        "teacher": None if teacher_path is None else str(teacher_path),
         "data_root": str(args.data_root or "default"),
         "dev": history["dev"][-1:] or None,
         "steps": history["steps"],

@@ -85,7 +85,7 @@ def train_fast(
     """Returns the trained model and a history dict.
 
     ``teacher`` enables distillation: ``teacher.loss(model, train, imgs, caps, image_emb, text_emb, temperature)``
-    returns the extra loss term (e.g. ``distill_kl`` between the student's and the Slow model's scores).
+    returns the extra loss term (e.g. ``candidate_kl`` between the student's and the Slow model's scores).
     """
     torch.manual_seed(tc.seed)
     gen = torch.Generator().manual_seed(tc.seed)

@@ -22,16 +22,9 @@ def info_nce(
     return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target))
 
 
-def distill_kl(
-    student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0
-) -> torch.Tensor:
-    """KL(teacher || student) of row-softmaxed score matrices, in both directions (Miech et al.'s distillation).
-
-    Zero exactly when student and teacher rank every row with the same distribution.
-    """
-    loss = 0.0
-    for s, t in ((student_logits, teacher_logits), (student_logits.t(), teacher_logits.t())):
-        log_p_s = F.log_softmax(s / temperature, dim=-1)
-        log_p_t = F.log_softmax(t / temperature, dim=-1)
-        loss = loss + F.kl_div(log_p_s, log_p_t, log_target=True, reduction="batchmean")
-    return 0.5 * loss * temperature**2
+def candidate_kl(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """KL(teacher || student) between per-row softmaxes over the same candidates (rows = queries), as in
+    Miech et al.'s distillation; zero exactly when both rank every row with the same distribution."""
+    log_s = F.log_softmax(student / temperature, dim=-1)
+    log_t = F.log_softmax(teacher / temperature, dim=-1)
+    return F.kl_div(log_s, log_t, log_target=True, reduction="batchmean") * temperature**2

@@ -24,6 +24,7 @@ from tqdm import tqdm
 from vlsearch.models.slow import SlowConfig, SlowModel
 from vlsearch.training import apply_overrides
 from vlsearch.training.features import DatasetFeatures
+from vlsearch.training.losses import candidate_kl
 
 
 @dataclass
@@ -304,13 +305,6 @@ class DistillConfig:
     captions_per_image: int = 1  # train captions with teacher scores (fixed, seeded); others: InfoNCE only
     weight: float = 1.0
     temperature: float = 1.0
-
-
-def candidate_kl(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """KL(teacher || student) between per-row softmaxes over the same candidates (rows = captions)."""
-    log_s = F.log_softmax(student / temperature, dim=-1)
-    log_t = F.log_softmax(teacher / temperature, dim=-1)
-    return F.kl_div(log_s, log_t, log_target=True, reduction="batchmean") * temperature**2
 
 
 class SlowTeacher:
