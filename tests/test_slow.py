@@ -168,6 +168,23 @@ def test_slow_checkpoint_round_trip(tiny_slow_checkpoint):
         assert torch.allclose(model(states, lengths, mid, grid), again(states, lengths, mid, grid))
 
 
+def test_train_slow_warm_start_from_cli(tiny_slow_checkpoint, mini_flickr, tmp_path, capsys):
+    """`vlsearch train slow --init CKPT` continues a Slow model and records where it started; --init
+    with another kind of model is a clear error."""
+    out = tmp_path / "warm"
+    common = ["--data-root", str(mini_flickr), "--minutes", "0.02", "--quiet"]
+    assert main(["train", "slow", "--init", "slow", "--out", str(out), *common]) == 0
+    meta = json.loads((out / "config.json").read_text())
+    assert meta["warm_start"]["from"] == str(tiny_slow_checkpoint)
+    assert (
+        meta["config"]["n_layers"]
+        == json.loads((tiny_slow_checkpoint / "config.json").read_text())["config"]["n_layers"]
+    )
+    capsys.readouterr()
+    assert main(["train", "slow", "--init", "fast", "--out", str(tmp_path / "bad"), *common]) == 2
+    assert "not a Slow model" in capsys.readouterr().err
+
+
 def test_eval_slow_alone_and_rerank(tiny_slow_checkpoint, mini_flickr, capsys):
     root = ["--data-root", str(mini_flickr), "--split", "dev", "--images", "12", "--json"]
     assert main(["eval", "--model", "slow", *root]) == 0

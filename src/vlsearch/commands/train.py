@@ -46,6 +46,11 @@ def register(sub):
         help="deformer only: fraction of train used to fine-tune the decomposition",
     )
     p.add_argument("--minutes", type=float, default=None, help="time budget for slow/deformer training")
+    p.add_argument(
+        "--init",
+        default=None,
+        help="slow only: warm-start from this Slow checkpoint or name (a fresh schedule over --minutes)",
+    )
     p.add_argument("--force", action="store_true", help="retrain even when the checkpoint exists (train all)")
     add_quiet(p)
     return p

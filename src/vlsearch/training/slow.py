@@ -252,10 +252,13 @@ def train_from_args(args):
     fast_name = getattr(args, "fast_model", None) or "fast"
     mined = cached_fast_candidates(fast_name, train, tc.mine_k, progress)
     config, init, previous = SlowConfig(), None, None
-    if getattr(args, "init", None):  # warm start (not a CLI option: scripts pass a checkpoint path)
-        from vlsearch.models.checkpoint import load_checkpoint
+    if getattr(args, "init", None):  # warm start: `vlsearch train slow --init CHECKPOINT`
+        from vlsearch.errors import CheckpointError
+        from vlsearch.models.registry import load_model
 
-        init, previous = load_checkpoint(args.init, SlowModel)
+        init, previous, init_path = load_model(args.init)
+        if not isinstance(init, SlowModel):
+            raise CheckpointError(f"--init {args.init}: a {init.model_type!r} model, not a Slow model")
         config = init.config
     model, history = train_slow(train, mined["neg_img"], config, tc, progress=progress, log=log, init=init)
     log(
@@ -269,9 +272,10 @@ def train_from_args(args):
     }
     if previous is not None:
         meta["warm_start"] = {
-            "from": str(args.init),
+            "from": str(init_path),
             "train": previous.get("train"),
             "history": previous.get("history"),
+            "warm_start": previous.get("warm_start"),  # a chain of warm starts stays on record
         }
     meta["loss_last"] = float(np.mean(history["loss"][-50:])) if history["loss"] else None
     try:
