@@ -185,6 +185,27 @@ def test_train_slow_warm_start_from_cli(tiny_slow_checkpoint, mini_flickr, tmp_p
     assert "not a Slow model" in capsys.readouterr().err
 
 
+def test_trained_slow_model_is_saved_before_the_dev_step(
+    tiny_slow_checkpoint, mini_flickr, tmp_path, monkeypatch
+):
+    """A failure while choosing the fusion weights on dev does not lose the training run."""
+    from vlsearch.models.registry import load_model
+    from vlsearch.training import slow as slow_training
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("dev step failed")
+
+    monkeypatch.setattr(slow_training, "choose_fusion_weights", broken)
+    out = tmp_path / "kept"
+    args = argparse.Namespace(
+        data_root=str(mini_flickr), epochs=None, seed=0, out=str(out), quiet=True, minutes=0.02, init="slow"
+    )
+    with pytest.raises(RuntimeError, match="dev step failed"):
+        slow_training.train_from_args(args)
+    model, meta, _ = load_model(out)
+    assert meta["history"]["steps"] > 0 and model.config.fusion_weight == 0.02
+
+
 def test_eval_slow_alone_and_rerank(tiny_slow_checkpoint, mini_flickr, capsys):
     root = ["--data-root", str(mini_flickr), "--split", "dev", "--images", "12", "--json"]
     assert main(["eval", "--model", "slow", *root]) == 0

@@ -278,6 +278,11 @@ def train_from_args(args):
             "warm_start": previous.get("warm_start"),  # a chain of warm starts stays on record
         }
     meta["loss_last"] = float(np.mean(history["loss"][-50:])) if history["loss"] else None
+    meta["fast_model"] = str(fast_name)
+    out = out_path(args, "slow")
+    # saved before the dev step with a neutral fusion weight: a long run is never lost to what follows
+    model.config.fusion_weight = model.config.fusion_weight_i2t = 0.02
+    save_checkpoint(out, model, meta)
     try:
         dev = DatasetFeatures.load(load_dataset(args.data_root, "dev"), mid=True, progress=progress)
     except Exception as e:  # no dev split: keep a neutral fusion weight
@@ -294,10 +299,7 @@ def train_from_args(args):
             f"t2i R@1 {report['fast']['t2i']['r1']:.1f} -> {f['t2i']['r1']:.1f}, "
             f"i2t R@1 {report['fast']['i2t']['r1']:.1f} -> {f['i2t']['r1']:.1f}"
         )
-    else:
-        model.config.fusion_weight = model.config.fusion_weight_i2t = 0.02
-    meta["fast_model"] = str(fast_name)
-    return save_checkpoint(out_path(args, "slow"), model, meta)
+    return save_checkpoint(out, model, meta)
 
 
 # -- distillation -------------------------------------------------------------------------------------------
