@@ -98,9 +98,7 @@ def add_to_index(index_dir: str | Path, items, progress: bool = True) -> tuple[i
     with write_lock(index_dir):
         index = GalleryIndex.open(index_dir)
         existing = read_records(index)
-        have = {r.path for r in existing}
-        fresh = [n for n, r in enumerate(new) if r.path not in have]
-        new, emb = [new[n] for n in fresh], emb[fresh]
+        new, emb = not_yet_in(new, emb, {r.path for r in existing})
         if new:
             all_emb = np.concatenate([np.asarray(index.embeddings, dtype=np.float32), emb])
             caps = read_captions(index)
@@ -140,6 +138,14 @@ def embed_new_images(
     emb, keys = Embedder(net, progress=progress).embed_paths(paths, report)
     new = [ImageRecord(todo[p], p, k) for p, k in zip(paths, keys, strict=True) if k is not None]
     return new, np.asarray(emb, dtype=np.float32), report
+
+
+def not_yet_in(
+    new: list[ImageRecord], emb: np.ndarray, have: set[str]
+) -> tuple[list[ImageRecord], np.ndarray]:
+    """The embedded images (records, rows of ``emb``) whose path another writer has not added since."""
+    keep = [n for n, r in enumerate(new) if r.path not in have]
+    return [new[n] for n in keep], emb[keep]
 
 
 def images_to_add(items) -> dict[str, str]:

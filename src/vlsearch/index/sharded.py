@@ -217,7 +217,7 @@ class ShardedIndex:
     # -- growing: new images go into a new shard ---------------------------------------------------------
     def add_images(self, items, progress: bool = True):
         """Embed new images (a folder or files) into one new shard; returns (n added, ImageReport)."""
-        from vlsearch.index.build import checked_model, embed_new_images
+        from vlsearch.index.build import checked_model, embed_new_images, not_yet_in
         from vlsearch.index.gallery import GalleryIndex, write_gallery, write_lock
 
         have = {r.path for r in self.all_records()}
@@ -225,10 +225,8 @@ class ShardedIndex:
         if new:
             with write_lock(self.path):  # another writer may have added a shard since this one opened
                 current = GalleryIndex.open(self.path)
-                have = {r.path for r in current.all_records()}
+                new, emb = not_yet_in(new, emb, {r.path for r in current.all_records()})
                 current.close()
-                fresh = [n for n, r in enumerate(new) if r.path not in have]
-                new, emb = [new[n] for n in fresh], emb[fresh]
                 if new:
                     name = shard_name(max(int(n.split("-")[-1]) for n in current.shard_names) + 1)
                     shard_cfg = IndexConfig(
