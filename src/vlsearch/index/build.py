@@ -38,6 +38,24 @@ def _index_config(
     )
 
 
+def embed_gallery(
+    embedder: Embedder, dataset: CaptionDataset, report: ImageReport
+) -> tuple[list[ImageRecord], np.ndarray, list[tuple[str, int]], np.ndarray | None]:
+    """Embed a dataset's readable images and the captions of those images: (records, image embeddings,
+    (caption, image row) pairs, caption embeddings or None). Unreadable images go to ``report``."""
+    emb, keys = embedder.embed_paths(dataset.image_paths, report)
+    ok = [i for i, k in enumerate(keys) if k is not None]
+    records = [ImageRecord(dataset.image_ids[i], str(dataset.image_paths[i]), keys[i]) for i in ok]
+    new_row = {old: new for new, old in enumerate(ok)}
+    caps = [
+        (t, new_row[int(i)])
+        for t, i in zip(dataset.captions, dataset.caption_image, strict=True)
+        if int(i) in new_row
+    ]
+    cap_emb = embedder.embed_texts([t for t, _ in caps]) if caps else None
+    return records, emb, caps, cap_emb
+
+
 def build_index(
     out: str | Path,
     source: str | Path | None = None,
@@ -52,18 +70,9 @@ def build_index(
     net, meta, ckpt = load_model(model)
     embedder = Embedder(net, progress=progress)
     report = ImageReport()
-    emb, keys = embedder.embed_paths(dataset.image_paths, report)
-    ok = [i for i, k in enumerate(keys) if k is not None]
-    if not ok:
+    records, emb, caps, cap_emb = embed_gallery(embedder, dataset, report)
+    if not records:
         raise DataError(f"none of the {dataset.n_images} images could be read")
-    records = [ImageRecord(dataset.image_ids[i], str(dataset.image_paths[i]), keys[i]) for i in ok]
-    new_row = {old: new for new, old in enumerate(ok)}
-    caps = [
-        (t, new_row[int(i)])
-        for t, i in zip(dataset.captions, dataset.caption_image, strict=True)
-        if int(i) in new_row
-    ]
-    cap_emb = embedder.embed_texts([t for t, _ in caps]) if caps else None
     config = _index_config(
         model,
         net,

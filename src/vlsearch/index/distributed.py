@@ -58,13 +58,12 @@ class ShardWorker:
 
     def build_shard(self, shard_dir: str, dataset: CaptionDataset, model_name: str, kind: str, source: str):
         """Embed one shard and write it as a gallery index folder. Returns what the driver reports."""
-        from vlsearch.index.build import _index_config
-        from vlsearch.index.gallery import ImageRecord, write_gallery
+        from vlsearch.index.build import _index_config, embed_gallery
+        from vlsearch.index.gallery import write_gallery
 
         t0 = time.perf_counter()
         report = ImageReport()
-        emb, keys = self.embedder.embed_paths(dataset.image_paths, report)
-        ok = [i for i, k in enumerate(keys) if k is not None]
+        records, emb, caps, cap_emb = embed_gallery(self.embedder, dataset, report)
         result = {
             "shard": Path(shard_dir).name,
             "skipped": report.skipped,
@@ -73,16 +72,8 @@ class ShardWorker:
             "image_backbone": self.embedder.extractor.image_config.tag,
             "text_backbone": self.embedder.extractor.text_config.tag,
         }
-        if not ok:
+        if not records:
             return {**result, "n_images": 0, "n_captions": 0, "seconds": time.perf_counter() - t0}
-        records = [ImageRecord(dataset.image_ids[i], str(dataset.image_paths[i]), keys[i]) for i in ok]
-        new_row = {old: new for new, old in enumerate(ok)}
-        caps = [
-            (t, new_row[int(i)])
-            for t, i in zip(dataset.captions, dataset.caption_image, strict=True)
-            if int(i) in new_row
-        ]
-        cap_emb = self.embedder.embed_texts([t for t, _ in caps]) if caps else None
         config = _index_config(model_name, None, self.meta, self.ckpt, self.embedder, kind, source)
         write_gallery(shard_dir, config, records, emb, caps or None, cap_emb)
         return {
