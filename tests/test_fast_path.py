@@ -200,3 +200,39 @@ def test_eval_json_and_images_subset(tiny_fast_checkpoint, mini_flickr, capsys):
     # with 10 images, R@10 is 100 by construction
     assert out["t2i"]["r10"] == 100.0
     assert main(["eval", "--data-root", str(mini_flickr), "--split", "test"]) == 2
+
+
+def test_inference_copies_keep_autocast_numbers_and_the_model(tiny_fast_checkpoint):
+    """The search path's bf16-weight copies give autocast's embeddings bit for bit, and leave the model
+    they copy (trained and saved elsewhere) in fp32."""
+    import torch
+
+    from vlsearch.encoders.text import TextBackbone, load_minilm
+    from vlsearch.models.registry import load_model
+    from vlsearch.search.embedder import Embedder
+
+    net = load_model(str(tiny_fast_checkpoint))[0].eval()
+    embedder = Embedder(net, progress=False)
+    assert all(p.dtype == torch.float32 for p in net.parameters())
+    assert any(p.dtype == torch.bfloat16 for p in embedder.model.parameters())
+    gen = torch.Generator().manual_seed(0)
+    states, lengths = torch.randn(5, 9, 384, generator=gen), torch.tensor([9, 3, 5, 1, 7])
+    grid = torch.randn(3, 49, net.config.image_dim, generator=gen)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        want_text = net.encode_text(states, lengths).float().numpy()
+        want_image = net.encode_image(grid, None).float().numpy()
+    np.testing.assert_array_equal(embedder._text(states.numpy(), lengths.numpy()), want_text)
+    np.testing.assert_array_equal(embedder._image(grid.numpy()), want_image)
+
+    backbone = TextBackbone()
+    bert, _ = load_minilm()
+    assert all(p.dtype == torch.float32 for p in bert.parameters())  # it also initialises new models
+    batch = backbone.tokenize(["a dog runs through the snow", "two girls"])
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        h = bert.embeddings(input_ids=ids)
+        ext = (1.0 - mask[:, None, None, :].to(h.dtype)) * -10000.0
+        for layer in bert.encoder.layer[: backbone.config.split_layer]:
+            out = layer(h, attention_mask=ext)
+            h = out[0] if isinstance(out, tuple) else out
+    torch.testing.assert_close(backbone(ids, mask), h.float(), rtol=0, atol=0)

@@ -6,11 +6,13 @@ The lower layers are frozen and their token states cached; the upper layers are 
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from vlsearch.models.layers import bf16_linears
 from vlsearch.settings import configure_torch
 
 
@@ -58,6 +60,8 @@ class TextBackbone(torch.nn.Module):
         self.config = config
         self.embeddings = bert.embeddings
         self.layers = torch.nn.ModuleList(bert.encoder.layer[: config.split_layer])
+        if config.bf16:  # a copy: the shared MiniLM also initialises the models' trainable layers
+            self.layers = bf16_linears(copy.deepcopy(self.layers))
         self.requires_grad_(False)
         self.dim = bert.config.hidden_size
 

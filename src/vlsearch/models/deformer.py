@@ -16,6 +16,7 @@ Both modes hold exactly the same parameters: the decomposed model is the joint m
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from dataclasses import dataclass, replace
@@ -26,6 +27,7 @@ from torch import nn
 
 from vlsearch.models.layers import (
     TransformerLayer,
+    bf16_linears,
     image_tower,
     masked_mean,
     mean_max_pool,
@@ -400,13 +402,16 @@ def measure_query_cost(
     * decomposed, per query: encode the caption once + top-10 search of a ``index_kind`` faiss index
       over the gallery embeddings (the real images, topped up with random unit vectors for the
       synthetic 10k/100k galleries), both timed at every size.
+
+    Both models run as the search path runs them: copies with bf16 linear weights (``bf16_linears``).
     """
     import numpy as np
 
     from vlsearch.index.vectors import make_vector_index
 
-    joint.eval()
-    decomposed.eval()
+    # both run as served: inference copies with bf16 linear weights under autocast (same numbers)
+    joint = bf16_linears(copy.deepcopy(joint)).eval()
+    decomposed = bf16_linears(copy.deepcopy(decomposed)).eval()
     n_real = len(grid)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         m = min(joint_measured, max(gallery_sizes))

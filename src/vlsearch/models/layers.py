@@ -126,3 +126,16 @@ def image_tower(in_dim: int, hidden: int, out_dim: int) -> tuple[nn.LayerNorm, n
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     m = mask.to(x.dtype).unsqueeze(-1)
     return (x * m).sum(1) / m.sum(1).clamp_min(1.0)
+
+
+def bf16_linears(module: nn.Module) -> nn.Module:
+    """``module`` with every nn.Linear's weights stored in bf16, for inference under bf16 autocast only.
+
+    Autocast would cast the same bf16 weights from fp32 on every call: for one query that copying is a
+    third of the time. The results are those of autocast on the fp32 weights, bit for bit. In place: give
+    it a copy of a model that is also trained, saved or run without autocast.
+    """
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            m.to(torch.bfloat16)
+    return module

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import torch
 from vlsearch.data.images import ImageReport, load_image
 from vlsearch.encoders.features import FeatureExtractor, map_batches
 from vlsearch.errors import QueryError
+from vlsearch.models.layers import bf16_linears
 from vlsearch.settings import MAX_QUERY_CHARS
 
 
@@ -37,7 +39,7 @@ class Embedder:
     """A dual encoder (Fast or decomposed deformer) plus the feature cache it reads from."""
 
     def __init__(self, model, extractor: FeatureExtractor | None = None, progress: bool = True):
-        self.model = model.eval()
+        self.model = bf16_linears(copy.deepcopy(model)).eval()  # its own inference copy (autocast only)
         self.extractor = extractor or FeatureExtractor(progress=progress)
         self.progress = progress
 
