@@ -65,3 +65,27 @@ def tiny_fast_checkpoint(mini_flickr, session_home):
 
     args = argparse.Namespace(data_root=str(mini_flickr), epochs=3, seed=0, out=None, quiet=True)
     return fast_training.train_from_args(args, extra={"batch_size": 32, "warmup_steps": 2})
+
+
+@pytest.fixture(scope="session")
+def slow_checkpoint(tiny_fast_checkpoint, session_home):
+    """The named model `slow` for the real re-ranking path (vlsearch.search.rerank.Reranker).
+
+    A trained one is reused when tests/test_slow.py made it already; otherwise this saves, in a second,
+    a real SlowModel whose fusion layers start from MiniLM and whose cross-attention is fresh (training
+    and choosing its fusion weight on dev takes minutes on 2 cores and is test_slow.py's job). The
+    service only needs its scores and attention maps, not their quality; fusion weight 1 so re-ranking
+    visibly reorders."""
+    import torch
+
+    from vlsearch.models.checkpoint import save_checkpoint
+    from vlsearch.models.registry import default_checkpoint
+    from vlsearch.models.slow import SlowConfig, SlowModel
+
+    os.environ["VLSEARCH_HOME"] = str(session_home)
+    ckpt = default_checkpoint("slow")
+    if not (ckpt / "model.safetensors").is_file():
+        torch.manual_seed(0)
+        model = SlowModel(SlowConfig(fusion_weight=1.0, fusion_weight_i2t=1.0))
+        save_checkpoint(ckpt, model, {"note": "untrained, for the service tests"})
+    return ckpt

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_serve import build_test_index, slow_checkpoint, start_server  # noqa: F401
+from tests.test_serve import build_test_index, start_server
 
 CHROMIUM = Path("/usr/bin/chromium")
 ARGS = [

@@ -219,8 +219,9 @@ def test_cost_helper_on_synthetic_gallery():
 
 
 @pytest.fixture(scope="module")
-def tiny_deformers(tiny_fast_checkpoint, mini_flickr, tmp_path_factory):
-    """A deformer-joint and its decomposition trained for a few steps on the mini split (checkpoint paths)."""
+def tiny_deformers(tiny_fast_checkpoint, mini_flickr, tmp_path_factory, slow_checkpoint):
+    """A deformer-joint (with its default teacher, the named Slow model) and its decomposition (with the
+    joint model's distillation term), trained for a few steps on the mini split (checkpoint paths)."""
     from vlsearch.training import deformer as training
 
     out = tmp_path_factory.mktemp("deformers")
@@ -246,10 +247,11 @@ def tiny_deformers(tiny_fast_checkpoint, mini_flickr, tmp_path_factory):
         },
         config=small,
     )
-    args.out, args.subset = str(out / "dec"), 0.5
-    dec = training.train_decomposed_from_args(
-        args, extra={"batch_size": 8, "group": 2, "warmup_steps": 1}, joint=str(joint)
-    )
+    assert json.loads((joint / "config.json").read_text())["teacher"] == str(slow_checkpoint)
+    args.out, args.subset, args.distill_weight, args.joint = str(out / "dec"), 0.5, 1.0, str(joint)
+    dec = training.train_decomposed_from_args(args, extra={"batch_size": 8, "group": 2, "warmup_steps": 1})
+    meta = json.loads((dec / "config.json").read_text())
+    assert meta["joint"] == str(joint) and meta["train"]["distill_weight"] == 1.0
     return joint, dec
 
 

@@ -27,30 +27,6 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 # -- helpers shared with test_browser.py ----------------------------------------------------------------
-@pytest.fixture(scope="session")
-def slow_checkpoint(tiny_fast_checkpoint, session_home):
-    """The named model `slow` for the real re-ranking path (vlsearch.search.rerank.Reranker).
-
-    A trained one is reused when tests/test_slow.py made it already; otherwise this saves, in a second,
-    a real SlowModel whose fusion layers start from MiniLM and whose cross-attention is fresh (training
-    and choosing its fusion weight on dev takes minutes on 2 cores and is test_slow.py's job). The
-    service only needs its scores and attention maps, not their quality; fusion weight 1 so re-ranking
-    visibly reorders."""
-    import torch
-
-    from vlsearch.models.checkpoint import save_checkpoint
-    from vlsearch.models.registry import default_checkpoint
-    from vlsearch.models.slow import SlowConfig, SlowModel
-
-    os.environ["VLSEARCH_HOME"] = str(session_home)
-    ckpt = default_checkpoint("slow")
-    if not (ckpt / "model.safetensors").is_file():
-        torch.manual_seed(0)
-        model = SlowModel(SlowConfig(fusion_weight=1.0, fusion_weight_i2t=1.0))
-        save_checkpoint(ckpt, model, {"note": "untrained, for the service tests"})
-    return ckpt
-
-
 class LiveServer:
     """A real uvicorn server in a thread, on a free 127.0.0.1 port."""
 

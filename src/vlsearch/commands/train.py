@@ -37,8 +37,23 @@ def register(sub):
     p.add_argument(
         "--distill", default=None, help="fast only: Slow teacher checkpoint or name to distill from"
     )
-    p.add_argument("--distill-weight", type=float, default=None)
+    p.add_argument(
+        "--distill-weight",
+        type=float,
+        default=None,
+        help="fast: weight of the Slow teacher's term; deformer: of the joint model's (0 = contrastive only)",
+    )
     p.add_argument("--distill-temperature", type=float, default=None)
+    p.add_argument(
+        "--teacher",
+        default=None,
+        help="deformer-joint only: pair scorer to learn from (default: slow; 'none' for plain ITM)",
+    )
+    p.add_argument(
+        "--joint",
+        default=None,
+        help="deformer only: the joint checkpoint or name to decompose (default: deformer-joint)",
+    )
     p.add_argument(
         "--subset",
         type=float,

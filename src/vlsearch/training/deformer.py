@@ -69,7 +69,7 @@ class JointTrainConfig:
     # distribution of the teacher's re-ranking score there, scale * (stream cosine + w * teacher score) with
     # w the teacher's dev-chosen fusion weight. On train the streams have memorised their pairs, so the
     # plain ITM target is nearly solved before any interaction; the teacher says what re-ranking adds.
-    teacher: str = ""
+    teacher: str = "slow"  # "" (or "none" on the CLI): plain ITM
     teacher_weight: float = 1.0
     seed: int = 0
     bf16: bool = True
@@ -565,6 +565,8 @@ def train_joint_from_args(args, extra: dict | None = None, config: DeformerConfi
     from vlsearch.models.checkpoint import save_checkpoint
 
     tc = apply_overrides(JointTrainConfig(seed=args.seed), args, extra)
+    if getattr(args, "teacher", None) is not None:
+        tc.teacher = "" if args.teacher.lower() in ("", "none") else args.teacher
     config = config or DeformerConfig()
     log = (lambda *a, **k: None) if args.quiet else print
     train, dev = _load(args, config.use_mid or bool(tc.teacher))
@@ -602,6 +604,10 @@ def train_decomposed_from_args(args, extra: dict | None = None, joint: str | Non
     tc = apply_overrides(DecomposeTrainConfig(seed=args.seed), args, extra)
     if getattr(args, "subset", None):
         tc.subset = args.subset
+    if getattr(args, "distill_weight", None) is not None:
+        tc.distill_weight = args.distill_weight
+    if getattr(args, "distill_temperature", None) is not None:
+        tc.distill_temperature = args.distill_temperature
     joint_name = joint or getattr(args, "joint", None) or "deformer-joint"
     net, _, joint_path = load_model(joint_name)
     if not isinstance(net, DeformerModel):
