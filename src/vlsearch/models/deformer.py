@@ -428,11 +428,13 @@ def measure_query_cost(
         ).float()
     real_emb = real_emb.numpy()
     # each model's queries run back to back, as a service running that model alone would run them
-    # (interleaved, the joint model's large activations would evict the small model's weights)
+    # (interleaved, the joint model's large activations would evict the small model's weights), after a
+    # warm-up pass: a service has long seen every query length (oneDNN prepares its kernels per shape)
     single = [(states[q : q + 1, : int(lengths[q])], lengths[q : q + 1]) for q in range(len(states))]
     joint_s, encode_s, queries = [], [], []
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        decomposed.encode_text(*single[0])  # warm-up
+        for st, ln in single:
+            decomposed.encode_text(st, ln)
         for st, ln in single:
             t0 = time.perf_counter()
             queries.append(decomposed.encode_text(st, ln).float().numpy())
