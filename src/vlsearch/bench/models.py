@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from vlsearch.models.layers import bf16_linears
+
 # ViT-B/32 as released by OpenAI (Radford et al. 2021): 12 x 768 vision, 12 x 512 text, 77 positions.
 CLIP_VISION = dict(
     hidden_size=768,
@@ -75,7 +77,7 @@ def clip_towers(layers: int | None = None):
     t = dict(CLIP_TEXT, num_hidden_layers=layers or CLIP_TEXT["num_hidden_layers"])
     vision = CLIPVisionModelWithProjection(CLIPVisionConfig(**v)).eval().requires_grad_(False)
     text = CLIPTextModelWithProjection(CLIPTextConfig(**t)).eval().requires_grad_(False)
-    return vision, text
+    return bf16_linears(vision), bf16_linears(text)
 
 
 def blip_itm(layers: int | None = None):
@@ -88,7 +90,7 @@ def blip_itm(layers: int | None = None):
     v = dict(BLIP_VISION, num_hidden_layers=1)  # unused for scoring; keep construction cheap
     model = BlipForImageTextRetrieval(BlipConfig(text_config=t, vision_config=v)).eval().requires_grad_(False)
     model.vision_model = None
-    return model
+    return bf16_linears(model)
 
 
 def blip_itm_scores(model, input_ids, attention_mask, image_embeds) -> torch.Tensor:
@@ -140,7 +142,7 @@ def load_ours(
         except Exception as e2:  # noqa: BLE001 - a model being written may not build yet
             return OurModel(named, None, f"not available ({type(e2).__name__}: {e2})")
         source = f"random weights, speed only (no trained checkpoint: {str(e).split(':')[0]})"
-    return OurModel(named, net.eval().requires_grad_(False), source)
+    return OurModel(named, bf16_linears(net.eval().requires_grad_(False)), source)
 
 
 def slow_model() -> OurModel:
