@@ -409,7 +409,6 @@ def measure_query_cost(
 
     from vlsearch.index.vectors import make_vector_index
 
-    # both run as served: inference copies with bf16 linear weights under autocast (same numbers)
     joint = bf16_linears(copy.deepcopy(joint)).eval()
     decomposed = bf16_linears(copy.deepcopy(decomposed)).eval()
     n_real = len(grid)
