@@ -282,7 +282,7 @@ def train_from_args(args):
     out = out_path(args, "slow")
     # saved before the dev step with a neutral fusion weight: a long run is never lost to what follows
     model.config.fusion_weight = model.config.fusion_weight_i2t = 0.02
-    save_checkpoint(out, model, meta)
+    saved = save_checkpoint(out, model, meta)
     try:
         dev = DatasetFeatures.load(load_dataset(args.data_root, "dev"), mid=True, progress=progress)
     except Exception as e:  # no dev split: keep a neutral fusion weight
@@ -299,7 +299,8 @@ def train_from_args(args):
             f"t2i R@1 {report['fast']['t2i']['r1']:.1f} -> {f['t2i']['r1']:.1f}, "
             f"i2t R@1 {report['fast']['i2t']['r1']:.1f} -> {f['i2t']['r1']:.1f}"
         )
-    return save_checkpoint(out, model, meta)
+        saved = save_checkpoint(out, model, meta)  # again, with the fusion weights chosen on dev
+    return saved
 
 
 # -- distillation -------------------------------------------------------------------------------------------
