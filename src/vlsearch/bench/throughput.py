@@ -8,14 +8,12 @@ lengths (speed depends on the lengths, not on the ids).
 
 from __future__ import annotations
 
-import copy
-
 import torch
 
 from vlsearch.bench import models as M
 from vlsearch.bench.hardware import Floors
 from vlsearch.bench.util import count_flops, rate
-from vlsearch.models.layers import bf16_linears
+from vlsearch.models.layers import inference_copy
 
 RERANK_K = 128  # pairs per call: one query against its top-128, as ALBEF/BLIP re-rank k = 128-256
 
@@ -45,7 +43,7 @@ def encoders(data, fast, floors: Floors, quick: bool) -> dict:
     from vlsearch.encoders.image import ImageBackbone
     from vlsearch.encoders.text import TextBackbone
 
-    fast = bf16_linears(copy.deepcopy(fast))  # as the search path's Embedder runs it
+    fast = inference_copy(fast)  # as the search path's Embedder runs it
     budget = 1.0 if quick else 6.0
     calls = 1 if quick else 3
     n_img = 8 if quick else 32

@@ -6,13 +6,12 @@ The lower layers are frozen and their token states cached; the upper layers are 
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from vlsearch.models.layers import bf16_linears
+from vlsearch.models.layers import inference_copy
 from vlsearch.settings import configure_torch
 
 
@@ -61,7 +60,7 @@ class TextBackbone(torch.nn.Module):
         self.embeddings = bert.embeddings
         self.layers = torch.nn.ModuleList(bert.encoder.layer[: config.split_layer])
         if config.bf16:  # a copy: the shared MiniLM also initialises the models' trainable layers
-            self.layers = bf16_linears(copy.deepcopy(self.layers))
+            self.layers = inference_copy(self.layers)
         self.requires_grad_(False)
         self.dim = bert.config.hidden_size
 

@@ -16,7 +16,6 @@ Both modes hold exactly the same parameters: the decomposed model is the joint m
 
 from __future__ import annotations
 
-import copy
 import math
 import time
 from dataclasses import dataclass, replace
@@ -27,8 +26,8 @@ from torch import nn
 
 from vlsearch.models.layers import (
     TransformerLayer,
-    bf16_linears,
     image_tower,
+    inference_copy,
     masked_mean,
     mean_max_pool,
     minilm_upper_layers,
@@ -403,14 +402,13 @@ def measure_query_cost(
       over the gallery embeddings (the real images, topped up with random unit vectors for the
       synthetic 10k/100k galleries), both timed at every size.
 
-    Both models run as the search path runs them: copies with bf16 linear weights (``bf16_linears``).
+    Both models run as the search path runs them: copies with bf16 linear weights (``inference_copy``).
     """
     import numpy as np
 
     from vlsearch.index.vectors import make_vector_index
 
-    joint = bf16_linears(copy.deepcopy(joint)).eval()
-    decomposed = bf16_linears(copy.deepcopy(decomposed)).eval()
+    joint, decomposed = inference_copy(joint), inference_copy(decomposed)
     n_real = len(grid)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         m = min(joint_measured, max(gallery_sizes))

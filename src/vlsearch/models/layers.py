@@ -6,6 +6,7 @@ than the built-in kernels, and so the attention weights are at hand for explanat
 
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
@@ -139,3 +140,9 @@ def bf16_linears(module: nn.Module) -> nn.Module:
         if isinstance(m, nn.Linear):
             m.to(torch.bfloat16)
     return module
+
+
+def inference_copy(module: nn.Module) -> nn.Module:
+    """A copy of ``module`` in eval mode with bf16 linear weights (``bf16_linears``), for running a model
+    that is also trained, saved or run without autocast elsewhere: the original stays as it is."""
+    return bf16_linears(copy.deepcopy(module)).eval()

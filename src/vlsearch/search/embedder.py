@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -12,7 +11,7 @@ import torch
 from vlsearch.data.images import ImageReport, load_image
 from vlsearch.encoders.features import FeatureExtractor, map_batches
 from vlsearch.errors import QueryError
-from vlsearch.models.layers import bf16_linears
+from vlsearch.models.layers import inference_copy
 from vlsearch.settings import MAX_QUERY_CHARS
 
 
@@ -39,7 +38,7 @@ class Embedder:
     """A dual encoder (Fast or decomposed deformer) plus the feature cache it reads from."""
 
     def __init__(self, model, extractor: FeatureExtractor | None = None, progress: bool = True):
-        self.model = bf16_linears(copy.deepcopy(model)).eval()  # its own inference copy (autocast only)
+        self.model = inference_copy(model)
         self.extractor = extractor or FeatureExtractor(progress=progress)
         self.progress = progress
 

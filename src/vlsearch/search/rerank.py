@@ -10,7 +10,6 @@ Slow model alone would cost over the whole gallery.
 
 from __future__ import annotations
 
-import copy
 import sys
 import time
 from collections import OrderedDict
@@ -20,7 +19,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from vlsearch.models.layers import bf16_linears
+from vlsearch.models.layers import inference_copy
 from vlsearch.models.slow import ImageKV, SlowModel, TextState
 
 IMAGE_CHUNK = 16  # images per score_block call
@@ -378,7 +377,7 @@ class Reranker:
     def __init__(
         self, model: SlowModel, meta: dict | None = None, path=None, extractor=None, cache_images=2048
     ):
-        self.model = bf16_linears(copy.deepcopy(model)).eval()  # its own inference copy (autocast only)
+        self.model = inference_copy(model)
         self.meta = meta or {}
         self.path = Path(path) if path else None
         self.extractor = extractor
