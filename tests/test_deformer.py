@@ -12,6 +12,7 @@ import torch
 
 from vlsearch.cli import main
 from vlsearch.models.deformer import DeformerConfig, DeformerModel
+from vlsearch.precision import autocast
 
 
 def tiny_config(**kw) -> DeformerConfig:
@@ -331,7 +332,7 @@ def test_teacher_target_is_the_fused_rerank_score():
     t_rows = torch.tensor([0, 0, 1, 1, 2, 3, 3, 0])
     i_rows = torch.tensor([0, 1, 1, 2, 2, 2, 3, 3])
     teacher.config.fusion_weight = teacher.config.fusion_weight_i2t = 0.0
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.no_grad(), autocast():
         te = model.encode_text(feats.states, lengths).float()
         ie = model.encode_image(feats.grid.float()).float()
     own = model.scale.detach() * (te[t_rows] * ie[i_rows]).sum(-1)

@@ -10,6 +10,7 @@ import pytest
 
 from vlsearch.cli import main
 from vlsearch.errors import CheckpointError, IndexError_, QueryError
+from vlsearch.precision import autocast, compute_dtype
 
 
 def test_feature_cache_reused(mini_flickr, monkeypatch):
@@ -214,11 +215,11 @@ def test_inference_copies_keep_autocast_numbers_and_the_model(tiny_fast_checkpoi
     net = load_model(str(tiny_fast_checkpoint))[0].eval()
     embedder = Embedder(net, progress=False)
     assert all(p.dtype == torch.float32 for p in net.parameters())
-    assert any(p.dtype == torch.bfloat16 for p in embedder.model.parameters())
+    assert any(p.dtype == compute_dtype() for p in embedder.model.parameters())
     gen = torch.Generator().manual_seed(0)
     states, lengths = torch.randn(5, 9, 384, generator=gen), torch.tensor([9, 3, 5, 1, 7])
     grid = torch.randn(3, 49, net.config.image_dim, generator=gen)
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.no_grad(), autocast():
         want_text = net.encode_text(states, lengths).float().numpy()
         want_image = net.encode_image(grid, None).float().numpy()
     np.testing.assert_array_equal(embedder._text(states.numpy(), lengths.numpy()), want_text)
@@ -229,7 +230,7 @@ def test_inference_copies_keep_autocast_numbers_and_the_model(tiny_fast_checkpoi
     assert all(p.dtype == torch.float32 for p in bert.parameters())  # it also initialises new models
     batch = backbone.tokenize(["a dog runs through the snow", "two girls"])
     ids, mask = batch["input_ids"], batch["attention_mask"]
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.no_grad(), autocast():
         h = bert.embeddings(input_ids=ids)
         ext = (1.0 - mask[:, None, None, :].to(h.dtype)) * -10000.0
         for layer in bert.encoder.layer[: backbone.config.split_layer]:

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from vlsearch.cli import main
+from vlsearch.precision import autocast, compute_dtype
 
 
 @pytest.fixture(scope="session")
@@ -51,6 +52,21 @@ def test_block_pairs_and_forward_agree():
     with torch.no_grad():
         short = model.score_block(model.text_state(states[1:2, :5], lengths[1:2]), kv)
     assert torch.allclose(short[0], block[1], atol=1e-4)
+
+
+def test_pair_scores_are_fp32_after_a_bf16_body():
+    """The scoring head runs in fp32 on the inference copy: scores over 300 images are nearly all
+    distinct (a bf16 logit would give ~130 values and ties would decide rankings)."""
+    from vlsearch.models.layers import inference_copy
+
+    model = inference_copy(_small_model())
+    assert model.head[0].weight.dtype == torch.float32
+    assert model.layers[0].self_attn.q.weight.dtype == compute_dtype()
+    states, lengths = torch.randn(1, 9, 384), torch.tensor([9])
+    mid, grid = torch.randn(300, 196, 112), torch.randn(300, 49, 1280)
+    scores = model.score_texts_images(states, lengths, mid, grid)
+    assert scores.dtype == torch.float32
+    assert len(torch.unique(scores)) >= 295
 
 
 def test_group_loss_and_sampler_shapes():
@@ -118,7 +134,7 @@ def test_distillation_loss_zero_when_student_and_teacher_agree():
     cands = torch.randint(0, 20, (10, 6))
     caps = torch.arange(10)
     text = torch.nn.functional.normalize(torch.randn(10, model.config.embed_dim), dim=-1)
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.no_grad(), autocast():
         emb = model.encode_image(grid).float()
     logits = model.scale.detach() * (text[:, None, :] * emb[cands]).sum(-1)
     teacher = SlowTeacher(cands, logits, captions_per_step=0)

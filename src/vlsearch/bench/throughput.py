@@ -14,12 +14,13 @@ from vlsearch.bench import models as M
 from vlsearch.bench.hardware import Floors
 from vlsearch.bench.util import count_flops, rate
 from vlsearch.models.layers import inference_copy
+from vlsearch.precision import autocast
 
 RERANK_K = 128  # pairs per call: one query against its top-128, as ALBEF/BLIP re-rank k = 128-256
 
 
 def _autocast():
-    return torch.autocast("cpu", dtype=torch.bfloat16)
+    return autocast()
 
 
 def _row(name: str, what: str, r: dict, flops: float, floors: Floors, unit: str, source: str) -> dict:

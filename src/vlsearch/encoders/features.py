@@ -20,6 +20,7 @@ from vlsearch.data.images import ImageReport, load_image
 from vlsearch.encoders.image import ImageBackbone, ImageBackboneConfig
 from vlsearch.encoders.store import TokenStore
 from vlsearch.encoders.text import TextBackbone, TextBackboneConfig
+from vlsearch.precision import use_bf16
 from vlsearch.settings import cache_dir
 
 CHUNK = 512
@@ -50,7 +51,7 @@ def image_store(config: ImageBackboneConfig = ImageBackboneConfig(), root: Path 
             "backbone": config.name,
             "image_size": config.image_size,
             "mid_block": config.mid_block,
-            "bf16": config.bf16,
+            "bf16": config.bf16 and use_bf16(),
         },
     )
 
@@ -63,7 +64,7 @@ def text_store(config: TextBackboneConfig = TextBackboneConfig(), root: Path | N
             "backbone": config.name,
             "split_layer": config.split_layer,
             "max_tokens": config.max_tokens,
-            "bf16": config.bf16,
+            "bf16": config.bf16 and use_bf16(),
         },
     )
 

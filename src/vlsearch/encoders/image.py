@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from vlsearch.precision import autocast, use_bf16
 from vlsearch.settings import configure_torch
 
 # Offline weight packages per variant; resolution is the variant's native input size.
@@ -23,11 +24,13 @@ class ImageBackboneConfig:
     image_size: int = 224
     # Index of the last block at stride 16 (the 14x14 map at 224 px) kept for the fine-grained Slow model.
     mid_block: int = 10
-    bf16: bool = True
+    bf16: bool = True  # where the CPU runs bf16 natively (vlsearch.precision); else fp32
 
     @property
     def tag(self) -> str:
-        return f"{self.name}-{self.image_size}px-b{self.mid_block}{'-bf16' if self.bf16 else ''}"
+        return (
+            f"{self.name}-{self.image_size}px-b{self.mid_block}{'-bf16' if self.bf16 and use_bf16() else ''}"
+        )
 
 
 class ImageBackbone(torch.nn.Module):
@@ -60,7 +63,7 @@ class ImageBackbone(torch.nn.Module):
         x = images_uint8.permute(0, 3, 1, 2).float()
         x = (x / 255.0 - 0.5) / 0.5
         net = self.net
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.config.bf16):
+        with autocast(self.config.bf16):
             x = net._swish(net._bn0(net._conv_stem(x)))
             mid = None
             for idx, block in enumerate(net._blocks):

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from vlsearch.models.layers import inference_copy
+from vlsearch.precision import autocast, use_bf16
 from vlsearch.settings import configure_torch
 
 
@@ -26,11 +27,13 @@ class TextBackboneConfig:
     name: str = "all-MiniLM-L6-v2"
     split_layer: int = 4
     max_tokens: int = 40
-    bf16: bool = True
+    bf16: bool = True  # where the CPU runs bf16 natively (vlsearch.precision); else fp32
 
     @property
     def tag(self) -> str:
-        return f"{self.name}-L{self.split_layer}-t{self.max_tokens}{'-bf16' if self.bf16 else ''}"
+        return (
+            f"{self.name}-L{self.split_layer}-t{self.max_tokens}{'-bf16' if self.bf16 and use_bf16() else ''}"
+        )
 
 
 _BERT_CACHE: dict[str, object] = {}
@@ -59,7 +62,9 @@ class TextBackbone(torch.nn.Module):
         self.config = config
         self.embeddings = bert.embeddings
         self.layers = torch.nn.ModuleList(bert.encoder.layer[: config.split_layer])
-        if config.bf16:  # a copy: the shared MiniLM also initialises the models' trainable layers
+        if (
+            config.bf16 and use_bf16()
+        ):  # a copy: the shared MiniLM also initialises the models' trainable layers
             self.layers = inference_copy(self.layers)
         self.requires_grad_(False)
         self.dim = bert.config.hidden_size
@@ -71,7 +76,7 @@ class TextBackbone(torch.nn.Module):
 
     @torch.no_grad()
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.config.bf16):
+        with autocast(self.config.bf16):
             h = self.embeddings(input_ids=input_ids)
             ext = (1.0 - attention_mask[:, None, None, :].to(h.dtype)) * -10000.0
             for layer in self.layers:

@@ -8,18 +8,31 @@ KS = (1, 5, 10)
 
 
 def t2i_ranks(sim: np.ndarray, caption_image: np.ndarray) -> np.ndarray:
-    """sim [captions, images]. Rank (0 = first) of each caption's image among all images."""
-    gt = sim[np.arange(len(sim)), caption_image]
-    return (sim > gt[:, None]).sum(1)
+    """sim [captions, images]. Rank (0 = first) of each caption's image among all images.
+
+    Ties count against the ground truth: the rank is the number of *other* images scoring >= the right
+    one, so a scorer that gives every pair the same score ranks every image last (no credit for ties),
+    and coarse scores (bf16 logits) cannot gain from them."""
+    rows = np.arange(len(sim))
+    gt = sim[rows, caption_image]
+    return (sim >= gt[:, None]).sum(1) - 1  # minus the ground truth itself
 
 
 def i2t_ranks(sim: np.ndarray, caption_image: np.ndarray) -> np.ndarray:
-    """Rank of the best-ranked of each image's captions among all captions."""
-    sim_i = sim.T  # [images, captions]
-    ranks = np.full(sim_i.shape[0], np.iinfo(np.int64).max, dtype=np.int64)
-    for c, i in enumerate(caption_image):
-        ranks[i] = min(ranks[i], int((sim_i[i] > sim_i[i, c]).sum()))
-    return ranks
+    """Rank of the best-ranked of each image's captions among all captions.
+
+    Ties count against the ground truth, as in ``t2i_ranks``: the rank is the number of the image's
+    *wrong* captions scoring >= its best right caption (its other right captions are not counted)."""
+    sim_i = np.asarray(sim).T  # [images, captions]
+    caption_image = np.asarray(caption_image)
+    n_images = sim_i.shape[0]
+    right = np.zeros(sim_i.shape, dtype=bool)
+    right[caption_image, np.arange(len(caption_image))] = True
+    best = np.where(right, sim_i, -np.inf).max(1)
+    ranks = ((sim_i >= best[:, None]) & ~right).sum(1)
+    # an image without captions has no rank: never within any K
+    ranks[~right.any(1)] = np.iinfo(np.int64).max
+    return ranks.astype(np.int64)[:n_images]
 
 
 def recalls(ranks: np.ndarray, ks=KS) -> dict[str, float]:

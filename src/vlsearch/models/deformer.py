@@ -26,12 +26,15 @@ from torch import nn
 
 from vlsearch.models.layers import (
     TransformerLayer,
+    fp32_head,
     image_tower,
     inference_copy,
     masked_mean,
     mean_max_pool,
     minilm_upper_layers,
+    run_fp32,
 )
+from vlsearch.precision import autocast
 
 MODES = ("joint", "decomposed")
 
@@ -148,7 +151,7 @@ class DeformerModel(nn.Module):
             )
         self.cross_gate = nn.Parameter(torch.zeros(config.n_layers, config.heads))
         # ITM head on the pooled joint output: [text CLS, mean text, mean image, mean text * mean image]
-        self.itm_head = nn.Sequential(nn.Linear(4 * D, D), nn.GELU(), nn.Linear(D, 1))
+        self.itm_head = fp32_head(nn.Sequential(nn.Linear(4 * D, D), nn.GELU(), nn.Linear(D, 1)))
         # decomposed embeddings (also trained in joint mode, as the multi-task contrastive term)
         self.image_embed = nn.Linear(D, config.embed_dim)
         self.text_embed = nn.Linear(D, config.embed_dim)
@@ -252,7 +255,7 @@ class DeformerModel(nn.Module):
             x = self.run_layers(x, mask)
         t, i = x[:, :L], x[:, L:]
         t_mean, i_mean = masked_mean(t, txt_mask), i.mean(1)
-        logit = self.itm_head(torch.cat([t[:, 0], t_mean, i_mean, t_mean * i_mean], -1)).squeeze(-1).float()
+        logit = run_fp32(self.itm_head, torch.cat([t[:, 0], t_mean, i_mean, t_mean * i_mean], -1)).squeeze(-1)
         if self.config.itm_head == "sim+mlp":
             te = F.normalize(self.text_embed(t_mean).float(), dim=-1)
             ie = self.image_embedding(i_mean, img)
@@ -325,7 +328,7 @@ class DeformerModel(nn.Module):
         """
         if keep_weights:
             raise ValueError("the deformer has no word-to-region maps (keep_weights)")
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with autocast():
             img = self.image_tokens(grid, mid)
             if text_index is None:
                 txt, mask = self.text_tokens(states, lengths)
@@ -410,7 +413,7 @@ def measure_query_cost(
 
     joint, decomposed = inference_copy(joint), inference_copy(decomposed)
     n_real = len(grid)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with autocast():
         m = min(joint_measured, max(gallery_sizes))
         reps = -(-m // n_real)
         img = joint.image_tokens(grid, mid)
@@ -429,7 +432,7 @@ def measure_query_cost(
     # warm-up pass: a service has long seen every query length (oneDNN prepares its kernels per shape)
     single = [(states[q : q + 1, : int(lengths[q])], lengths[q : q + 1]) for q in range(len(states))]
     joint_s, encode_s, queries = [], [], []
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with autocast():
         for st, ln in single:
             decomposed.encode_text(st, ln)
         for st, ln in single:
@@ -446,7 +449,7 @@ def measure_query_cost(
             joint_s.append(time.perf_counter() - t0)
     # the same queries encoded as one padded batch: the per-query cost of a batch of queries (the joint
     # model's pairs are batched too, ``batch`` per forward pass)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with autocast():
         decomposed.encode_text(states, lengths)
         t0 = time.perf_counter()
         decomposed.encode_text(states, lengths)

@@ -26,7 +26,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from vlsearch.models.layers import Attention, TransformerLayer, minilm_upper_layers
+from vlsearch.models.layers import Attention, TransformerLayer, fp32_head, minilm_upper_layers, run_fp32
+from vlsearch.precision import autocast
 
 # Images' cross-attention keys/values for every fusion layer: [(k, v)] each [N, heads, Lk, head_dim].
 ImageKV = list[tuple[torch.Tensor, torch.Tensor]]
@@ -102,7 +103,7 @@ class SlowModel(nn.Module):
         if c.cross_heads != c.heads:
             for layer in self.layers:
                 layer.cross_attn = Attention(D, c.cross_heads, kv_dim=D)
-        self.head = nn.Sequential(nn.Linear(D, D), nn.Tanh(), nn.Linear(D, 1))
+        self.head = fp32_head(nn.Sequential(nn.Linear(D, D), nn.Tanh(), nn.Linear(D, 1)))
 
     # -- image side: computed once per image -------------------------------------------------------------
     def image_tokens(self, mid: torch.Tensor, grid: torch.Tensor | None = None) -> torch.Tensor:
@@ -211,7 +212,7 @@ class SlowModel(nn.Module):
             else:
                 c, _ = _attend(q, k.index_select(0, image_index), v.index_select(0, image_index))
             h = layer.feed_forward(cx.merge(x, c.to(x.dtype)))
-        return self.head(h[:, 0]).squeeze(-1).float()
+        return run_fp32(self.head, h[:, 0]).squeeze(-1)
 
     def forward(
         self,
@@ -239,7 +240,7 @@ class SlowModel(nn.Module):
         """Inference helper under bf16 autocast: pairs (text_index, image_index) over these texts and images,
         or every text with every image when both are None ([T, NI]). Returns float32 scores (and the
         word-to-region maps [P, L, 196] with keep_weights)."""
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with autocast():
             text = self.text_state(states, lengths)
             kv = self.image_kv(mid, grid)
             if text_index is None:

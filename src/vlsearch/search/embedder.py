@@ -12,6 +12,7 @@ from vlsearch.data.images import ImageReport, load_image
 from vlsearch.encoders.features import FeatureExtractor, map_batches
 from vlsearch.errors import QueryError
 from vlsearch.models.layers import inference_copy
+from vlsearch.precision import autocast
 from vlsearch.settings import MAX_QUERY_CHARS
 
 
@@ -48,14 +49,14 @@ class Embedder:
 
     @torch.no_grad()
     def _image(self, grid: np.ndarray, mid: np.ndarray | None = None) -> np.ndarray:
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with autocast():
             g = torch.from_numpy(np.asarray(grid, dtype=np.float32))
             m = torch.from_numpy(np.asarray(mid, dtype=np.float32)) if mid is not None else None
             return self.model.encode_image(g, m).float().numpy()
 
     @torch.no_grad()
     def _text(self, states: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with autocast():
             s = torch.from_numpy(np.asarray(states, dtype=np.float32))
             return self.model.encode_text(s, torch.from_numpy(np.asarray(lengths))).float().numpy()
 

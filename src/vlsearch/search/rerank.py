@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from vlsearch.models.layers import inference_copy
 from vlsearch.models.slow import ImageKV, SlowModel, TextState
+from vlsearch.precision import autocast, compute_dtype
 
 IMAGE_CHUNK = 16  # images per score_block call
 TEXT_CHUNK = 128  # texts per score_block call
@@ -125,7 +126,7 @@ def score_all_pairs(model: SlowModel, feats, progress: bool = True) -> np.ndarra
     sim = np.zeros((M, N), dtype=np.float32)
     order = np.argsort(feats.lengths.numpy(), kind="stable")  # similar lengths share a chunk
     bar = _bar(M * N, "slow: all pairs", progress)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with autocast():
         texts = []
         for s in range(0, M, TEXT_CHUNK):
             rows = order[s : s + TEXT_CHUNK]
@@ -147,17 +148,17 @@ def score_all_pairs(model: SlowModel, feats, progress: bool = True) -> np.ndarra
 
 @torch.no_grad()
 def all_text_states(model: SlowModel, states, lengths, rows: np.ndarray | None = None) -> TextState:
-    """TextState of many texts (all, or ``rows``), computed in length-sorted chunks and kept in bf16."""
+    """TextState of many texts (all, or ``rows``), computed in length-sorted chunks and kept in the compute dtype (bf16 where native)."""
     rows = np.arange(len(lengths)) if rows is None else np.asarray(rows)
     T = len(rows)
     L = max(1, int(lengths[torch.as_tensor(rows)].max())) if T else 1
     c = model.config
     heads = model.layers[0].cross_attn.heads
-    h = torch.zeros(T, L, c.text_dim, dtype=torch.bfloat16)
-    q = torch.zeros(T, heads, L, c.text_dim // heads, dtype=torch.bfloat16)
+    h = torch.zeros(T, L, c.text_dim, dtype=compute_dtype())
+    q = torch.zeros(T, heads, L, c.text_dim // heads, dtype=compute_dtype())
     mask = torch.zeros(T, L, dtype=torch.bool)
     order = np.argsort(lengths[torch.as_tensor(rows)].numpy(), kind="stable")
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with autocast():
         for s in range(0, T, 512):
             pos = torch.as_tensor(order[s : s + 512])
             part = _text_states(model, states, lengths, rows[order[s : s + 512]])
@@ -197,7 +198,7 @@ def score_pairs_grouped(
     imgs, starts = np.unique(image_index[order], return_index=True)
     ends = np.r_[starts[1:], len(order)]
     bar = _bar(len(out), desc, progress)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with autocast():
         for c0 in range(0, len(imgs), IMAGE_CHUNK * 4):
             chunk = imgs[c0 : c0 + IMAGE_CHUNK * 4]
             sel = torch.as_tensor(chunk, dtype=torch.long)
@@ -300,7 +301,7 @@ def measure_costs(model: SlowModel, feats, K: int, n_queries: int = 8, gallery_s
     grid = _grid_or_none(model, feats.grid)
     K = min(K, N)
     cold, warm = [], []
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with autocast():
         for n, q in enumerate(queries):
             imgs = torch.as_tensor(rng.choice(N, size=K, replace=False))
             t0 = time.perf_counter()
@@ -408,7 +409,7 @@ class Reranker:
             grid = (
                 torch.from_numpy(fx.images.get_stacked(todo, "grid")) if self.model.config.use_grid else None
             )
-            with torch.autocast("cpu", dtype=torch.bfloat16):
+            with autocast():
                 kv = self.model.image_kv(mid, grid)
             for i, key in enumerate(todo):
                 self._kv[key] = [(k[i : i + 1], v[i : i + 1]) for k, v in kv]
@@ -434,7 +435,7 @@ class Reranker:
         fx = self._need_extractor()
         states, lengths, ids = fx.encode_texts([text])
         kv = self.image_kv(list(keys))
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with autocast():
             tstate = self.model.text_state(torch.from_numpy(states), torch.from_numpy(lengths))
             out = self.model.score_block(tstate, kv, keep_weights=explain)
         scores, weights = out if explain else (out, None)
@@ -459,7 +460,7 @@ class Reranker:
         fx = self._need_extractor()
         states, lengths, _ = fx.encode_texts(list(texts))
         kv = self.image_kv([key])
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with autocast():
             tstate = self.model.text_state(torch.from_numpy(states), torch.from_numpy(lengths))
             slow = self.model.score_block(tstate, kv)[:, 0].float().numpy()
         return fast_scores + self.model.config.fusion_weight_i2t * slow, slow

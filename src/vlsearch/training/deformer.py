@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 from vlsearch.eval.metrics import retrieval_metrics
 from vlsearch.models.deformer import DeformerConfig, DeformerModel
+from vlsearch.precision import autocast
 from vlsearch.training import apply_overrides
 from vlsearch.training.features import DatasetFeatures
 from vlsearch.training.losses import candidate_kl, info_nce
@@ -171,7 +172,7 @@ def embed_decomposed(model: DeformerModel, feats: DatasetFeatures, batch: int = 
     """(image embeddings [N,D], caption embeddings [M,D]) of the separately run streams, numpy."""
     model.eval()
     mid = feats.mid if model.config.use_mid else None
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with autocast():
         img = torch.cat(
             [
                 model.encode_image(feats.grid[s : s + batch], None if mid is None else mid[s : s + batch])
@@ -285,7 +286,7 @@ def train_joint(
             where = torch.full((train.n_images,), -1, dtype=torch.long)
             where[need] = torch.arange(len(need))
             grid, mid = _image_inputs(train, need, tc.flip, tc.feature_dropout, gen, use_mid)
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=tc.bf16):
+            with autocast(tc.bf16):
                 img_tok = model.image_tokens(grid, mid)
                 # (a) contrastive on the separately run streams
                 loss = torch.zeros(())
@@ -346,7 +347,7 @@ def teacher_list_logits(model: DeformerModel, teacher, train: DatasetFeatures, t
     ).float()
     was_training = model.training
     model.eval()
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with autocast():
         te = model.encode_text(train.states[t_u], train.lengths[t_u]).float()
         ie = model.encode_image(grid, mid if model.config.use_mid else None).float()
     model.train(was_training)
@@ -450,11 +451,11 @@ def _distill_lists(model, joint, target, imgs, caps, tx, neighbours, tc) -> torc
     grid = target.grid[flat].float()
     mid = target.mid[flat].float() if model.config.use_mid else None
     rows = caps[:q].repeat_interleave(n)
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=tc.bf16):
+    with torch.no_grad(), autocast(tc.bf16):
         teacher = joint.joint_logits_bucketed(
             joint.image_tokens(grid, mid), target.states[rows], target.lengths[rows]
         ).view(q, n)
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=tc.bf16):
+    with autocast(tc.bf16):
         e_img = model.encode_image(grid, mid).float().view(q, n, -1)
     student = model.scale * (tx[:q, None, :] * e_img).sum(-1)
     T = tc.distill_temperature
@@ -513,7 +514,7 @@ def train_decomposed(
             imgs = torch.from_numpy(imgs)
             caps = torch.tensor([caps_of[i][rng.integers(len(caps_of[i]))] for i in imgs.tolist()])
             grid, mid = _image_inputs(target, imgs, tc.flip, tc.feature_dropout, gen, model.config.use_mid)
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=tc.bf16):
+            with autocast(tc.bf16):
                 im = model.encode_image(grid, mid)
                 tx = model.encode_text(target.states[caps], target.lengths[caps])
             same = imgs[:, None] == imgs[None, :]

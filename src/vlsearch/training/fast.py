@@ -14,6 +14,7 @@ from tqdm import tqdm
 
 from vlsearch.eval.metrics import retrieval_metrics
 from vlsearch.models.fast import FastConfig, FastModel
+from vlsearch.precision import autocast
 from vlsearch.training import apply_overrides
 from vlsearch.training.features import DatasetFeatures
 from vlsearch.training.losses import info_nce
@@ -60,7 +61,7 @@ def embed_features(
     model: FastModel, feats: DatasetFeatures, batch: int = 1024
 ) -> tuple[np.ndarray, np.ndarray]:
     model.eval()
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.no_grad(), autocast():
         img = torch.cat(
             [model.encode_image(feats.grid[s : s + batch]).float() for s in range(0, feats.n_images, batch)]
         )
@@ -121,7 +122,7 @@ def train_fast(
                 grid = torch.nn.functional.dropout(grid, tc.feature_dropout)
             L = int(train.lengths[caps].max())
             states, lengths = train.states[caps, :L], train.lengths[caps]
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=tc.bf16):
+            with autocast(tc.bf16):
                 im = model.encode_image(grid)
                 tx = model.encode_text(states, lengths)
             im, tx = im.float(), tx.float()

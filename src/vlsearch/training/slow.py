@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from vlsearch.models.slow import SlowConfig, SlowModel
+from vlsearch.precision import autocast
 from vlsearch.training import apply_overrides
 from vlsearch.training.features import DatasetFeatures
 from vlsearch.training.losses import candidate_kl
@@ -168,7 +169,7 @@ def train_slow(
             # captions sorted by length and scored in buckets: each bucket pads only to its own longest
             order = np.argsort(train.lengths[torch.from_numpy(captions)].numpy(), kind="stable")
             captions, cap_img = captions[order], cap_img[order]
-            with torch.autocast("cpu", dtype=torch.bfloat16):
+            with autocast():
                 kv = model.image_kv(mid, grid)
                 parts = []
                 for b0 in range(0, len(captions), tc.bucket):
@@ -348,7 +349,7 @@ class SlowTeacher:
             rows = rows[torch.randperm(len(rows), generator=self.gen)[: self.captions_per_step]]
         cand = self.candidates[caps[rows]]  # [B, C]
         uniq, inv = torch.unique(cand, return_inverse=True)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with autocast():
             emb = self._image_emb(model, train, uniq)
         emb = emb.float()[inv]  # [B, C, D]
         student = model.scale * (text_emb[rows][:, None, :] * emb).sum(-1)
