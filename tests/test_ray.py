@@ -16,13 +16,22 @@ def local_ray():
     ray = pytest.importorskip("ray")
     import logging
 
-    ray.init(
-        address="local",
-        num_cpus=2,
-        include_dashboard=False,
-        logging_level=logging.WARNING,
-        log_to_driver=False,
-    )
+    # Ray waits a fixed 30 s for its raylet to register; on 2 loaded cores that can run out, so a
+    # failed start is retried (a real failure still fails, three times).
+    for attempt in range(3):
+        try:
+            ray.init(
+                address="local",
+                num_cpus=2,
+                include_dashboard=False,
+                logging_level=logging.WARNING,
+                log_to_driver=False,
+            )
+            break
+        except Exception:
+            ray.shutdown()
+            if attempt == 2:
+                raise
     try:
         yield ray
     finally:
