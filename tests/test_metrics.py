@@ -74,8 +74,7 @@ def test_an_image_without_captions_is_never_retrieved():
 def test_precision_follows_the_cpu_and_the_override(monkeypatch):
     import torch
 
-    from vlsearch.models.layers import inference_copy
-    from vlsearch.precision import autocast, compute_dtype, cpu_has_native_bf16, use_bf16
+    from vlsearch.precision import autocast, compute_dtype, cpu_has_native_bf16, inference_copy, use_bf16
 
     monkeypatch.setenv("VLSEARCH_PRECISION", "auto")
     assert use_bf16() == cpu_has_native_bf16()

@@ -57,7 +57,7 @@ def test_block_pairs_and_forward_agree():
 def test_pair_scores_are_fp32_after_a_bf16_body():
     """The scoring head runs in fp32 on the inference copy: scores over 300 images are nearly all
     distinct (a bf16 logit would give ~130 values and ties would decide rankings)."""
-    from vlsearch.models.layers import inference_copy
+    from vlsearch.precision import inference_copy
 
     model = inference_copy(_small_model())
     assert model.head[0].weight.dtype == torch.float32

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from vlsearch.models.layers import bf16_linears
+from vlsearch.precision import bf16_linears
 
 # ViT-B/32 as released by OpenAI (Radford et al. 2021): 12 x 768 vision, 12 x 512 text, 77 positions.
 CLIP_VISION = dict(

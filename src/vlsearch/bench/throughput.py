@@ -13,8 +13,7 @@ import torch
 from vlsearch.bench import models as M
 from vlsearch.bench.hardware import Floors
 from vlsearch.bench.util import count_flops, rate
-from vlsearch.models.layers import inference_copy
-from vlsearch.precision import autocast
+from vlsearch.precision import autocast, inference_copy
 
 RERANK_K = 128  # pairs per call: one query against its top-128, as ALBEF/BLIP re-rank k = 128-256
 

@@ -11,8 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from vlsearch.models.layers import inference_copy
-from vlsearch.precision import autocast, use_bf16
+from vlsearch.precision import autocast, inference_copy, use_bf16
 from vlsearch.settings import configure_torch
 
 

@@ -26,15 +26,12 @@ from torch import nn
 
 from vlsearch.models.layers import (
     TransformerLayer,
-    fp32_head,
     image_tower,
-    inference_copy,
     masked_mean,
     mean_max_pool,
     minilm_upper_layers,
-    run_fp32,
 )
-from vlsearch.precision import autocast
+from vlsearch.precision import autocast, fp32_head, inference_copy, run_fp32
 
 MODES = ("joint", "decomposed")
 

@@ -26,8 +26,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from vlsearch.models.layers import Attention, TransformerLayer, fp32_head, minilm_upper_layers, run_fp32
-from vlsearch.precision import autocast
+from vlsearch.models.layers import Attention, TransformerLayer, minilm_upper_layers
+from vlsearch.precision import autocast, fp32_head, run_fp32
 
 # Images' cross-attention keys/values for every fusion layer: [(k, v)] each [N, heads, Lk, head_dim].
 ImageKV = list[tuple[torch.Tensor, torch.Tensor]]

@@ -11,8 +11,7 @@ import torch
 from vlsearch.data.images import ImageReport, load_image
 from vlsearch.encoders.features import FeatureExtractor, map_batches
 from vlsearch.errors import QueryError
-from vlsearch.models.layers import inference_copy
-from vlsearch.precision import autocast
+from vlsearch.precision import autocast, inference_copy
 from vlsearch.settings import MAX_QUERY_CHARS
 
 

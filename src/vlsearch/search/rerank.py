@@ -19,9 +19,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from vlsearch.models.layers import inference_copy
 from vlsearch.models.slow import ImageKV, SlowModel, TextState
-from vlsearch.precision import autocast, compute_dtype
+from vlsearch.precision import autocast, compute_dtype, inference_copy
 
 IMAGE_CHUNK = 16  # images per score_block call
 TEXT_CHUNK = 128  # texts per score_block call
