@@ -5,7 +5,8 @@ Layout of an index folder::
     config.json      how it was made: vlsearch version, model name + weights fingerprint, kinds, sizes
     images.faiss     image embeddings
     captions.faiss   caption embeddings (dataset galleries only), for image-to-text search
-    meta.sqlite      images(row, id, path, key) and captions(row, text, image_row)
+    meta.sqlite      images(row, id, path, key), captions(row, text, image_row) and photos(row, taken,
+                     camera, GPS, folder, size...: index/photos.py; absent in older indexes)
     embeddings.npy   image embeddings, fp16, memory-mapped (rebuilds, image-to-image, exact re-check)
 
 Every write builds a complete new folder beside the old one and swaps it in with renames, so a reader
@@ -29,7 +30,9 @@ from pathlib import Path
 import numpy as np
 
 from vlsearch.config import atomic_write_json, check_stamp, from_dict, stamp
+from vlsearch.data.metadata import PhotoMeta
 from vlsearch.errors import IndexError_
+from vlsearch.index import photos as P
 from vlsearch.index.vectors import VectorIndex, make_vector_index, read_vector_index
 
 
@@ -122,6 +125,13 @@ class GalleryIndex:
         found = {r: (t, i) for r, t, i in self._db.execute(q, rows)}
         return [found[r] for r in rows]
 
+    def filter_rows(self, f: P.PhotoFilter) -> np.ndarray:
+        """Sorted rows of the images passing the filters (SQLite, indexed columns)."""
+        return P.matching_rows(self._db, f)
+
+    def photos(self, rows) -> dict[int, PhotoMeta]:
+        return P.read_photos(self._db, rows)
+
     @property
     def embeddings(self) -> np.ndarray:
         if self._embeddings is None:
@@ -142,6 +152,7 @@ def write_gallery(
     embeddings: np.ndarray,
     captions: list[tuple[str, int]] | None = None,
     caption_embeddings: np.ndarray | None = None,
+    photos: list[PhotoMeta | None] | None = None,
 ) -> Path:
     """Build a complete index folder in a temp folder and swap it in atomically."""
     path = Path(path)
@@ -162,6 +173,8 @@ def write_gallery(
             "INSERT INTO images VALUES (?, ?, ?, ?)",
             [(r, x.id, x.path, x.key) for r, x in enumerate(records)],
         )
+        if photos is not None:
+            P.write_photos(db, [m or PhotoMeta() for m in photos])
         db.execute("CREATE TABLE captions (row INTEGER PRIMARY KEY, text TEXT, image_row INTEGER)")
         if captions:
             db.executemany(
@@ -207,6 +220,10 @@ def swap_in(new: Path, path: Path) -> None:
 
 def read_captions(index: GalleryIndex) -> list[tuple[str, int]]:
     return [(t, i) for t, i in index._db.execute("SELECT text, image_row FROM captions ORDER BY row")]
+
+
+def read_photos(index: GalleryIndex) -> list[PhotoMeta | None]:
+    return P.all_photos(index._db, index.config.n_images)
 
 
 def read_records(index: GalleryIndex) -> list[ImageRecord]:
