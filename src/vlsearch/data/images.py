@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from vlsearch.data.photo import HEIF_EXTENSIONS, upright_rgb
+from vlsearch.data.photo import HEIF_EXTENSIONS, decode_square
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", *HEIF_EXTENSIONS}
 # Refuse decompression bombs well before PIL's own limit would warn.
@@ -51,7 +51,7 @@ def load_image(source, size: int = 224, draft: bool = True) -> np.ndarray:
             img = Image.open(io.BytesIO(source))
         else:
             img = Image.open(source)
-        img = upright_rgb(img, size if draft else None).resize((size, size), Image.BICUBIC)
+        img = decode_square(img, size, draft)
     except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError) as e:
         raise ValueError(f"not a readable image ({type(e).__name__}: {e})") from e
     return np.asarray(img, dtype=np.uint8)

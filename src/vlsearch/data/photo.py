@@ -47,6 +47,14 @@ def decode_variant(img: Image.Image, size: int) -> str:
     return ""
 
 
+def decode_square(img: Image.Image, size: int, draft: bool = True) -> Image.Image:
+    """An opened image -> upright RGB ``size`` x ``size`` (bicubic). Large JPEGs decode at reduced scale
+    (draft) and, already salted apart in the cache, resize with PIL's two-step ``reducing_gap``."""
+    drafted = draft and draft_applies(img, size)
+    img = upright_rgb(img, size if drafted else None)
+    return img.resize((size, size), Image.BICUBIC, reducing_gap=2.0 if drafted else None)
+
+
 def upright_rgb(img: Image.Image, size: int | None = None) -> Image.Image:
     """Decode an opened image to upright RGB; with ``size``, JPEGs decode at reduced scale (draft)."""
     if size and draft_applies(img, size):
@@ -59,4 +67,4 @@ def upright_rgb(img: Image.Image, size: int | None = None) -> Image.Image:
         rgba = img.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         img = Image.alpha_composite(white, rgba)
-    return img.convert("RGB")
+    return img if img.mode == "RGB" else img.convert("RGB")

@@ -144,13 +144,20 @@ class FeatureExtractor:
     def image_keys(self, paths: Sequence[str | Path], report: ImageReport | None = None) -> ImageFeatures:
         """Hash files, extract features for the ones not cached yet, return their keys."""
         report = report if report is not None else ImageReport()
-        keys: list[str | None] = []
-        for p in paths:
+        size = self.image_config.image_size
+
+        def key(p):
             try:
-                keys.append(photo_key(p, self.image_config.image_size))
+                return photo_key(p, size), None
             except OSError as e:
-                report.add(p, f"cannot read file ({e.strerror or e})")
-                keys.append(None)
+                return None, f"cannot read file ({e.strerror or e})"
+
+        keys: list[str | None] = []
+        with ThreadPoolExecutor(max_workers=self.decode_threads) as pool:  # sha1 releases the GIL
+            for p, (k, err) in zip(paths, pool.map(key, paths), strict=True):
+                if err:
+                    report.add(p, err)
+                keys.append(k)
         todo: dict[str, Path] = {}
         missing = set(self.images.missing([k for k in keys if k]))
         for k, p in zip(keys, paths, strict=True):

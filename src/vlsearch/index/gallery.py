@@ -22,7 +22,7 @@ import shutil
 import sqlite3
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -152,7 +152,7 @@ def write_gallery(
     embeddings: np.ndarray,
     captions: list[tuple[str, int]] | None = None,
     caption_embeddings: np.ndarray | None = None,
-    photos: list[PhotoMeta | None] | None = None,
+    photos: Iterable[PhotoMeta | None] | None = None,
 ) -> Path:
     """Build a complete index folder in a temp folder and swap it in atomically."""
     path = Path(path)
@@ -174,7 +174,7 @@ def write_gallery(
             [(r, x.id, x.path, x.key) for r, x in enumerate(records)],
         )
         if photos is not None:
-            P.write_photos(db, [m or PhotoMeta() for m in photos])
+            P.write_photos(db, (m or PhotoMeta() for m in photos))
         db.execute("CREATE TABLE captions (row INTEGER PRIMARY KEY, text TEXT, image_row INTEGER)")
         if captions:
             db.executemany(

@@ -37,7 +37,8 @@ class PhotoFilter:
         )
 
 
-def write_photos(db: sqlite3.Connection, metas: list[PhotoMeta]) -> None:
+def write_photos(db: sqlite3.Connection, metas) -> None:
+    """One row per image row, from any iterable of PhotoMeta (a 1M-row bench gallery streams them)."""
     cols = ", ".join(
         f"{c} {'TEXT' if c in ('taken_source', 'make', 'model', 'folder') else 'REAL'}" for c in COLUMNS
     )
