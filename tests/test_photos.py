@@ -161,13 +161,12 @@ def test_hidden_files_os_metadata_and_exclude_are_skipped(tmp_path):
 PARIS, NYC = (48.85, 2.35), (40.71, -74.0)
 
 
-@pytest.fixture(scope="module")
-def gallery(tiny_fast_checkpoint, tmp_path_factory):
+def build_photo_index(base: Path) -> Path:
     """24 real photos with distinct EXIF dates (Jan 1..24 2021), two cameras, GPS on a third of them,
-    in two folders, plus one without EXIF (its date is the file's mtime)."""
+    in two folders, plus one without EXIF (its date is the file's mtime): an index over them."""
     from vlsearch.index.build import build_index
 
-    root = tmp_path_factory.mktemp("photos") / "album"
+    root = base / "album"
     for i, src in enumerate(coco_photos(25)):
         folder = root / ("trip/day1" if i < 12 else "home")
         folder.mkdir(parents=True, exist_ok=True)
@@ -177,11 +176,16 @@ def gallery(tiny_fast_checkpoint, tmp_path_factory):
             continue
         gps = (PARIS if i % 2 else NYC) if i % 3 == 0 else None
         img.save(folder / f"p{i:02d}.jpg", exif=exif(i, gps), quality=90)
-    out = root.parent / "idx"
+    out = base / "idx"
     build_index(out, root, progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def gallery(tiny_fast_checkpoint, tmp_path_factory):
     from vlsearch.search.engine import SearchEngine
 
-    return SearchEngine.open(out)
+    return SearchEngine.open(build_photo_index(tmp_path_factory.mktemp("photos")))
 
 
 def day(d: int) -> float:
