@@ -22,12 +22,20 @@ def server(tiny_fast_checkpoint, tmp_path_factory):
 
 def test_search_filters_and_cursor_paging(server):
     with server.client() as c:
-        whole = c.get("/search", params={"q": "people", "k": 25, "after": "2021-01-02", "before": "2021"}).json()
+        whole = c.get(
+            "/search", params={"q": "people", "k": 25, "after": "2021-01-02", "before": "2021"}
+        ).json()
         assert whole["n_matching"] == 23 and len(whole["results"]) == 23
         assert all(r["taken"] >= day(2) and r["folder"] in ("trip/day1", "home") for r in whole["results"])
         rows, cursor = [], None
         while True:
-            params = {"q": "people", "k": 6, "after": "2021-01-02", "before": "2021", **({"cursor": cursor} if cursor else {})}
+            params = {
+                "q": "people",
+                "k": 6,
+                "after": "2021-01-02",
+                "before": "2021",
+                **({"cursor": cursor} if cursor else {}),
+            }
             body = c.get("/search", params=params).json()
             rows += [r["row"] for r in body["results"]]
             assert [r["rank"] for r in body["results"]] == list(

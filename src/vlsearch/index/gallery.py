@@ -65,6 +65,7 @@ class GalleryIndex:
             f"file:{self.path / 'meta.sqlite'}?mode=ro", uri=True, check_same_thread=False
         )
         self._embeddings: np.ndarray | None = None
+        self._dates: P.DateColumn | None = None
 
     # -- reading --------------------------------------------------------------------------------------------
     @classmethod
@@ -126,7 +127,11 @@ class GalleryIndex:
         return [found[r] for r in rows]
 
     def filter_rows(self, f: P.PhotoFilter) -> np.ndarray:
-        """Sorted rows of the images passing the filters (SQLite, indexed columns)."""
+        """Sorted rows of the images passing the filters (SQLite, indexed columns; dates in memory)."""
+        if P.date_only(f) and P.has_photos(self._db):
+            if self._dates is None:
+                self._dates = P.DateColumn(self._db)
+            return self._dates.between(f.after, f.before)
         return P.matching_rows(self._db, f)
 
     def photos(self, rows) -> dict[int, PhotoMeta]:
