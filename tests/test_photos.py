@@ -104,6 +104,10 @@ def test_heic_decodes_and_embeds(tmp_path, embedder):
     emb, keys = embedder.embed_paths([jpg, heic])
     assert None not in keys and cos(emb[0], emb[1]) >= 0.97
     assert {p.name for p in load_folder(tmp_path).image_paths} == {"a.jpg", "b.heic"}
+    from vlsearch.data.photo import display_jpeg  # what the service sends the page for a HEIC file
+
+    shown = Image.open(__import__("io").BytesIO(display_jpeg(heic)))
+    assert shown.format == "JPEG" and shown.size == src.size
 
 
 def test_alpha_is_composited_on_white_and_other_formats_read(tmp_path):

@@ -59,7 +59,7 @@ def _old_path(files: list[Path], extractor: FeatureExtractor, root: Path) -> dic
 
 def decode_section(data, embedder, work: Path, quick: bool) -> dict:
     """Old vs new indexing of 12 MP JPEGs, end to end (hash, decode, backbone, cache write), images/s."""
-    n = 6 if quick else 48
+    n = 4 if quick else 48
     folder = work / "photos-12mp"
     files = make_12mp(data.paths, folder, n)
     ext = embedder.extractor

@@ -68,3 +68,18 @@ def upright_rgb(img: Image.Image, size: int | None = None) -> Image.Image:
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         img = Image.alpha_composite(white, rgba)
     return img if img.mode == "RGB" else img.convert("RGB")
+
+
+BROWSER_UNSHOWN = {".tif", ".tiff", *HEIF_EXTENSIONS}  # formats a browser's <img> does not display
+
+
+def display_jpeg(path, max_side: int = 1600) -> bytes:
+    """An upright JPEG of at most ``max_side`` pixels, for showing a HEIC or TIFF file in a browser."""
+    import io
+
+    with Image.open(path) as img:
+        img = upright_rgb(img, max_side // (2 * DRAFT_FACTOR))
+        img.thumbnail((max_side, max_side), Image.BICUBIC)
+        buf = io.BytesIO()
+        img.save(buf, format="JPEG", quality=88)
+    return buf.getvalue()

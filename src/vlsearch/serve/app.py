@@ -43,6 +43,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.staticfiles import StaticFiles
 
 from vlsearch import __version__
+from vlsearch.data.photo import BROWSER_UNSHOWN, display_jpeg
 from vlsearch.errors import CheckpointError, DataError, IndexError_, QueryError, VLSearchError
 from vlsearch.search.embedder import check_query
 from vlsearch.search.engine import MAX_K, MAX_RERANK, SearchEngine, check_k
@@ -771,6 +772,9 @@ def create_app(engine: SearchEngine, settings: ServeSettings | None = None, rera
         path = Path(rec.path)
         if not path.is_file():
             raise ApiError(404, "the image file of this index entry is missing on disk", rec.id)
+        if path.suffix.lower() in BROWSER_UNSHOWN:  # HEIC, TIFF: an upright JPEG the page can show
+            data = await run_in_threadpool(display_jpeg, path)
+            return Response(data, media_type="image/jpeg", headers={"Cache-Control": "public, max-age=3600"})
         return FileResponse(
             path,
             media_type=IMAGE_TYPES.get(path.suffix.lower(), "application/octet-stream"),
