@@ -152,13 +152,16 @@ class SearchEngine:
         offset = Q.read_cursor(cursor, fp) if cursor else Q.check_offset(offset)
         if offset + k > MAX_DEPTH:
             raise QueryError(f"paging goes {MAX_DEPTH} results deep at most (offset {offset} + k {k})")
-        if rerank and offset + k > rerank:
-            raise QueryError(f"with rerank {rerank}, pages reach {rerank} results deep (offset + k)")
+        rr_pool = max(k, rerank) if rerank else 0  # the Slow model rescores these, the same on every page
+        if rerank and offset + k > rr_pool:
+            raise QueryError(
+                f"with rerank {rerank} and k {k}, pages reach {rr_pool} results deep (offset + k)"
+            )
         t0 = time.perf_counter()
         q = self.embed_terms(terms)
         t1 = time.perf_counter()
         # one more than the page, to know whether another page follows
-        pool = max(MAX_K, offset + k + 1) if sort == "date" else max(offset + k + 1, rerank)
+        pool = max(MAX_K, offset + k + 1) if sort == "date" else max(offset + k + 1, rr_pool)
         allowed = self.index.filter_rows(f) if f else None
         if allowed is None:
             scores, rows = self.index.images.search(q[None], pool)
@@ -175,9 +178,9 @@ class SearchEngine:
         fast = scores
         slow = None
         if rerank:
-            records = self.index.records(rows[:rerank])
+            records = self.index.records(rows[:rr_pool])
             fused, slow_s, explanations = self.reranker.rerank_text(
-                text, [r.key for r in records], scores[:rerank], explain=explain
+                text, [r.key for r in records], scores[:rr_pool], explain=explain
             )
             order = np.argsort(-fused, kind="stable")
             rows, scores, fast, slow = rows[order], fused[order], scores[order], slow_s[order]
