@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from vlsearch.bench.hardware import Floors
+from vlsearch.bench.photos import date_filter, synthetic_photos
 from vlsearch.bench.util import PeakRSS, best_threads, count_flops, latencies, rss_bytes, summarize
 from vlsearch.index.gallery import GalleryIndex, ImageRecord, IndexConfig, write_gallery
 from vlsearch.index.vectors import make_vector_index
@@ -150,7 +151,7 @@ def run(
         rss0 = rss_bytes()
         with PeakRSS() as peak:
             t0 = time.perf_counter()
-            write_gallery(folder, config, records, emb)
+            write_gallery(folder, config, records, emb, photos=synthetic_photos(n))
             write_s = time.perf_counter() - t0
         del records
         gc.collect()
@@ -225,6 +226,9 @@ def run(
                 "bytes_touched": touched,
             }
             rows.append(row)
+            if kind == "flat":
+                log(f"gallery {n:,}: 1% date filter")
+                rows.append(_filtered_row(engine, n, texts[:n_fast], warmup, budget, fast_threads, cores))
             if n_recall:
                 _, approx_rows = vi.search(qemb, 10)
                 r = float(
@@ -320,6 +324,30 @@ def run(
             "fast+slow": rerank_threads,
             "fast+slow_probe_ms": rerank_probe,
         },
+    }
+
+
+def _filtered_row(
+    engine, n: int, texts: list[str], warmup: int, budget: float, threads: int, cores: int
+) -> dict:
+    """A text query filtered to a date range holding 1% of the gallery, end to end (encode included)."""
+    f = date_filter(n)
+    matching = len(engine.index.filter_rows(f))
+    got = []
+
+    def query(t):
+        got.append(len(engine.search(t, k=10, filters=f).hits))
+
+    torch.set_num_threads(threads)
+    lat = latencies(query, texts, warmup, budget)
+    torch.set_num_threads(cores)
+    return {
+        "n": n,
+        "kind": "flat",
+        "pipeline": "fast, 1% date filter",
+        **lat,
+        "matching": matching,
+        "all_k": all(g == min(10, matching) for g in got),
     }
 
 

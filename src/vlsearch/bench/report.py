@@ -182,6 +182,20 @@ def markdown(r: dict) -> str:
             f"(text {b['text_encode_p50_ms']:.1f} + coarse {b['coarse_65536_flat_p50_ms']:.1f} + scan/re-check "
             f"{b['scan_and_recheck_p50_ms']:.1f} ms for {b['codes_scanned_per_query']:,.0f} codes), one thread."
         )
+    dec = r.get("photos_decode")
+    if dec:
+        out.append("")
+        out.append(
+            f"### Indexing {dec['megapixels']:.0f}-megapixel JPEGs ({dec['images']} photos, end to end)"
+        )
+        out.append("")
+        out.append("| path | images/s | decode ms/image (1 thread) | embedding cosine to full decode |")
+        out.append("|---|---:|---:|---:|")
+        out.append(f"| old: {dec['old']} | {_f(dec['old_images_per_s'])} | {_f(dec['decode_full_ms'])} | 1 |")
+        out.append(
+            f"| new: {dec['new']} | {_f(dec['new_images_per_s'])} | {_f(dec['decode_draft_ms'])} | "
+            f"min {dec['cosine_min']:.4f}, mean {dec['cosine_mean']:.4f} |"
+        )
     t = r["targets"]
     out.append("")
     out.append(f"### Targets at {_n(t['n'])} images")

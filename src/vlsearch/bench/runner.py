@@ -178,7 +178,7 @@ def run_bench(
         if progress:
             print(f"bench: {msg} ({time.time() - t_start:.0f} s)", file=sys.stderr, flush=True)
 
-    from vlsearch.bench import gallery, hardware, service, throughput
+    from vlsearch.bench import gallery, hardware, photos, service, throughput
     from vlsearch.bench import models as M
     from vlsearch.bench.data import BenchData
     from vlsearch.bench.hardware import Floors
@@ -219,6 +219,8 @@ def run_bench(
         )
         log("encoder throughput")
         result["encoders"] = throughput.encoders(data, net, floors, quick)
+        log("photos: indexing 12 MP JPEGs, old path and new")
+        result["photos_decode"] = photos.decode_section(data, embedder, work, quick)
         log("pair-scoring throughput")
         result["pair_scoring"] = pairs = throughput.pair_scoring(data, floors, quick)
         ips = result["encoders"]["rows"]["ours_image"]["images_per_s"]
@@ -268,6 +270,7 @@ def run_bench(
                 Path(g["largest"]["folder"]), kind, work, embedder, data.captions(20 if quick else 100)
             )
         result["targets"] = _targets(result)
+        result["targets"]["lines"] += photos.targets(result)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     log("report")

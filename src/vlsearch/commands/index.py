@@ -31,6 +31,13 @@ def register(sub):
         help="compute features with Ray (local cluster, or ADDRESS)",
     )
     p.add_argument("--shards", type=int, default=None, help="with --ray: number of index shards")
+    p.add_argument(
+        "--exclude",
+        action="append",
+        default=[],
+        metavar="GLOB",
+        help="leave out files matching GLOB (relative path, name or folder; repeatable)",
+    )
     add_quiet(p)
     return p
 
@@ -42,7 +49,7 @@ def run(args):
     if args.add:
         from vlsearch.index.build import add_to_index
 
-        n, report = add_to_index(out, args.add, progress=not args.quiet)
+        n, report = add_to_index(out, args.add, progress=not args.quiet, exclude=args.exclude)
         if report:
             print(report.summary(), file=sys.stderr)
         print(f"added {n} image(s) to {out}")
@@ -64,7 +71,9 @@ def run(args):
     from vlsearch.index.build import build_index
     from vlsearch.index.gallery import GalleryIndex
 
-    path, report = build_index(out, args.source, args.split, args.model, args.kind, progress=not args.quiet)
+    path, report = build_index(
+        out, args.source, args.split, args.model, args.kind, progress=not args.quiet, exclude=args.exclude
+    )
     idx = GalleryIndex.open(path)
     print(
         f"wrote {idx.config.kind} index of {idx.config.n_images} images ({idx.config.n_captions} captions) to {path}"

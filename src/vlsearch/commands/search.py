@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 from vlsearch.commands._common import print_json
@@ -29,8 +30,43 @@ def register(sub):
         metavar="DIR",
         help="with --rerank: write word-to-region heat maps (JSON + PNG) to DIR",
     )
+    add_filter_args(p)
     p.add_argument("--json", action="store_true")
     return p
+
+
+def add_filter_args(p) -> None:
+    g = p.add_argument_group("filters, sort and paging (text search)")
+    g.add_argument(
+        "--after", default=None, metavar="DATE", help="taken on or after DATE (2021, 2021-07, 2021-07-04)"
+    )
+    g.add_argument("--before", default=None, metavar="DATE", help="taken before the end of DATE")
+    g.add_argument(
+        "--folder",
+        default=None,
+        metavar="PREFIX",
+        help="in this folder (relative to the one indexed) or below",
+    )
+    g.add_argument("--camera", default=None, metavar="TEXT", help="camera make or model contains TEXT")
+    g.add_argument("--near", default=None, metavar="LAT,LON,KM", help="taken within KM of LAT,LON (GPS)")
+    g.add_argument("--sort", default="score", choices=["score", "date"], help="by relevance or newest first")
+    g.add_argument("--offset", type=int, default=0, help="skip this many results (paging)")
+    g.add_argument("--cursor", default=None, help="the next_cursor a previous --json search printed")
+    g.add_argument("--min-score", type=float, default=None, help="drop results below this cosine")
+
+
+def filter_kwargs(args) -> dict:
+    return {
+        "after": args.after,
+        "before": args.before,
+        "folder": args.folder,
+        "camera": args.camera,
+        "near": args.near,
+        "sort": args.sort,
+        "offset": args.offset,
+        "cursor": args.cursor,
+        "min_score": args.min_score,
+    }
 
 
 def run(args):
@@ -66,7 +102,9 @@ def run(args):
             for rank, c in enumerate(captions.hits, 1):
                 print(f"{rank:3d}. {c.score:.3f}  {c.text}")
         return 0
-    result = engine.search(args.query, args.k, rerank=args.rerank, explain=bool(args.explain))
+    result = engine.search(
+        args.query, args.k, rerank=args.rerank, explain=bool(args.explain), **filter_kwargs(args)
+    )
     written = []
     if args.explain and result.explanations:
         from vlsearch.search.explain import write_explanations
@@ -79,12 +117,18 @@ def run(args):
                 "results": [h.to_dict() for h in result.hits],
                 "timings_ms": result.timings_ms,
                 "explanations": [str(p) for p in written],
+                "n_matching": result.n_matching,
+                "next_offset": result.next_offset,
+                "next_cursor": result.next_cursor,
             }
         )
         return 0
-    for rank, h in enumerate(result.hits, 1):
+    for rank, h in enumerate(result.hits, result.offset + 1):
         extra = f"  (fast {h.fast_score:.3f}, slow {h.slow_score:.3f})" if h.slow_score is not None else ""
-        print(f"{rank:3d}. {h.score:.3f}  {h.path}{extra}")
+        when = time.strftime("  %Y-%m-%d", time.gmtime(h.taken)) if h.taken is not None else ""
+        print(f"{rank:3d}. {h.score:.3f}  {h.path}{when}{extra}")
+    if result.next_offset is not None:
+        print(f"(more: --offset {result.next_offset})")
     print(
         f"({result.timings_ms['total']:.1f} ms: {json.dumps({k: round(v, 1) for k, v in result.timings_ms.items()})})"
     )

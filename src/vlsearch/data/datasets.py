@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fnmatch
 import json
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -204,16 +205,44 @@ def load_karpathy(
     return _build(name, split, image_root, pairs, order)
 
 
-def load_folder(folder: str | Path) -> CaptionDataset:
-    """Every image file below a folder (recursively), no captions."""
+OS_METADATA = {".DS_Store", "Thumbs.db", "desktop.ini", "@eaDir", "__MACOSX", ".AppleDouble", "$RECYCLE.BIN"}
+
+
+def skipped_name(part: str) -> bool:
+    """Hidden files and folders and what operating systems and NAS boxes leave beside photos
+    (``._*`` AppleDouble forks, ``@eaDir`` Synology thumbnails, ``Thumbs.db``...)."""
+    return part.startswith(".") or part in OS_METADATA
+
+
+def load_folder(folder: str | Path, exclude: list[str] | tuple[str, ...] = ()) -> CaptionDataset:
+    """Every image file below a folder (recursively), no captions; hidden and OS files skipped, and
+    files whose relative path (or name) matches an ``exclude`` glob."""
     folder = Path(folder)
     if not folder.is_dir():
         raise DataError(f"not a folder: {folder}")
-    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    files = sorted(
+        p
+        for p in folder.rglob("*")
+        if p.suffix.lower() in IMAGE_EXTENSIONS
+        and not any(skipped_name(part) for part in p.relative_to(folder).parts)
+        and not excluded(p.relative_to(folder), exclude)
+        and p.is_file()
+    )
     if not files:
         raise DataError(f"no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) under {folder}")
     return CaptionDataset(
         folder.name, "all", [p.resolve() for p in files], [str(p.relative_to(folder)) for p in files]
+    )
+
+
+def excluded(rel: Path, patterns) -> bool:
+    """``rel`` matches a glob: on the whole relative path, on its name, or on a folder in it."""
+    text = rel.as_posix()
+    return any(
+        fnmatch.fnmatch(text, pat)
+        or fnmatch.fnmatch(rel.name, pat)
+        or any(fnmatch.fnmatch(p, pat.rstrip("/")) for p in rel.parts[:-1])
+        for pat in patterns
     )
 
 

@@ -9,7 +9,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+from vlsearch.data.photo import HEIF_EXTENSIONS, decode_square
+
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", *HEIF_EXTENSIONS}
 # Refuse decompression bombs well before PIL's own limit would warn.
 Image.MAX_IMAGE_PIXELS = 120_000_000
 
@@ -34,11 +36,13 @@ class ImageReport:
         return "\n".join(lines)
 
 
-def load_image(source, size: int = 224) -> np.ndarray:
+def load_image(source, size: int = 224, draft: bool = True) -> np.ndarray:
     """Decode a path, bytes or PIL image to a ``size`` x ``size`` RGB uint8 array.
 
     Images are resized to a square without keeping the aspect ratio, as the Flickr8k copies we train on
-    were, so query-time inputs look like training inputs. Raises ValueError with a readable reason.
+    were, so query-time inputs look like training inputs. Photos are turned upright (EXIF orientation),
+    composited on white where transparent, and JPEGs decoded at reduced scale unless ``draft=False``
+    (``data.photo``). Raises ValueError with a readable reason.
     """
     try:
         if isinstance(source, Image.Image):
@@ -47,8 +51,7 @@ def load_image(source, size: int = 224) -> np.ndarray:
             img = Image.open(io.BytesIO(source))
         else:
             img = Image.open(source)
-        img.load()
-        img = img.convert("RGB").resize((size, size), Image.BICUBIC)
+        img = decode_square(img, size, draft)
     except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError) as e:
         raise ValueError(f"not a readable image ({type(e).__name__}: {e})") from e
     return np.asarray(img, dtype=np.uint8)

@@ -14,9 +14,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 from tqdm import tqdm
 
 from vlsearch.data.images import ImageReport, load_image
+from vlsearch.data.photo import decode_variant
 from vlsearch.encoders.image import ImageBackbone, ImageBackboneConfig
 from vlsearch.encoders.store import TokenStore
 from vlsearch.encoders.text import TextBackbone, TextBackboneConfig
@@ -32,6 +34,19 @@ def file_key(path: str | Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def photo_key(path: str | Path, size: int) -> str:
+    """The cache key of an image file: its content hash, salted for the few files (rotated, large JPEG,
+    transparent) whose pixels ``load_image`` now decodes differently than before, so their old cached
+    features are not reused and every other cached entry stays valid."""
+    key = file_key(path)
+    try:
+        with Image.open(path) as img:  # header only
+            variant = decode_variant(img, size)
+    except Exception:  # noqa: BLE001 - unreadable files are reported when decoded
+        variant = ""
+    return hashlib.sha1(f"{key}|{variant}".encode()).hexdigest() if variant else key
 
 
 def bytes_key(data: bytes) -> str:
@@ -102,12 +117,14 @@ class FeatureExtractor:
         root: Path | None = None,
         progress: bool = True,
         batch_size: int = 64,
+        decode_threads: int = 2,
     ):
         self.image_config, self.text_config = image_config, text_config
         self.images = image_store(image_config, root)
         self.texts = text_store(text_config, root)
         self.progress = progress
         self.batch_size = batch_size
+        self.decode_threads = decode_threads
         self._image_backbone: ImageBackbone | None = None
         self._text_backbone: TextBackbone | None = None
 
@@ -127,13 +144,20 @@ class FeatureExtractor:
     def image_keys(self, paths: Sequence[str | Path], report: ImageReport | None = None) -> ImageFeatures:
         """Hash files, extract features for the ones not cached yet, return their keys."""
         report = report if report is not None else ImageReport()
-        keys: list[str | None] = []
-        for p in paths:
+        size = self.image_config.image_size
+
+        def key(p):
             try:
-                keys.append(file_key(p))
+                return photo_key(p, size), None
             except OSError as e:
-                report.add(p, f"cannot read file ({e.strerror or e})")
-                keys.append(None)
+                return None, f"cannot read file ({e.strerror or e})"
+
+        keys: list[str | None] = []
+        with ThreadPoolExecutor(max_workers=self.decode_threads) as pool:  # sha1 releases the GIL
+            for p, (k, err) in zip(paths, pool.map(key, paths), strict=True):
+                if err:
+                    report.add(p, err)
+                keys.append(k)
         todo: dict[str, Path] = {}
         missing = set(self.images.missing([k for k in keys if k]))
         for k, p in zip(keys, paths, strict=True):
@@ -160,9 +184,14 @@ class FeatureExtractor:
         bar = _progress(len(items), "image features", self.progress)
         pending_keys: list[str] = []
         pending: dict[str, list[np.ndarray]] = {"grid": [], "mid": []}
-        with ThreadPoolExecutor(max_workers=2) as pool:
-            for start in range(0, len(items), self.batch_size):
-                decoded = list(pool.map(decode, items[start : start + self.batch_size]))
+        batches = [items[s : s + self.batch_size] for s in range(0, len(items), self.batch_size)]
+        # A pipeline: decode threads work on the next batches while the backbone runs on this one.
+        with ThreadPoolExecutor(max_workers=self.decode_threads) as pool:
+            ahead = [[pool.submit(decode, it) for it in b] for b in batches[:2]]
+            for n_batch in range(len(batches)):
+                decoded = [f.result() for f in ahead.pop(0)]
+                if n_batch + 2 < len(batches):
+                    ahead.append([pool.submit(decode, it) for it in batches[n_batch + 2]])
                 good = [(k, a) for k, a, err in decoded if err is None]
                 for k, _, err in decoded:
                     if err is not None:
@@ -173,7 +202,7 @@ class FeatureExtractor:
                     pending_keys += [k for k, _ in good]
                     for name in pending:
                         pending[name] += list(out[name])
-                if len(pending_keys) >= CHUNK or start + self.batch_size >= len(items):
+                if len(pending_keys) >= CHUNK or n_batch == len(batches) - 1:
                     self.images.put(pending_keys, pending)
                     pending_keys, pending = [], {"grid": [], "mid": []}
                 bar.update(len(decoded))

@@ -9,12 +9,14 @@ import numpy as np
 
 from vlsearch.data import CaptionDataset, ImageReport, load_dataset, load_folder
 from vlsearch.data.images import IMAGE_EXTENSIONS
+from vlsearch.data.metadata import PhotoMeta, read_metadata
 from vlsearch.errors import DataError, IndexError_
 from vlsearch.index.gallery import (
     GalleryIndex,
     ImageRecord,
     IndexConfig,
     read_captions,
+    read_photos,
     read_records,
     write_gallery,
     write_lock,
@@ -64,8 +66,14 @@ def build_index(
     kind: str = "auto",
     dataset: CaptionDataset | None = None,
     progress: bool = True,
+    exclude: list[str] | tuple[str, ...] = (),
 ) -> tuple[Path, ImageReport]:
-    """Embed a gallery (dataset split, or a plain folder of images) and write an index folder atomically."""
+    """Embed a gallery (dataset split, or a plain folder of images) and write an index folder atomically.
+    ``exclude``: glob patterns (on paths relative to a plain folder) of files to leave out."""
+    if dataset is None and exclude:
+        if source is None or not Path(source).is_dir():
+            raise DataError("--exclude applies to a folder of images")
+        dataset = load_folder(source, exclude=exclude)
     dataset = dataset or load_dataset(source, split)
     net, meta, ckpt = load_model(model)
     embedder = Embedder(net, progress=progress)
@@ -82,13 +90,20 @@ def build_index(
         kind,
         f"{source or 'default data root'} [{dataset.name}:{dataset.split}]",
     )
-    write_gallery(out, config, records, emb, caps or None, cap_emb)
+    write_gallery(out, config, records, emb, caps or None, cap_emb, photos_of(records))
     if report:
         print(report.summary(), file=sys.stderr)
     return Path(out), report
 
 
-def add_to_index(index_dir: str | Path, items, progress: bool = True) -> tuple[int, ImageReport]:
+def photos_of(records: list[ImageRecord]) -> list[PhotoMeta]:
+    """Capture time, camera, GPS, folder and size of each record's file (EXIF headers only)."""
+    return [read_metadata(r.path, r.id) for r in records]
+
+
+def add_to_index(
+    index_dir: str | Path, items, progress: bool = True, exclude: list[str] | tuple[str, ...] = ()
+) -> tuple[int, ImageReport]:
     """Add images (a folder or a list of files) to an index without re-embedding what it holds.
 
     New images are embedded first; then, under the index's write lock, the index is read again, what
@@ -101,7 +116,7 @@ def add_to_index(index_dir: str | Path, items, progress: bool = True) -> tuple[i
     have = {r.path for r in read_records(index)}
     net = checked_model(index)
     index.close()
-    new, emb, report = embed_new_images(net, items, have, progress)
+    new, emb, report = embed_new_images(net, items, have, progress, exclude)
     if not new:
         return 0, report
     with write_lock(index_dir):
@@ -117,8 +132,12 @@ def add_to_index(index_dir: str | Path, items, progress: bool = True) -> tuple[i
                 else None
             )
             config = index.config
+            old = read_photos(index)  # an index from before the photos table: read its files now
+            old = [m or read_metadata(r.path, r.id) for m, r in zip(old, existing, strict=True)]
             index.close()
-            write_gallery(index_dir, config, existing + new, all_emb, caps or None, cap_emb)
+            write_gallery(
+                index_dir, config, existing + new, all_emb, caps or None, cap_emb, old + photos_of(new)
+            )
         else:
             index.close()
     return len(new), report
@@ -135,11 +154,11 @@ def checked_model(index):
 
 
 def embed_new_images(
-    net, items, have: set[str], progress: bool
+    net, items, have: set[str], progress: bool, exclude: list[str] | tuple[str, ...] = ()
 ) -> tuple[list[ImageRecord], np.ndarray, ImageReport]:
     """Embed the images of ``items`` whose resolved path is not in ``have``: their records, embeddings
     [n, dim] and the report of unreadable files (left out)."""
-    todo = {path: name for path, name in images_to_add(items).items() if path not in have}
+    todo = {path: name for path, name in images_to_add(items, exclude).items() if path not in have}
     report = ImageReport()
     if not todo:
         return [], np.zeros((0, 0), dtype=np.float32), report
@@ -157,13 +176,13 @@ def not_yet_in(
     return [new[n] for n in keep], emb[keep]
 
 
-def images_to_add(items) -> dict[str, str]:
+def images_to_add(items, exclude: list[str] | tuple[str, ...] = ()) -> dict[str, str]:
     """A folder (recursively) or a list of files -> {resolved path: id}; ids are paths relative to the
     folder added (symlinks keep their own name), or file names."""
     if isinstance(items, str | Path):
         p = Path(items)
         if p.is_dir():
-            folder = load_folder(p)
+            folder = load_folder(p, exclude=exclude)
             return {str(path): name for path, name in zip(folder.image_paths, folder.image_ids, strict=True)}
         if p.is_file():
             return {str(p.resolve()): p.name}

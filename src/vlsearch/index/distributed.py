@@ -58,7 +58,7 @@ class ShardWorker:
 
     def build_shard(self, shard_dir: str, dataset: CaptionDataset, model_name: str, kind: str, source: str):
         """Embed one shard and write it as a gallery index folder. Returns what the driver reports."""
-        from vlsearch.index.build import _index_config, embed_gallery
+        from vlsearch.index.build import _index_config, embed_gallery, photos_of
         from vlsearch.index.gallery import write_gallery
 
         t0 = time.perf_counter()
@@ -75,7 +75,7 @@ class ShardWorker:
         if not records:
             return {**result, "n_images": 0, "n_captions": 0, "seconds": time.perf_counter() - t0}
         config = _index_config(model_name, None, self.meta, self.ckpt, self.embedder, kind, source)
-        write_gallery(shard_dir, config, records, emb, caps or None, cap_emb)
+        write_gallery(shard_dir, config, records, emb, caps or None, cap_emb, photos_of(records))
         return {
             **result,
             "n_images": len(records),

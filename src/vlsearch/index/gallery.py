@@ -5,7 +5,8 @@ Layout of an index folder::
     config.json      how it was made: vlsearch version, model name + weights fingerprint, kinds, sizes
     images.faiss     image embeddings
     captions.faiss   caption embeddings (dataset galleries only), for image-to-text search
-    meta.sqlite      images(row, id, path, key) and captions(row, text, image_row)
+    meta.sqlite      images(row, id, path, key), captions(row, text, image_row) and photos(row, taken,
+                     camera, GPS, folder, size...: index/photos.py; absent in older indexes)
     embeddings.npy   image embeddings, fp16, memory-mapped (rebuilds, image-to-image, exact re-check)
 
 Every write builds a complete new folder beside the old one and swaps it in with renames, so a reader
@@ -21,7 +22,7 @@ import shutil
 import sqlite3
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -29,7 +30,9 @@ from pathlib import Path
 import numpy as np
 
 from vlsearch.config import atomic_write_json, check_stamp, from_dict, stamp
+from vlsearch.data.metadata import PhotoMeta
 from vlsearch.errors import IndexError_
+from vlsearch.index import photos as P
 from vlsearch.index.vectors import VectorIndex, make_vector_index, read_vector_index
 
 
@@ -62,6 +65,7 @@ class GalleryIndex:
             f"file:{self.path / 'meta.sqlite'}?mode=ro", uri=True, check_same_thread=False
         )
         self._embeddings: np.ndarray | None = None
+        self._dates: P.DateColumn | None = None
 
     # -- reading --------------------------------------------------------------------------------------------
     @classmethod
@@ -122,6 +126,17 @@ class GalleryIndex:
         found = {r: (t, i) for r, t, i in self._db.execute(q, rows)}
         return [found[r] for r in rows]
 
+    def filter_rows(self, f: P.PhotoFilter) -> np.ndarray:
+        """Sorted rows of the images passing the filters (SQLite, indexed columns; dates in memory)."""
+        if P.date_only(f) and P.has_photos(self._db):
+            if self._dates is None:
+                self._dates = P.DateColumn(self._db)
+            return self._dates.between(f.after, f.before)
+        return P.matching_rows(self._db, f)
+
+    def photos(self, rows) -> dict[int, PhotoMeta]:
+        return P.read_photos(self._db, rows)
+
     @property
     def embeddings(self) -> np.ndarray:
         if self._embeddings is None:
@@ -142,6 +157,7 @@ def write_gallery(
     embeddings: np.ndarray,
     captions: list[tuple[str, int]] | None = None,
     caption_embeddings: np.ndarray | None = None,
+    photos: Iterable[PhotoMeta | None] | None = None,
 ) -> Path:
     """Build a complete index folder in a temp folder and swap it in atomically."""
     path = Path(path)
@@ -162,6 +178,8 @@ def write_gallery(
             "INSERT INTO images VALUES (?, ?, ?, ?)",
             [(r, x.id, x.path, x.key) for r, x in enumerate(records)],
         )
+        if photos is not None:
+            P.write_photos(db, (m or PhotoMeta() for m in photos))
         db.execute("CREATE TABLE captions (row INTEGER PRIMARY KEY, text TEXT, image_row INTEGER)")
         if captions:
             db.executemany(
@@ -207,6 +225,10 @@ def swap_in(new: Path, path: Path) -> None:
 
 def read_captions(index: GalleryIndex) -> list[tuple[str, int]]:
     return [(t, i) for t, i in index._db.execute("SELECT text, image_row FROM captions ORDER BY row")]
+
+
+def read_photos(index: GalleryIndex) -> list[PhotoMeta | None]:
+    return P.all_photos(index._db, index.config.n_images)
 
 
 def read_records(index: GalleryIndex) -> list[ImageRecord]:

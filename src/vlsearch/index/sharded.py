@@ -198,6 +198,20 @@ class ShardedIndex:
                 out[i] = (text, img + self.offsets[s])
         return out
 
+    def filter_rows(self, f) -> np.ndarray:
+        """Rows passing the photo filters, over all shards (sorted)."""
+        parts = [s.filter_rows(f) + off for s, off in zip(self.shards, self.offsets, strict=True)]
+        return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+
+    def photos(self, rows) -> dict:
+        rows, which = self._split(rows, self.offsets)
+        out = {}
+        for s in np.unique(which):
+            sel = rows[which == s]
+            found = self.shards[s].photos(sel - self.offsets[s])
+            out.update({int(r) + self.offsets[s]: m for r, m in found.items()})
+        return out
+
     @property
     def embeddings(self) -> ShardedEmbeddings:
         return self._embeddings
@@ -217,7 +231,7 @@ class ShardedIndex:
     # -- growing: new images go into a new shard ---------------------------------------------------------
     def add_images(self, items, progress: bool = True):
         """Embed new images (a folder or files) into one new shard; returns (n added, ImageReport)."""
-        from vlsearch.index.build import checked_model, embed_new_images, not_yet_in
+        from vlsearch.index.build import checked_model, embed_new_images, not_yet_in, photos_of
         from vlsearch.index.gallery import GalleryIndex, write_gallery, write_lock
 
         have = {r.path for r in self.all_records()}
@@ -232,7 +246,7 @@ class ShardedIndex:
                     shard_cfg = IndexConfig(
                         **{**asdict(current.config), "kind": "auto", "n_images": 0, "n_captions": 0}
                     )
-                    write_gallery(self.path / name, shard_cfg, new, emb)
+                    write_gallery(self.path / name, shard_cfg, new, emb, photos=photos_of(new))
                     config = IndexConfig(
                         **{**asdict(current.config), "n_images": current.config.n_images + len(new)}
                     )

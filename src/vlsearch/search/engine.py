@@ -10,12 +10,15 @@ import numpy as np
 
 from vlsearch.errors import IndexError_, QueryError
 from vlsearch.index.gallery import GalleryIndex
+from vlsearch.index.photos import PhotoFilter, search_filtered
 from vlsearch.models.registry import fingerprint, load_model, resolve_checkpoint
+from vlsearch.search import queries as Q
 from vlsearch.search.embedder import Embedder, check_query
 from vlsearch.settings import default_index_dir
 
 MAX_K = 1000
 MAX_RERANK = 200
+MAX_DEPTH = 10_000  # how deep paging reaches
 
 
 @dataclass
@@ -26,6 +29,9 @@ class Hit:
     score: float
     fast_score: float | None = None
     slow_score: float | None = None
+    taken: float | None = None  # capture time, unix seconds (EXIF, else file mtime)
+    folder: str | None = None
+    camera: str | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -44,6 +50,10 @@ class SearchResult:
     hits: list
     timings_ms: dict = field(default_factory=dict)
     explanations: list | None = None
+    offset: int = 0
+    next_offset: int | None = None  # None: this was the last page
+    next_cursor: str | None = None
+    n_matching: int | None = None  # images passing the filters (all images when unfiltered)
 
 
 def check_k(k, limit: int = MAX_K, name: str = "k") -> int:
@@ -102,50 +112,138 @@ class SearchEngine:
         return False
 
     # -- queries ------------------------------------------------------------------------------------------
-    def search(self, text, k: int = 10, rerank: int = 0, explain: bool = False) -> SearchResult:
-        """Text-to-image: Fast top-k, or Fast top-``rerank`` rescored by the Slow model, cut to k."""
+    def search(
+        self,
+        text,
+        k: int = 10,
+        rerank: int = 0,
+        explain: bool = False,
+        *,
+        filters: PhotoFilter | None = None,
+        after=None,
+        before=None,
+        folder=None,
+        camera=None,
+        near=None,
+        sort: str = "score",
+        offset: int = 0,
+        cursor: str | None = None,
+        min_score=None,
+    ) -> SearchResult:
+        """Text-to-image: Fast top-k, or Fast top-``rerank`` rescored by the Slow model, cut to k.
+
+        ``text`` may be compound (``"beach -people"``, ``"2:dog 1:snow"``: search/queries.py). Filters
+        (``after``/``before`` dates, ``folder`` prefix, ``camera`` text, ``near`` "lat,lon,km", or a
+        ready ``filters``) run inside retrieval, so k results come back whenever k images match.
+        ``sort="date"`` orders the best ``MAX_K`` matches newest first; ``offset`` or ``cursor`` (the
+        result's ``next_cursor``) page; ``min_score`` drops results below that cosine.
+        """
         text = check_query(text)
         k = check_k(k)
         rerank = check_k(rerank, MAX_RERANK, "rerank") if rerank else 0
         if rerank and self.reranker is None:
             raise QueryError("re-ranking needs a Slow model: open the engine with rerank_model='slow'")
+        terms = Q.parse_query(text)
+        if rerank and Q.is_compound(terms):
+            raise QueryError("re-ranking takes a plain query, not weighted or subtracted terms")
+        f = filters if filters is not None else Q.make_filter(after, before, folder, camera, near)
+        sort, min_score = Q.check_sort(sort), Q.check_min_score(min_score)
+        fp = Q.query_fingerprint(text, f, sort, min_score)
+        offset = Q.read_cursor(cursor, fp) if cursor else Q.check_offset(offset)
+        if offset + k > MAX_DEPTH:
+            raise QueryError(f"paging goes {MAX_DEPTH} results deep at most (offset {offset} + k {k})")
+        rr_pool = max(k, rerank) if rerank else 0  # the Slow model rescores these, the same on every page
+        if rerank and offset + k > rr_pool:
+            raise QueryError(
+                f"with rerank {rerank} and k {k}, pages reach {rr_pool} results deep (offset + k)"
+            )
         t0 = time.perf_counter()
-        q = self.embedder.embed_query(text)
+        q = self.embed_terms(terms)
         t1 = time.perf_counter()
-        scores, rows = self.index.images.search(q[None], max(k, rerank))
-        scores, rows = scores[0], rows[0]
-        keep = rows >= 0
-        scores, rows = scores[keep], rows[keep]
+        # one more than the page, to know whether another page follows
+        pool = max(MAX_K, offset + k + 1) if sort == "date" else max(offset + k + 1, rr_pool)
+        allowed = self.index.filter_rows(f) if f else None
+        if allowed is None:
+            scores, rows = self.index.images.search(q[None], pool)
+            scores, rows = scores[0], rows[0]
+            keep = rows >= 0
+            scores, rows = scores[keep], rows[keep]
+        else:
+            scores, rows = search_filtered(self.index.images, self.index.embeddings, q, pool, allowed)
+        order = np.lexsort((rows, -scores))  # ties by row: pages never repeat or skip an image
+        scores, rows = scores[order], rows[order]
         t2 = time.perf_counter()
         timings = {"encode": (t1 - t0) * 1e3, "retrieve": (t2 - t1) * 1e3}
-        records = self.index.records(rows)
         explanations = None
+        fast = scores
+        slow = None
         if rerank:
-            fused, slow, explanations = self.reranker.rerank_text(
-                text, [r.key for r in records], scores, explain=explain
+            records = self.index.records(rows[:rr_pool])
+            fused, slow_s, explanations = self.reranker.rerank_text(
+                text, [r.key for r in records], scores[:rr_pool], explain=explain
             )
-            order = np.argsort(-fused, kind="stable")[:k]
-            hits = [
-                Hit(
-                    int(rows[i]),
-                    records[i].id,
-                    records[i].path,
-                    float(fused[i]),
-                    float(scores[i]),
-                    float(slow[i]),
-                )
-                for i in order
-            ]
+            order = np.argsort(-fused, kind="stable")
+            rows, scores, fast, slow = rows[order], fused[order], scores[order], slow_s[order]
             if explanations is not None:
                 explanations = [explanations[i] for i in order]
             timings["rerank"] = (time.perf_counter() - t2) * 1e3
-        else:
-            hits = [
-                Hit(int(r), rec.id, rec.path, float(s), float(s))
-                for r, rec, s in zip(rows[:k], records[:k], scores[:k], strict=True)
-            ]
+        if min_score is not None:
+            keep = scores >= min_score
+            rows, scores, fast = rows[keep], scores[keep], fast[keep]
+            slow = slow[keep] if slow is not None else None
+            if explanations is not None:
+                explanations = [e for e, ok in zip(explanations, keep, strict=True) if ok]
+        photos = self.index.photos(rows if sort == "date" else rows[offset : offset + k])
+        if sort == "date":
+            taken = np.array(
+                [-(photos[r].taken or -np.inf) if r in photos else np.inf for r in rows.tolist()]
+            )
+            order = np.lexsort((rows, -scores, taken))
+            rows, scores, fast = rows[order], scores[order], fast[order]
+            slow = slow[order] if slow is not None else None
+        page = slice(offset, offset + k)
+        more = len(rows) > offset + k
+        records = self.index.records(rows[page])
+        hits = []
+        for i, (r, rec) in enumerate(zip(rows[page].tolist(), records, strict=True)):
+            n = offset + i
+            meta = photos.get(r)
+            hits.append(
+                Hit(
+                    r,
+                    rec.id,
+                    rec.path,
+                    float(scores[n]),
+                    float(fast[n]),
+                    float(slow[n]) if slow is not None else None,
+                    taken=meta.taken if meta else None,
+                    folder=meta.folder if meta else None,
+                    camera=(meta.camera or None) if meta else None,
+                )
+            )
+        if explanations is not None:
+            explanations = explanations[page]
         timings["total"] = (time.perf_counter() - t0) * 1e3
-        return SearchResult(hits, timings, explanations)
+        return SearchResult(
+            hits,
+            timings,
+            explanations,
+            offset=offset,
+            next_offset=offset + k if more else None,
+            next_cursor=Q.make_cursor(offset + k, fp) if more else None,
+            n_matching=len(allowed) if allowed is not None else len(self.index.images),
+        )
+
+    def embed_terms(self, terms: list[Q.Term]) -> np.ndarray:
+        """One query vector: the weighted sum of the terms' embeddings, renormalised (rclip's way)."""
+        if not Q.is_compound(terms):
+            return self.embedder.embed_query(terms[0].text)
+        emb = self.embedder.embed_texts([t.text for t in terms], cached=False)
+        q = (np.array([t.weight for t in terms], dtype=np.float32)[:, None] * emb).sum(0)
+        norm = float(np.linalg.norm(q))
+        if norm < 1e-6:
+            raise QueryError("the query's terms cancel out: nothing is left to search for")
+        return (q / norm).astype(np.float32)
 
     def search_image(self, image, k: int = 10) -> SearchResult:
         """Image-to-image; ``captions_for_image`` gives image-to-text."""

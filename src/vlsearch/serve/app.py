@@ -19,6 +19,7 @@ request is answered 503 with ``Retry-After`` at once instead of piling up work.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import heapq
 import hmac
@@ -42,9 +43,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.staticfiles import StaticFiles
 
 from vlsearch import __version__
+from vlsearch.data.photo import BROWSER_UNSHOWN, display_jpeg
 from vlsearch.errors import CheckpointError, DataError, IndexError_, QueryError, VLSearchError
 from vlsearch.search.embedder import check_query
 from vlsearch.search.engine import MAX_K, MAX_RERANK, SearchEngine, check_k
+from vlsearch.search.queries import check_min_score, check_offset, check_sort, make_filter
 
 log = logging.getLogger("vlsearch.serve")
 
@@ -359,6 +362,17 @@ def guard_reranker(reranker) -> None:
     reranker.image_kv = image_kv
 
 
+def make_search_options(after, before, folder, camera, near, sort, offset, cursor, min_score) -> dict:
+    """The /search filter, sort and paging parameters, checked (QueryError -> 400)."""
+    return {
+        "filters": make_filter(after, before, folder, camera, near),
+        "sort": check_sort(sort),
+        "offset": check_offset(offset),
+        "cursor": cursor or None,
+        "min_score": check_min_score(min_score),
+    }
+
+
 def image_url(image_id: str) -> str:
     return "/images/" + quote(image_id, safe="/")
 
@@ -426,9 +440,9 @@ class Service:
         self.engine.search_image(Image.new("RGB", (64, 64), (120, 120, 120)), 1)
 
     # model work (runs on a pool thread)
-    def text_search(self, text: str, k: int, rerank: int, explain: bool):
+    def text_search(self, text: str, k: int, rerank: int, explain: bool, **options):
         self.refresh()
-        return _retry_borrowed(lambda: self.engine.search(text, k, rerank=rerank, explain=explain))
+        return _retry_borrowed(lambda: self.engine.search(text, k, rerank=rerank, explain=explain, **options))
 
     def image_search(self, data: bytes, k: int, k_captions: int):
         self.refresh()
@@ -640,6 +654,17 @@ def create_app(engine: SearchEngine, settings: ServeSettings | None = None, rera
             "0", description=f"re-rank the Fast top-K with the Slow model (0 = off, at most {MAX_RERANK})"
         ),
         explain: str = Query("0", description="with rerank: word-to-region heat maps per result (1)"),
+        after: str | None = Query(
+            None, description="taken on or after this date (2021, 2021-07, 2021-07-04)"
+        ),
+        before: str | None = Query(None, description="taken before the end of this date"),
+        folder: str | None = Query(None, description="in this folder (relative to the one indexed) or below"),
+        camera: str | None = Query(None, description="camera make or model contains this text"),
+        near: str | None = Query(None, description="taken within KM of LAT,LON: 'LAT,LON,KM'"),
+        sort: str = Query("score", description="score (relevance) or date (newest first)"),
+        offset: str = Query("0", description="skip this many results (paging)"),
+        cursor: str | None = Query(None, description="next_cursor of the previous page"),
+        min_score: str | None = Query(None, description="drop results below this cosine"),
     ):
         t0 = time.perf_counter()
         raw = raw_query_param(request, "q")
@@ -653,23 +678,27 @@ def create_app(engine: SearchEngine, settings: ServeSettings | None = None, rera
             raise QueryError("explain=1 needs rerank=K: the Slow model is what explains")
         if rerank and not service.rerank_enabled:
             raise ApiError(400, "re-ranking is not available on this server", settings.rerank_note)
+        options = make_search_options(after, before, folder, camera, near, sort, offset, cursor, min_score)
         result, wait_ms = await service.pool.run(
-            service.text_search, text, k, rerank, explain, heavy=bool(rerank)
+            functools.partial(service.text_search, text, k, rerank, explain, **options), heavy=bool(rerank)
         )
         explanations = result.explanations if explain else None
         hits = []
-        for rank, h in enumerate(result.hits, 1):
+        for rank, h in enumerate(result.hits, result.offset + 1):
             item = {
                 "rank": rank,
                 "row": h.row,
                 "id": h.id,
                 "url": image_url(h.id),
                 "score": h.score,
+                "taken": h.taken,
+                "folder": h.folder,
+                "camera": h.camera,
             }
             if rerank:
                 item["fast_score"], item["slow_score"] = h.fast_score, h.slow_score
             if explanations is not None:
-                item["explanation"] = explanations[rank - 1]
+                item["explanation"] = explanations[rank - 1 - result.offset]
             hits.append(item)
         timings = dict(result.timings_ms)
         timings["queue"] = wait_ms
@@ -681,6 +710,10 @@ def create_app(engine: SearchEngine, settings: ServeSettings | None = None, rera
                     "k": k,
                     "rerank": rerank,
                     "n_images": len(service.engine.index.images),
+                    "n_matching": result.n_matching,
+                    "offset": result.offset,
+                    "next_offset": result.next_offset,
+                    "next_cursor": result.next_cursor,
                     "results": hits,
                     "timings_ms": timings,
                 }
@@ -739,6 +772,9 @@ def create_app(engine: SearchEngine, settings: ServeSettings | None = None, rera
         path = Path(rec.path)
         if not path.is_file():
             raise ApiError(404, "the image file of this index entry is missing on disk", rec.id)
+        if path.suffix.lower() in BROWSER_UNSHOWN:  # HEIC, TIFF: an upright JPEG the page can show
+            data = await run_in_threadpool(display_jpeg, path)
+            return Response(data, media_type="image/jpeg", headers={"Cache-Control": "public, max-age=3600"})
         return FileResponse(
             path,
             media_type=IMAGE_TYPES.get(path.suffix.lower(), "application/octet-stream"),

@@ -14,7 +14,21 @@ const state = {
   controller: null,
   lastQuery: "",
   viewerHit: null,
+  nextCursor: null, // the next page of the current text search, or null
+  pageParams: null,
+  loadingMore: false,
 };
+
+const FILTERS = { after: "f-after", before: "f-before", folder: "f-folder", camera: "f-camera", near: "f-near", min_score: "f-min", sort: "f-sort" };
+
+function filterParams() {
+  const out = {};
+  for (const [name, id] of Object.entries(FILTERS)) {
+    const v = $(id).value.trim();
+    if (v && !(name === "sort" && v === "score")) out[name] = v;
+  }
+  return out;
+}
 
 // ---- talking to the server --------------------------------------------------------------------------
 async function api(url, options) {
@@ -117,12 +131,15 @@ async function runSearch(text) {
   $("q").value = text;
   state.lastQuery = text;
   const rerank = rerankOn();
-  const params = new URLSearchParams({ q: text, k: String(state.k) });
+  const filters = filterParams();
+  const params = new URLSearchParams({ q: text, k: String(state.k), ...filters });
   if (rerank) {
     params.set("rerank", String(state.rerankPool));
     params.set("explain", "1");
   }
-  history.replaceState(null, "", "?" + new URLSearchParams({ q: text, ...(rerank ? { rerank: "1" } : {}) }));
+  state.pageParams = new URLSearchParams(params);
+  state.nextCursor = null;
+  history.replaceState(null, "", "?" + new URLSearchParams({ q: text, ...filters, ...(rerank ? { rerank: "1" } : {}) }));
   const seq = ++state.seq;
   if (state.controller) state.controller.abort();
   state.controller = new AbortController();
@@ -135,9 +152,10 @@ async function runSearch(text) {
     $("query-image").hidden = true;
     const t = data.timings_ms;
     const how = data.rerank ? `Fast + Slow re-rank of the top ${data.rerank}` : "Fast";
+    state.nextCursor = data.next_cursor || null;
     setStatus([
       { bold: String(data.results.length) },
-      ` images for “${data.query}” in `,
+      ` images for “${data.query}”` + (data.n_matching < data.n_images ? ` (${data.n_matching} of ${data.n_images} match the filters)` : "") + " in ",
       { bold: `${ms(t.server)} ms` },
       ` (${how}` + (data.rerank && t.rerank != null ? `; re-rank ${ms(t.rerank)} ms` : "") +
         `; round trip ${ms(data.clientMs)} ms)`,
@@ -151,6 +169,33 @@ async function runSearch(text) {
   } finally {
     if (seq === state.seq) document.body.classList.remove("loading");
   }
+}
+
+// Infinite scroll: when the end of the grid comes into view, fetch the next page with its cursor.
+async function loadMore() {
+  if (!state.nextCursor || state.loadingMore || !state.pageParams) return;
+  state.loadingMore = true;
+  const seq = state.seq;
+  const params = new URLSearchParams(state.pageParams);
+  params.set("cursor", state.nextCursor);
+  $("more").hidden = false;
+  try {
+    const data = await api("/search?" + params, { signal: state.controller ? state.controller.signal : undefined });
+    if (seq !== state.seq) return;
+    state.nextCursor = data.next_cursor || null;
+    render(data.results, true);
+  } catch (e) {
+    if (e.name !== "AbortError" && seq === state.seq) showError(e);
+    state.nextCursor = null;
+  } finally {
+    state.loadingMore = false;
+    $("more").hidden = true;
+    if (seq === state.seq && state.nextCursor && nearBottom()) loadMore();
+  }
+}
+
+function nearBottom() {
+  return $("more").getBoundingClientRect().top < window.innerHeight + 400;
 }
 
 // ---- search by image ------------------------------------------------------------------------------
@@ -215,17 +260,30 @@ async function searchImage(file) {
 }
 
 // ---- results grid --------------------------------------------------------------------------------------
-function render(hits) {
+function render(hits, append = false) {
+  const grid = $("grid");
+  const start = append ? state.results.length : 0;
+  if (append) {
+    state.results = state.results.concat(hits);
+    hits.forEach((hit, i) => grid.append(card(hit, start + i)));
+    return;
+  }
   state.results = hits;
   const withExpl = hits.find((h) => h.explanation && h.explanation.tokens);
   state.words = withExpl ? withExpl.explanation.tokens : [];
   state.word = null;
   renderWords();
-  const grid = $("grid");
   grid.replaceChildren();
   $("empty").hidden = hits.length > 0;
   if (!hits.length) $("empty").firstElementChild.textContent = "No results.";
   hits.forEach((hit, i) => grid.append(card(hit, i)));
+}
+
+function metaLine(hit) {
+  const parts = [];
+  if (hit.taken != null) parts.push(new Date(hit.taken * 1000).toISOString().slice(0, 10));
+  if (hit.folder) parts.push(hit.folder);
+  return parts.join(" · ");
 }
 
 function card(hit, i) {
@@ -255,6 +313,14 @@ function card(hit, i) {
   score.className = "score";
   score.textContent = fmt(hit.score);
   cap.append(score);
+  const meta = metaLine(hit);
+  if (meta) {
+    const m = document.createElement("span");
+    m.className = "meta";
+    m.textContent = meta;
+    if (hit.camera) m.title = hit.camera;
+    cap.append(m);
+  }
   if (hit.slow_score != null) {
     const sub = document.createElement("span");
     sub.className = "sub";
@@ -395,6 +461,16 @@ function init() {
   $("rerank").addEventListener("change", () => {
     if (state.lastQuery) runSearch(state.lastQuery);
   });
+  $("filters").addEventListener("submit", (e) => {
+    e.preventDefault();
+    if (state.lastQuery) runSearch(state.lastQuery);
+  });
+  $("filters").addEventListener("change", () => {
+    if (state.lastQuery) runSearch(state.lastQuery);
+  });
+  new IntersectionObserver((entries) => {
+    if (entries.some((en) => en.isIntersecting)) loadMore();
+  }, { rootMargin: "400px" }).observe($("more-sentinel"));
   $("pick").addEventListener("click", () => $("file").click());
   $("file").addEventListener("change", (e) => {
     const f = e.target.files && e.target.files[0];
@@ -441,6 +517,7 @@ function init() {
   });
 
   const params = new URLSearchParams(location.search);
+  for (const [name, id] of Object.entries(FILTERS)) if (params.get(name)) $(id).value = params.get(name);
   loadHealth().then(() => {
     if (params.get("rerank") === "1" && !$("rerank").disabled) $("rerank").checked = true;
     if (params.get("q")) runSearch(params.get("q"));
