@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from vlsearch.data.safe_decode import DecodeTimeout, open_image
+from vlsearch.errors import QueryError
+
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
-# Refuse decompression bombs well before PIL's own limit would warn.
-Image.MAX_IMAGE_PIXELS = 120_000_000
 
 
 @dataclass
@@ -41,14 +41,13 @@ def load_image(source, size: int = 224) -> np.ndarray:
     were, so query-time inputs look like training inputs. Raises ValueError with a readable reason.
     """
     try:
-        if isinstance(source, Image.Image):
-            img = source
-        elif isinstance(source, bytes | bytearray):
-            img = Image.open(io.BytesIO(source))
-        else:
-            img = Image.open(source)
+        img = open_image(source)  # allowed formats only, pixel/scan caps, a decode deadline
         img.load()
         img = img.convert("RGB").resize((size, size), Image.BICUBIC)
+    except QueryError as e:
+        raise ValueError(str(e)) from e
+    except DecodeTimeout as e:
+        raise ValueError(f"not a readable image ({e})") from e
     except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError) as e:
         raise ValueError(f"not a readable image ({type(e).__name__}: {e})") from e
     return np.asarray(img, dtype=np.uint8)
