@@ -210,6 +210,7 @@ class ModelPool:
         self.workers = max(1, workers)
         self.capacity = self.workers + max(0, max_queue)
         self.heavy_capacity = min(self.capacity, self.workers + max(0, max_heavy_queue))
+        self.threads_per_worker = threads_per_worker
         self.executor = Scheduler(self.workers, threads_per_worker)
         self.pending = 0
         self.heavy_pending = 0
@@ -238,6 +239,10 @@ class ModelPool:
             raise
         cf.add_done_callback(lambda _f: loop.call_soon_threadsafe(self._release, heavy))
         return await asyncio.wrap_future(cf)
+
+    def start(self) -> None:
+        if self.executor._closed:
+            self.executor = Scheduler(self.workers, self.threads_per_worker)
 
     def full(self, heavy: bool = False) -> bool:
         return self.pending >= self.capacity or (heavy and self.heavy_pending >= self.heavy_capacity)
@@ -650,6 +655,7 @@ def create_app(engine: SearchEngine, settings: ServeSettings | None = None, rera
 
     @asynccontextmanager
     async def lifespan(app):
+        service.pool.start()  # again, if an earlier lifespan (a test client) shut it down
         yield
         service.pool.shutdown()
 
@@ -944,8 +950,20 @@ def _openapi(app):
         schema = get_openapi(
             title=app.title, version=app.version, description=app.description, routes=app.routes
         )
+        rerank_max = MAX_RERANK if app.state.service.rerank_enabled else 0
+        params = {  # what the routes' own checks accept (they parse strings, for clearer messages)
+            "q": {"type": "string", "minLength": 1, "maxLength": MAX_QUERY_CHARS},
+            "k": {"type": "integer", "minimum": 1, "maximum": MAX_K, "default": 10},
+            "rerank": {"type": "integer", "minimum": 0, "maximum": rerank_max, "default": 0},
+            "explain": {"type": "integer", "enum": [0, 1] if rerank_max else [0], "default": 0},
+            "captions": {"type": "integer", "minimum": 0, "maximum": 50, "default": 5},
+        }
         for ops in schema.get("paths", {}).values():
             for op in ops.values():
+                for param in op.get("parameters", []):
+                    if param.get("in") == "query" and param["name"] in params:
+                        param["schema"] = {**params[param["name"]], "title": param["schema"].get("title", "")}
+                        param["required"] = param["name"] == "q"
                 responses = op.setdefault("responses", {})
                 for status, spec in UPLOAD_ERRORS.items():
                     if status in (413, 415) and "requestBody" not in op:
