@@ -30,15 +30,17 @@ REPO = Path(__file__).resolve().parents[1]
 class LiveServer:
     """A real uvicorn server in a thread, on a free 127.0.0.1 port."""
 
-    def __init__(self, app):
+    def __init__(self, app, **config):
         import uvicorn
+
+        from vlsearch.serve.protocol import uvicorn_config
 
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.sock.bind(("127.0.0.1", 0))
         self.port = self.sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
         self.server = uvicorn.Server(
-            uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=2)
+            uvicorn_config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=2, **config)
         )
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
         self.thread.start()
@@ -156,7 +158,7 @@ def test_search_health_images_and_schema(client, photo):
 BAD_SEARCHES = [
     ("q=", 400, "empty"),
     ("q=%20%20%09", 400, "empty"),
-    ("q=" + "x" * 10_000, 400, "limit"),
+    ("q=" + "x" * 10_000, 400, "2000"),
     ("q=%FF%FE%FD", 400, "UTF-8"),
     ("q=a%00b", 400, "binary"),
     ("q=%ED%A0%80", 400, "UTF-8"),  # an encoded surrogate is not UTF-8
@@ -209,10 +211,10 @@ def test_image_search_and_bad_uploads(client, photo):
     assert body["images"][0]["id"] == rec.id and len(body["images"]) == 4
     assert len(body["captions"]) == 3 and all(c["text"] and c["image_url"] for c in body["captions"])
     # not images, broken images, wrong k
-    check_error(client.post("/search/image", files={"file": ("a.txt", b"hello world")}), 400)
+    check_error(client.post("/search/image", files={"file": ("a.txt", b"hello world")}), 415)
     check_error(client.post("/search/image", files={"file": ("t.jpg", data[: len(data) // 3])}), 400)
     check_error(client.post("/search/image", files={"file": ("e.jpg", b"")}), 400)
-    check_error(client.post("/search/image", files={"file": ("r.bin", os.urandom(5000))}), 400)
+    check_error(client.post("/search/image", files={"file": ("r.bin", os.urandom(5000))}), 415)
     check_error(client.post("/search/image", files={"nofile": ("q.jpg", data)}), 422)
     check_error(client.post("/search/image", content=b"raw bytes"), 422)
     broken = client.post(
@@ -287,7 +289,14 @@ def test_oversized_uploads_rejected_early_with_413(server, client):
 def test_rerank_and_explanations_with_the_slow_model(rerank_server):
     with rerank_server.client() as c:
         h = c.get("/healthz").json()
-        assert h["rerank"] == {"enabled": True, "model": "slow", "note": None, "max": 200}
+        assert h["rerank"] == {
+            "enabled": True,
+            "model": "slow",
+            "note": None,
+            "max": 200,
+            "max_explained": 24,
+            "unscored_results": 0,
+        }
         r = c.get("/search", params={"q": "a dog in the snow", "k": 5, "rerank": 12, "explain": 1})
         assert r.status_code == 200, r.text
         body = r.json()
@@ -328,7 +337,7 @@ def test_add_images_with_write_token_and_refresh(index_dir, mini_flickr, tmp_pat
             auth = {"Authorization": "Bearer s3cret-token"}
             # one bad file: nothing is added
             bad = [*files, ("files", ("notes.txt", b"not an image"))]
-            body = check_error(c.post("/images", files=bad, headers=auth), 400)
+            body = check_error(c.post("/images", files=bad, headers=auth), 415)
             assert body["detail"][0]["filename"] == "notes.txt"
             assert c.get("/healthz").json()["index"]["n_images"] == 40
             r = c.post("/images", files=files, headers=auth)

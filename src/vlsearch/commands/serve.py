@@ -24,7 +24,30 @@ def register(sub):
         "--write-token",
         default=None,
         metavar="TOKEN",
-        help="allow POST /images with 'Authorization: Bearer TOKEN' (or set VLSEARCH_WRITE_TOKEN)",
+        help="allow POST /images with 'Authorization: Bearer TOKEN'; visible in argv: prefer "
+        "VLSEARCH_WRITE_TOKEN or --write-token-file",
+    )
+    p.add_argument("--write-token-file", default=None, metavar="FILE", help="read the write token from FILE")
+    p.add_argument(
+        "--read-token",
+        default=None,
+        metavar="TOKEN",
+        help="make the library private: search, images and the page need this token (visible in argv: "
+        "prefer VLSEARCH_READ_TOKEN or --read-token-file)",
+    )
+    p.add_argument("--read-token-file", default=None, metavar="FILE", help="read the read token from FILE")
+    p.add_argument(
+        "--allowed-host",
+        action="append",
+        default=None,
+        metavar="NAME",
+        help="a Host header name to answer (repeatable); default: loopback names when bound to loopback",
+    )
+    p.add_argument(
+        "--follow-symlinks",
+        action="store_true",
+        default=None,
+        help="serve image files reached through symlinks (default: as the index was built)",
     )
     p.add_argument(
         "--workers", type=int, default=None, help="model threads (default: one per core, at most 4)"
@@ -104,6 +127,49 @@ def listen(host: str, port: int) -> socket.socket:
     return sock
 
 
+def read_token_option(value: str | None, file: str | None, env: str, what: str) -> str | None:
+    """A token from the flag (warned: argv is visible to every user), a file, or the environment."""
+    from vlsearch.errors import QueryError
+    from vlsearch.serve.gate import MIN_TOKEN_LENGTH
+
+    if value:
+        print(
+            f"vlsearch serve: WARNING: --{what}-token is visible to other users in the process list; "
+            f"use {env} or --{what}-token-file",
+            file=sys.stderr,
+        )
+    elif file:
+        try:
+            value = Path(file).expanduser().read_text().strip()
+        except OSError as e:
+            raise QueryError(f"cannot read --{what}-token-file {file}: {e.strerror or e}") from e
+    else:
+        value = os.environ.get(env) or None
+    if value is not None and len(value) < MIN_TOKEN_LENGTH:
+        raise QueryError(f"the {what} token is {len(value)} characters; use at least {MIN_TOKEN_LENGTH}")
+    return value
+
+
+def is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def allowed_hosts(host: str, given: list[str] | None) -> tuple[str, ...] | None:
+    """--allowed-host names; by default the loopback names when bound to loopback, else any Host."""
+    from vlsearch.serve.gate import LOOPBACK_HOSTS
+
+    if given:
+        return tuple(h.lower() for h in given) + LOOPBACK_HOSTS
+    return LOOPBACK_HOSTS if is_loopback(host) else None
+
+
 def run(args):
     import logging
 
@@ -123,7 +189,17 @@ def run(args):
             "--workers must be >= 1, --max-queue and --max-rerank-queue >= 0, --max-upload-mb > 0"
         )
     index_dir = Path(args.index).expanduser() if args.index else default_index_dir()
-    token = args.write_token or os.environ.get("VLSEARCH_WRITE_TOKEN") or None
+    token = read_token_option(args.write_token, args.write_token_file, "VLSEARCH_WRITE_TOKEN", "write")
+    args.read_token_value = read_token_option(
+        args.read_token, args.read_token_file, "VLSEARCH_READ_TOKEN", "read"
+    )
+    args.allowed_hosts = allowed_hosts(args.host, args.allowed_host)
+    if not is_loopback(args.host) and not args.read_token_value:
+        print(
+            f"vlsearch serve: WARNING: listening on {args.host} without a read token: anyone who can reach "
+            "this port can search and download every image; set VLSEARCH_READ_TOKEN",
+            file=sys.stderr,
+        )
     sock = listen(args.host, args.port)  # fail fast on a busy port, before loading models
     try:
         return _serve(args, sock, index_dir, token)
@@ -136,8 +212,6 @@ def _serve(args, sock, index_dir: Path, token: str | None) -> int:
     print(f"vlsearch serve: loading {index_dir} ...", file=sys.stderr, flush=True)
     engine = open_engine(index_dir, args.model, rerank_model)
 
-    import uvicorn
-
     from vlsearch.serve.app import ServeSettings, create_app
 
     cores = os.cpu_count() or 1
@@ -149,6 +223,9 @@ def _serve(args, sock, index_dir: Path, token: str | None) -> int:
         max_rerank_queue=args.max_rerank_queue,
         max_upload_bytes=int(args.max_upload_mb * 1024 * 1024),
         write_token=token,
+        read_token=args.read_token_value,
+        allowed_hosts=args.allowed_hosts,
+        follow_symlinks=args.follow_symlinks,
         rerank_model=rerank_model,
         rerank_note=note,
     )
@@ -158,19 +235,18 @@ def _serve(args, sock, index_dir: Path, token: str | None) -> int:
     print(
         f"vlsearch serve: {len(engine.index.images)} images from {index_dir}; "
         f"re-ranking {'on (' + str(rerank_model) + ')' if engine.reranker is not None else 'off: ' + note}; "
-        f"adding images {'on (token required)' if token else 'off'}\n"
+        f"adding images {'on (token required)' if token else 'off'}; "
+        f"{'private (read token required)' if settings.read_token else 'public'}\n"
         f"vlsearch serve: open http://{shown}:{port}/  (Ctrl+C to stop)",
         file=sys.stderr,
         flush=True,
     )
-    config = uvicorn.Config(
-        app,
-        log_level=args.log_level,
-        access_log=args.access_log,
-        timeout_graceful_shutdown=5,
-        timeout_keep_alive=5,
-        limit_concurrency=1024,  # connections; model work has its own, much smaller, bounded queue
-    )
+    import uvicorn
+
+    from vlsearch.serve.protocol import uvicorn_config
+
+    # header deadlines per connection; model work has its own, much smaller, bounded queue
+    config = uvicorn_config(app, log_level=args.log_level, access_log=args.access_log)
     try:
         uvicorn.Server(config).run(sockets=[sock])
     except KeyboardInterrupt:  # uvicorn re-raises the signal after its graceful shutdown

@@ -87,6 +87,7 @@ def _build(
         caps_by_image[img].append(cap.strip())
     paths, ids, captions, cap_img = [], [], [], []
     for img in order:
+        check_inside(name, img, image_dir)
         path = image_dir / img
         if not path.is_file():
             continue
@@ -99,6 +100,17 @@ def _build(
     if not paths:
         raise DataError(f"{name} split {split!r}: none of its images were found under {image_dir}")
     return CaptionDataset(name, split, paths, ids, captions, np.asarray(cap_img, dtype=np.int64))
+
+
+def check_inside(name: str, rel: str, root: Path) -> None:
+    """An annotation's file name must stay inside the dataset folder: an absolute path or ``..`` would
+    index (and the service would serve) any file on the machine."""
+    p = Path(rel)
+    if p.is_absolute() or ".." in p.parts or "\x00" in rel:
+        raise DataError(
+            f"{name}: image file name {rel[:200]!r} leaves the dataset folder {root}; "
+            "annotations must use paths relative to it"
+        )
 
 
 def _norm_split(split: str) -> str:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -10,10 +9,10 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from vlsearch.data.photo import HEIF_EXTENSIONS, decode_square
+from vlsearch.data.safe_decode import DecodeTimeout, open_image
+from vlsearch.errors import QueryError
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", *HEIF_EXTENSIONS}
-# Refuse decompression bombs well before PIL's own limit would warn.
-Image.MAX_IMAGE_PIXELS = 120_000_000
 
 
 @dataclass
@@ -45,13 +44,12 @@ def load_image(source, size: int = 224, draft: bool = True) -> np.ndarray:
     (``data.photo``). Raises ValueError with a readable reason.
     """
     try:
-        if isinstance(source, Image.Image):
-            img = source
-        elif isinstance(source, bytes | bytearray):
-            img = Image.open(io.BytesIO(source))
-        else:
-            img = Image.open(source)
-        img = decode_square(img, size, draft)
+        img = open_image(source)  # allowed formats only, pixel/scan caps, a decode deadline
+        img = decode_square(img, size, draft)  # upright, alpha on white, JPEG draft (data.photo)
+    except QueryError as e:
+        raise ValueError(str(e)) from e
+    except DecodeTimeout as e:
+        raise ValueError(f"not a readable image ({e})") from e
     except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError) as e:
         raise ValueError(f"not a readable image ({type(e).__name__}: {e})") from e
     return np.asarray(img, dtype=np.uint8)

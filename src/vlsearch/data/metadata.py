@@ -8,7 +8,7 @@ from dataclasses import astuple, dataclass, fields
 from datetime import UTC, datetime
 from pathlib import Path
 
-from PIL import Image
+from vlsearch.data.safe_decode import open_header
 
 EXIF_IFD, GPS_IFD = 0x8769, 0x8825
 DATETIME_ORIGINAL, DATETIME = 36867, 306
@@ -75,7 +75,7 @@ def read_metadata(path: str | Path, image_id: str = "") -> PhotoMeta:
         taken=st.st_mtime, taken_source="mtime", folder=os.path.dirname(image_id), bytes=st.st_size
     )
     try:
-        with Image.open(path) as img:
+        with open_header(path) as img:
             meta.width, meta.height = img.size
             exif = img.getexif()
             sub = exif.get_ifd(EXIF_IFD)

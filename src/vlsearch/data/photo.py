@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from PIL import Image, ImageOps
 
+from vlsearch.data.safe_decode import open_image
+
 try:  # HEIC/HEIF, as iPhones write them
     from pillow_heif import register_heif_opener
 
@@ -77,7 +79,7 @@ def display_jpeg(path, max_side: int = 1600) -> bytes:
     """An upright JPEG of at most ``max_side`` pixels, for showing a HEIC or TIFF file in a browser."""
     import io
 
-    with Image.open(path) as img:
+    with open_image(path) as img:
         img = upright_rgb(img, max_side // (2 * DRAFT_FACTOR))
         img.thumbnail((max_side, max_side), Image.BICUBIC)
         buf = io.BytesIO()

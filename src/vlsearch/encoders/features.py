@@ -14,11 +14,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 from tqdm import tqdm
 
 from vlsearch.data.images import ImageReport, load_image
 from vlsearch.data.photo import decode_variant
+from vlsearch.data.safe_decode import open_header
 from vlsearch.encoders.image import ImageBackbone, ImageBackboneConfig
 from vlsearch.encoders.store import TokenStore
 from vlsearch.encoders.text import TextBackbone, TextBackboneConfig
@@ -42,7 +42,7 @@ def photo_key(path: str | Path, size: int) -> str:
     features are not reused and every other cached entry stays valid."""
     key = file_key(path)
     try:
-        with Image.open(path) as img:  # header only
+        with open_header(path) as img:  # header only, allowed formats
             variant = decode_variant(img, size)
     except Exception:  # noqa: BLE001 - unreadable files are reported when decoded
         variant = ""

@@ -61,11 +61,47 @@ class ImageRecord:
 class GalleryIndex:
     def __init__(self, path: Path, config: IndexConfig, images: VectorIndex, captions: VectorIndex | None):
         self.path, self.config, self.images, self.captions = Path(path), config, images, captions
-        self._db = sqlite3.connect(
-            f"file:{self.path / 'meta.sqlite'}?mode=ro", uri=True, check_same_thread=False
-        )
+        # as_uri() percent-encodes '#', '?' and '%': a folder name cannot turn into URI parameters
+        uri = (self.path / "meta.sqlite").absolute().as_uri() + "?mode=ro"
+        self._db = sqlite3.connect(uri, uri=True, check_same_thread=False)
         self._embeddings: np.ndarray | None = None
         self._dates: P.DateColumn | None = None
+
+    def check_integrity(self) -> None:
+        """Row counts of the metadata, the embeddings and faiss must match the config; a corrupt
+        meta.sqlite fails here, at open, instead of on every search."""
+        where = f"index at {self.path}"
+        try:
+            n_rows = self._db.execute("SELECT count(*) FROM images").fetchone()[0]
+            n_caps = self._db.execute("SELECT count(*) FROM captions").fetchone()[0]
+        except sqlite3.Error as e:
+            raise IndexError_(
+                f"{where}: meta.sqlite is unreadable ({e}); rebuild the index with `vlsearch index`"
+            ) from e
+        cfg = self.config
+        counts = {
+            "metadata rows": n_rows,
+            "embeddings": len(self.embeddings),
+            "faiss vectors": len(self.images),
+        }
+        bad = {k: v for k, v in counts.items() if v != cfg.n_images}
+        if bad:
+            got = ", ".join(f"{v} {k}" for k, v in counts.items())
+            raise IndexError_(
+                f"{where} is inconsistent: the config says {cfg.n_images} images, found {got}; rebuild it"
+            )
+        if cfg.n_captions and n_caps != cfg.n_captions:
+            raise IndexError_(
+                f"{where} is inconsistent: {n_caps} caption rows, the config says {cfg.n_captions}; rebuild it"
+            )
+
+    def paths_of_keys(self, keys) -> dict[str, str]:
+        """Image file of each feature-cache key (for recomputing features the cache lost)."""
+        keys = list(dict.fromkeys(keys))
+        if not keys:
+            return {}
+        q = f"SELECT key, path FROM images WHERE key IN ({','.join('?' * len(keys))})"
+        return dict(self._db.execute(q, keys).fetchall())
 
     # -- reading --------------------------------------------------------------------------------------------
     @classmethod
@@ -89,6 +125,7 @@ class GalleryIndex:
                 else None
             )
             index = cls(path, config, images, captions)
+            index.check_integrity()
             images.attach_vectors(index.embeddings)  # IVF-PQ re-checks its candidates against them
         except IndexError_:
             raise

@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 
 from vlsearch.config import atomic_write_bytes, atomic_write_json
+from vlsearch.data.photo import upright_rgb
+from vlsearch.data.safe_decode import open_image
 
 SPECIAL = {"[CLS]", "[SEP]", "[PAD]", "[UNK]", "[MASK]"}
 STOP_WORDS = set(
@@ -59,7 +61,7 @@ def overlay_png(image_path: str | Path, explanation: dict, size: int = 224) -> b
 
     from PIL import Image, ImageDraw
 
-    img = Image.open(image_path).convert("RGB").resize((size, size))
+    img = upright_rgb(open_image(image_path)).resize((size, size))
     base = np.asarray(img, dtype=np.float32) / 255.0
     gh, gw = explanation["grid"]
     words = explanation["tokens"] or ["(no content words)"]

@@ -13,6 +13,7 @@ from __future__ import annotations
 import sys
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -383,6 +384,8 @@ class Reranker:
         self.extractor = extractor
         self._kv: OrderedDict[str, ImageKV] = OrderedDict()
         self.cache_images = cache_images
+        # keys -> image files, for features the cache lost (pruned, another VLSEARCH_HOME, built elsewhere)
+        self.locate: Callable[[list[str]], dict[str, str]] | None = None
 
     @classmethod
     def load(cls, checkpoint_path, extractor=None) -> Reranker:
@@ -425,12 +428,38 @@ class Reranker:
             self._kv.popitem(last=False)
         return out
 
+    def unavailable(self, keys: list[str]) -> set[str]:
+        """Keys whose features are neither memoised nor cached, after recomputing what can be from the
+        image files (``locate``); what is left has no file (or a changed one) and cannot be re-ranked."""
+        fx = self._need_extractor()
+        lost = set(fx.images.missing([k for k in dict.fromkeys(keys) if k not in self._kv]))
+        if lost and self.locate is not None:
+            paths = self.locate(sorted(lost))
+            found = fx.image_keys([paths[k] for k in sorted(lost) if k in paths]).keys
+            lost -= set(k for k in found if k)
+        return lost
+
     @torch.no_grad()
     def rerank_text(self, text: str, keys: list[str], fast_scores, explain: bool = False):
-        """(fused [K], slow [K], explanations or None) for one text query and its K candidate images."""
+        """(fused [K], slow [K], explanations or None) for one text query and its K candidate images.
+        A candidate whose features cannot be had keeps its Fast score, with a NaN Slow score (and no
+        explanation)."""
         fast_scores = np.asarray(fast_scores, dtype=np.float32)
         if len(keys) == 0:
             return fast_scores.copy(), np.zeros(0, np.float32), ([] if explain else None)
+        lost = self.unavailable(list(keys))
+        if lost:
+            ok = [i for i, k in enumerate(keys) if k not in lost]
+            fused = fast_scores.copy()
+            slow = np.full(len(keys), np.nan, np.float32)
+            expl = [None] * len(keys) if explain else None
+            if ok:
+                f, s, e = self.rerank_text(text, [keys[i] for i in ok], fast_scores[ok], explain)
+                fused[ok], slow[ok] = f, s
+                for j, i in enumerate(ok):
+                    if expl is not None:
+                        expl[i] = e[j]
+            return fused, slow, expl
         fx = self._need_extractor()
         states, lengths, ids = fx.encode_texts([text])
         kv = self.image_kv(list(keys))

@@ -23,7 +23,6 @@ import functools
 import hashlib
 import heapq
 import hmac
-import io
 import itertools
 import logging
 import os
@@ -36,6 +35,7 @@ from urllib.parse import parse_qsl, quote
 
 import numpy as np
 from fastapi import FastAPI, File, Query, Request, UploadFile
+from fastapi import Path as FPath
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
@@ -44,10 +44,13 @@ from starlette.staticfiles import StaticFiles
 
 from vlsearch import __version__
 from vlsearch.data.photo import BROWSER_UNSHOWN, display_jpeg
+from vlsearch.data.safe_decode import UnsupportedFormat, allowed_text
 from vlsearch.errors import CheckpointError, DataError, IndexError_, QueryError, VLSearchError
 from vlsearch.search.embedder import check_query
 from vlsearch.search.engine import MAX_K, MAX_RERANK, SearchEngine, check_k
 from vlsearch.search.queries import check_min_score, check_offset, check_sort, make_filter
+from vlsearch.serve.gate import Gate, Throttle, error_json
+from vlsearch.settings import MAX_QUERY_CHARS
 
 log = logging.getLogger("vlsearch.serve")
 
@@ -55,6 +58,9 @@ STATIC = Path(__file__).parent / "static"
 MAX_UPLOAD_BYTES = 20 * 1024 * 1024
 MAX_UPLOAD_PIXELS = 40_000_000  # decoding is the cost, not the bytes: a 20 MB PNG can be 100 Mpx
 MAX_UPLOAD_FILES = 32
+MAX_EXPLAINED = 24  # results that carry an explanation (the page shows 24)
+MAX_EXPLAINED_WORDS = 16  # words per explanation, each a 14x14 map
+MAX_ID_CHARS = 1024  # longer /images ids are refused (400) before any lookup
 IMAGE_TYPES = {
     ".jpg": "image/jpeg",
     ".jpeg": "image/jpeg",
@@ -64,8 +70,18 @@ IMAGE_TYPES = {
     ".webp": "image/webp",
     ".tif": "image/tiff",
     ".tiff": "image/tiff",
+    ".heic": "image/heic",
+    ".heif": "image/heif",
 }
-PIL_SUFFIX = {"JPEG": ".jpg", "PNG": ".png", "GIF": ".gif", "BMP": ".bmp", "WEBP": ".webp", "TIFF": ".tif"}
+PIL_SUFFIX = {
+    "HEIF": ".heic",
+    "JPEG": ".jpg",
+    "PNG": ".png",
+    "GIF": ".gif",
+    "BMP": ".bmp",
+    "WEBP": ".webp",
+    "TIFF": ".tif",
+}
 CSP = (
     "default-src 'self'; img-src 'self' blob: data:; style-src 'self'; script-src 'self'; "
     "connect-src 'self'; object-src 'none'; base-uri 'none'; frame-ancestors 'none'"
@@ -86,6 +102,12 @@ class ServeSettings:
     page_k: int = 24  # what the web page asks for
     page_rerank: int = 30  # Fast candidates the page has the Slow model re-rank
     warm_up: bool = True
+    read_token: str | None = None  # search, images and the page need it when set
+    allowed_hosts: tuple[str, ...] | None = None  # Host header allowlist (None: any)
+    max_bytes_in_flight: int = 4 * MAX_UPLOAD_BYTES  # request bodies being received, all requests
+    body_timeout_s: float = 60.0  # a whole request body must arrive within this
+    receive_idle_s: float = 15.0  # ... and no gap between its chunks longer than this
+    follow_symlinks: bool | None = None  # None: as the index was built (its config)
 
 
 # -- errors -----------------------------------------------------------------------------------------------
@@ -101,11 +123,17 @@ class ApiError(StarletteHTTPException):
         self.error, self.extra = error, detail
 
 
-STATUS_OF = [(QueryError, 400), (DataError, 400), (IndexError_, 409), (CheckpointError, 409)]
+STATUS_OF = [
+    (UnsupportedFormat, 415),
+    (QueryError, 400),
+    (DataError, 400),
+    (IndexError_, 409),
+    (CheckpointError, 409),
+]
 
 
-def error_json(status: int, error: str, detail=None, headers: dict | None = None) -> JSONResponse:
-    return JSONResponse({"error": error, "detail": detail}, status_code=status, headers=headers)
+class Unavailable(Exception):
+    """The index cannot be read (corrupt metadata, mismatched files): 503 with the reason."""
 
 
 # -- the bounded model pool -------------------------------------------------------------------------------
@@ -185,6 +213,7 @@ class ModelPool:
         self.workers = max(1, workers)
         self.capacity = self.workers + max(0, max_queue)
         self.heavy_capacity = min(self.capacity, self.workers + max(0, max_heavy_queue))
+        self.threads_per_worker = threads_per_worker
         self.executor = Scheduler(self.workers, threads_per_worker)
         self.pending = 0
         self.heavy_pending = 0
@@ -193,7 +222,7 @@ class ModelPool:
         self.shed = 0
 
     async def run(self, fn, *args, heavy: bool = False):
-        if self.pending >= self.capacity or (heavy and self.heavy_pending >= self.heavy_capacity):
+        if self.full(heavy):
             self.shed += 1
             raise Busy()
         loop = asyncio.get_running_loop()
@@ -213,6 +242,13 @@ class ModelPool:
             raise
         cf.add_done_callback(lambda _f: loop.call_soon_threadsafe(self._release, heavy))
         return await asyncio.wrap_future(cf)
+
+    def start(self) -> None:
+        if self.executor._closed:
+            self.executor = Scheduler(self.workers, self.threads_per_worker)
+
+    def full(self, heavy: bool = False) -> bool:
+        return self.pending >= self.capacity or (heavy and self.heavy_pending >= self.heavy_capacity)
 
     def _release(self, heavy: bool) -> None:
         self.pending -= 1
@@ -392,8 +428,16 @@ class Service:
         self.stale: str | None = None  # set when the index on disk was rebuilt with another model
         self.refreshes = 0
         self._seen_index = engine.index
+        self.broken: str | None = None  # the index cannot be read: searches answer 503 with this
+        self.unscored = 0  # re-ranked results that kept their Fast score (image file gone)
+        try:
+            engine.index.check_integrity()
+        except VLSearchError as e:
+            self.broken = str(e)
         if engine.reranker is not None:
             guard_reranker(engine.reranker)
+            if hasattr(engine.reranker, "locate"):
+                engine.reranker.locate = lambda keys: self.engine.index.paths_of_keys(keys)
 
     @property
     def rerank_enabled(self) -> bool:
@@ -431,6 +475,19 @@ class Service:
             self._refresh_lock.release()
         if self.stale:
             raise IndexError_(self.stale)
+        if self.broken:
+            raise Unavailable(self.broken)
+
+    def guarded(self, fn):
+        """Run index work; an unreadable index (sqlite or faiss failing under us) becomes the degraded
+        state with its reason, and 503s, instead of a 500 on every request."""
+        import sqlite3
+
+        try:
+            return fn()
+        except sqlite3.Error as e:
+            self.broken = f"the index metadata at {self.engine.path} is unreadable ({e}); rebuild it with `vlsearch index`"
+            raise Unavailable(self.broken) from e
 
     def warm_up(self) -> None:
         """Load the lazily built backbones (and tokenizer settings) before the first user waits."""
@@ -441,12 +498,29 @@ class Service:
 
     # model work (runs on a pool thread)
     def text_search(self, text: str, k: int, rerank: int, explain: bool, **options):
+        """Explanations cost ~200 floats per word per result: the engine ranks without them, and only
+        the first MAX_EXPLAINED results are explained (the same pairs, so the same maps)."""
         self.refresh()
-        return _retry_borrowed(lambda: self.engine.search(text, k, rerank=rerank, explain=explain, **options))
+        result = self.guarded(
+            lambda: _retry_borrowed(lambda: self.engine.search(text, k, rerank=rerank, **options))
+        )
+        if explain:
+            top = result.hits[:MAX_EXPLAINED]
+            keys = [r.key for r in self.engine.index.records([h.row for h in top])]
+            fast = np.array([h.fast_score for h in top], np.float32)
+            _, _, maps = _retry_borrowed(
+                lambda: self.engine.reranker.rerank_text(text, keys, fast, explain=True)
+            )
+            result.explanations = [_cap_words(m) for m in maps] + [None] * (len(result.hits) - len(top))
+        self.unscored += sum(1 for h in result.hits if rerank and not np.isfinite(h.slow_score))
+        return result
 
     def image_search(self, data: bytes, k: int, k_captions: int):
         self.refresh()
         image = decode_upload(data)
+        return self.guarded(lambda: self._image_search(image, k, k_captions))
+
+    def _image_search(self, image, k: int, k_captions: int):
         images = self.engine.search_image(image, k)
         captions = self.engine.captions_for_image(image, k_captions) if k_captions else None
         cap_rows = {}
@@ -457,10 +531,20 @@ class Service:
 
     def lookup_image(self, ref: str):
         index = self.engine.index
-        row = index.row_of_id(ref)
-        if row is None and ref.isdigit() and int(ref) < len(index.images):
+        row = self.guarded(lambda: index.row_of_id(ref))
+        if row is None and ref.isascii() and ref.isdigit() and len(ref) < 12 and int(ref) < len(index.images):
             row = int(ref)
-        return None if row is None else index.record(row)
+        return None if row is None else self.guarded(lambda: index.record(row))
+
+    def servable(self, path: Path) -> bool:
+        """Not through a symlink (unless allowed): a link planted in a photo folder must not serve
+        files from elsewhere on the machine."""
+        follow = self.settings.follow_symlinks
+        if follow is None:
+            follow = bool(getattr(self.engine.index.config, "follow_symlinks", False))
+        if follow:
+            return True
+        return not any(p.is_symlink() for p in [path, *path.parents][:-1] if p.name)
 
     def add_images(self, uploads: list[tuple[str, bytes]]) -> dict:
         """Store each upload under a content-hash name beside the index, extract its features with the
@@ -504,15 +588,19 @@ class Service:
                 )
             return {"added": added, "n_images": len(index.images), "images": out}
 
-    def health(self) -> dict:
+    def health(self, authorised: bool = False) -> dict:
+        """Paths (of the index, in problems) only for a caller with a token."""
         cfg = self.engine.index.config
+        problem = self.stale or self.broken
+        if problem and not authorised:
+            problem = problem.replace(str(self.engine.path), "<index>")
         return {
-            "status": "degraded" if self.stale else "ok",
-            "problem": self.stale,
+            "status": "degraded" if problem else "ok",
+            "problem": problem,
             "version": __version__,
             "uptime_s": round(time.time() - self.started, 1),
             "index": {
-                "path": str(self.engine.path),
+                "path": str(self.engine.path) if authorised else None,
                 "n_images": len(self.engine.index.images),
                 "n_captions": cfg.n_captions,
                 "model": self.model_name,
@@ -525,8 +613,11 @@ class Service:
                 "model": self.settings.rerank_model if self.rerank_enabled else None,
                 "note": None if self.rerank_enabled else self.settings.rerank_note,
                 "max": MAX_RERANK,
+                "max_explained": MAX_EXPLAINED,
+                "unscored_results": self.unscored,
             },
             "write": {"enabled": bool(self.settings.write_token)},
+            "private": bool(self.settings.read_token),
             "limits": {
                 "max_k": MAX_K,
                 "max_upload_bytes": self.settings.max_upload_bytes,
@@ -549,24 +640,18 @@ def _retry_borrowed(fn):
 
 
 def decode_upload(data: bytes):
-    """Open an uploaded image fully (truncated files fail here), refusing decompression bombs early."""
-    from PIL import Image, UnidentifiedImageError
+    """Open an uploaded image fully (truncated files fail here): allowed formats only, bounded pixels,
+    scans and time (vlsearch.data.safe_decode); 415 for other formats."""
+    from vlsearch.data.safe_decode import decode
 
-    if not data:
-        raise QueryError("the upload is empty")
-    try:
-        image = Image.open(io.BytesIO(data))
-        w, h = image.size
-        if w * h > MAX_UPLOAD_PIXELS:
-            raise QueryError(f"image is {w}x{h} pixels; the limit is {MAX_UPLOAD_PIXELS // 1_000_000} Mpx")
-        image.load()
-    except QueryError:
-        raise
-    except UnidentifiedImageError as e:
-        raise QueryError("not an image: the upload is in no image format vlsearch can read") from e
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise QueryError(f"not a readable image ({type(e).__name__}: {e})") from e
-    return image
+    return decode(data, what="upload", max_pixels=MAX_UPLOAD_PIXELS)
+
+
+def _cap_words(explanation: dict | None) -> dict | None:
+    if explanation is None:
+        return None
+    n = MAX_EXPLAINED_WORDS
+    return {**explanation, "tokens": explanation["tokens"][:n], "maps": explanation["maps"][:n]}
 
 
 # -- the app ----------------------------------------------------------------------------------------------
@@ -586,6 +671,7 @@ def create_app(engine: SearchEngine, settings: ServeSettings | None = None, rera
 
     @asynccontextmanager
     async def lifespan(app):
+        service.pool.start()  # again, if an earlier lifespan (a test client) shut it down
         yield
         service.pool.shutdown()
 
@@ -596,6 +682,7 @@ def create_app(engine: SearchEngine, settings: ServeSettings | None = None, rera
         lifespan=lifespan,
     )
     app.state.service = service
+    throttle = Throttle()  # failed token attempts, shared by the gate and the login form
 
     # errors: always JSON {"error", "detail"}
     @app.exception_handler(VLSearchError)
@@ -612,6 +699,11 @@ def create_app(engine: SearchEngine, settings: ServeSettings | None = None, rera
             {"Retry-After": str(settings.retry_after)},
         )
 
+    @app.exception_handler(Unavailable)
+    async def _unavailable(request, exc):
+        text = str(exc) if getattr(request.state, "authorised", False) else _no_paths(str(exc), service)
+        return error_json(503, "the index is unavailable", text, {"Retry-After": "60"})
+
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request, exc: StarletteHTTPException):
         if isinstance(exc, ApiError):
@@ -625,7 +717,9 @@ def create_app(engine: SearchEngine, settings: ServeSettings | None = None, rera
         detail = [
             {"loc": list(e.get("loc", ())), "msg": e.get("msg"), "type": e.get("type")} for e in exc.errors()
         ]
-        return error_json(422, "invalid request: " + "; ".join(_fmt_err(e) for e in detail), detail)
+        # a bad query-string value is bad input (400), as the routes' own checks answer it
+        status = 400 if detail and all(d["loc"][:1] == ["query"] for d in detail) else 422
+        return error_json(status, "invalid request: " + "; ".join(_fmt_err(e) for e in detail), detail)
 
     @app.exception_handler(Exception)
     async def _internal(request, exc: Exception):
@@ -641,30 +735,61 @@ def create_app(engine: SearchEngine, settings: ServeSettings | None = None, rera
             headers={"Content-Security-Policy": CSP, "Cache-Control": "no-cache"},
         )
 
-    @app.get("/healthz", summary="Health, index size, re-ranker and load figures")
-    async def healthz():
-        return service.health()
+    @app.get("/healthz", summary="Health, index size, re-ranker and load figures", responses=ERRORS)
+    async def healthz(request: Request):
+        return service.health(getattr(request.state, "authorised", False))
 
-    @app.get("/search", summary="Text-to-image search")
+    @app.post("/login", include_in_schema=False)
+    async def login(request: Request):
+        from fastapi.responses import RedirectResponse
+
+        from vlsearch.serve.gate import COOKIE, login_page, same, session_value
+
+        form = await request.form()
+        token = str(form.get("token") or "")
+        if not settings.read_token:
+            return RedirectResponse("/", status_code=303)
+        if not same(token, settings.read_token):
+            throttle.fail(request.client.host if request.client else "?")
+            return login_page("wrong token")
+        resp = RedirectResponse("/", status_code=303)
+        resp.set_cookie(
+            COOKIE, session_value(settings.read_token), httponly=True, samesite="strict", path="/"
+        )
+        return resp
+
+    @app.get("/search", summary="Text-to-image search", responses=ERRORS)
     async def search(
         request: Request,
-        q: str | None = Query(None, description="the text query (UTF-8, at most 2000 characters)"),
-        k: str = Query("10", description=f"number of results, 1..{MAX_K}"),
+        q: str | None = Query(
+            None, max_length=MAX_QUERY_CHARS, description="the text query (UTF-8, at most 2000 characters)"
+        ),
+        k: str = Query("10", max_length=24, description=f"number of results, a whole number 1..{MAX_K}"),
         rerank: str = Query(
-            "0", description=f"re-rank the Fast top-K with the Slow model (0 = off, at most {MAX_RERANK})"
+            "0",
+            max_length=24,
+            description=f"re-rank the Fast top-K with the Slow model (0 = off, at most {MAX_RERANK})",
         ),
-        explain: str = Query("0", description="with rerank: word-to-region heat maps per result (1)"),
+        explain: str = Query(
+            "0",
+            max_length=8,
+            description=f"with rerank: word-to-region heat maps for the first {MAX_EXPLAINED} results (1)",
+        ),
         after: str | None = Query(
-            None, description="taken on or after this date (2021, 2021-07, 2021-07-04)"
+            None, max_length=64, description="taken on or after this date (2021, 2021-07, 2021-07-04)"
         ),
-        before: str | None = Query(None, description="taken before the end of this date"),
-        folder: str | None = Query(None, description="in this folder (relative to the one indexed) or below"),
-        camera: str | None = Query(None, description="camera make or model contains this text"),
-        near: str | None = Query(None, description="taken within KM of LAT,LON: 'LAT,LON,KM'"),
-        sort: str = Query("score", description="score (relevance) or date (newest first)"),
-        offset: str = Query("0", description="skip this many results (paging)"),
-        cursor: str | None = Query(None, description="next_cursor of the previous page"),
-        min_score: str | None = Query(None, description="drop results below this cosine"),
+        before: str | None = Query(None, max_length=64, description="taken before the end of this date"),
+        folder: str | None = Query(
+            None, max_length=1024, description="in this folder (relative to the one indexed) or below"
+        ),
+        camera: str | None = Query(
+            None, max_length=64, description="camera make or model contains this text"
+        ),
+        near: str | None = Query(None, max_length=64, description="taken within KM of LAT,LON: 'LAT,LON,KM'"),
+        sort: str = Query("score", max_length=8, description="score (relevance) or date (newest first)"),
+        offset: str = Query("0", max_length=24, description="skip this many results (paging)"),
+        cursor: str | None = Query(None, max_length=1024, description="next_cursor of the previous page"),
+        min_score: str | None = Query(None, max_length=64, description="drop results below this cosine"),
     ):
         t0 = time.perf_counter()
         raw = raw_query_param(request, "q")
@@ -682,55 +807,25 @@ def create_app(engine: SearchEngine, settings: ServeSettings | None = None, rera
         result, wait_ms = await service.pool.run(
             functools.partial(service.text_search, text, k, rerank, explain, **options), heavy=bool(rerank)
         )
-        explanations = result.explanations if explain else None
-        hits = []
-        for rank, h in enumerate(result.hits, result.offset + 1):
-            item = {
-                "rank": rank,
-                "row": h.row,
-                "id": h.id,
-                "url": image_url(h.id),
-                "score": h.score,
-                "taken": h.taken,
-                "folder": h.folder,
-                "camera": h.camera,
-            }
-            if rerank:
-                item["fast_score"], item["slow_score"] = h.fast_score, h.slow_score
-            if explanations is not None:
-                item["explanation"] = explanations[rank - 1 - result.offset]
-            hits.append(item)
-        timings = dict(result.timings_ms)
-        timings["queue"] = wait_ms
-        timings["server"] = (time.perf_counter() - t0) * 1e3
-        return JSONResponse(
-            jsonable(
-                {
-                    "query": text,
-                    "k": k,
-                    "rerank": rerank,
-                    "n_images": len(service.engine.index.images),
-                    "n_matching": result.n_matching,
-                    "offset": result.offset,
-                    "next_offset": result.next_offset,
-                    "next_cursor": result.next_cursor,
-                    "results": hits,
-                    "timings_ms": timings,
-                }
-            )
-        )
+        return await run_in_threadpool(_search_body, service, result, text, k, rerank, explain, wait_ms, t0)
 
-    @app.post("/search/image", summary="Image-to-image and image-to-text search with an uploaded image")
+    @app.post(
+        "/search/image",
+        summary="Image-to-image and image-to-text search with an uploaded image",
+        responses=UPLOAD_ERRORS,
+    )
     async def search_image(
-        file: UploadFile = File(..., description="the query image (at most 20 MB)"),
-        k: str = Query("10", description=f"number of similar images, 1..{MAX_K}"),
-        captions: str = Query("5", description="number of matching captions, 0..50"),
+        file: UploadFile = File(..., description="the query image (at most 20 MB; " + allowed_text() + ")"),
+        k: str = Query("10", max_length=24, description=f"number of similar images, 1..{MAX_K}"),
+        captions: str = Query("5", max_length=24, description="number of matching captions, 0..50"),
     ):
         t0 = time.perf_counter()
         k = check_k(k)
         k_captions = check_k(captions, 50, "captions") if str(captions).strip() not in ("", "0") else 0
         data = await file.read()
-        (images, caps, cap_rows), wait_ms = await service.pool.run(service.image_search, data, k, k_captions)
+        (images, caps, cap_rows), wait_ms = await service.pool.run(
+            service.image_search, data, k, k_captions, heavy=True
+        )
         return JSONResponse(
             jsonable(
                 {
@@ -763,14 +858,20 @@ def create_app(engine: SearchEngine, settings: ServeSettings | None = None, rera
         "/images/{image_id:path}",
         summary="An image of the index, by id (or row number)",
         response_class=Response,
-        responses={200: {"content": {"image/*": {}}}},
+        responses={200: {"content": {"image/*": {}}}, **ERRORS},
     )
-    async def get_image(image_id: str):
+    async def get_image(
+        image_id: str = FPath(
+            ..., description=f"an image id or row (ids over {MAX_ID_CHARS} characters: 404)"
+        ),
+    ):
+        if len(image_id) > MAX_ID_CHARS or "\x00" in image_id:
+            raise ApiError(404, "no such image in the index", image_id[:200])
         rec = await run_in_threadpool(service.lookup_image, image_id)
         if rec is None:
             raise ApiError(404, "no such image in the index", image_id[:200])
         path = Path(rec.path)
-        if not path.is_file():
+        if not path.is_file() or not service.servable(path):
             raise ApiError(404, "the image file of this index entry is missing on disk", rec.id)
         if path.suffix.lower() in BROWSER_UNSHOWN:  # HEIC, TIFF: an upright JPEG the page can show
             data = await run_in_threadpool(display_jpeg, path)
@@ -778,13 +879,14 @@ def create_app(engine: SearchEngine, settings: ServeSettings | None = None, rera
         return FileResponse(
             path,
             media_type=IMAGE_TYPES.get(path.suffix.lower(), "application/octet-stream"),
-            headers={"Cache-Control": "public, max-age=3600", "X-Content-Type-Options": "nosniff"},
+            headers={"Cache-Control": "private, max-age=3600", "X-Content-Type-Options": "nosniff"},
         )
 
     @app.post(
         "/images",
         status_code=201,
         summary="Add images to the index (needs 'Authorization: Bearer TOKEN')",
+        responses=UPLOAD_ERRORS,
     )
     async def add_images(request: Request, files: list[UploadFile] = File(..., description="image files")):
         denied = check_write(settings.write_token, request.headers.get("authorization"))
@@ -798,15 +900,125 @@ def create_app(engine: SearchEngine, settings: ServeSettings | None = None, rera
             try:
                 await run_in_threadpool(decode_upload, data)
             except QueryError as e:
-                bad.append({"filename": name, "reason": str(e)})
+                bad.append(
+                    {"filename": name, "reason": str(e), "unsupported": isinstance(e, UnsupportedFormat)}
+                )
         if bad:
-            raise ApiError(400, f"{len(bad)} of {len(uploads)} upload(s) are not readable images", bad)
+            status = 415 if all(b.pop("unsupported") for b in bad) else 400
+            for b in bad:
+                b.pop("unsupported", None)
+            raise ApiError(status, f"{len(bad)} of {len(uploads)} upload(s) are not readable images", bad)
         result, _ = await service.pool.run(service.add_images, uploads, heavy=True)
         return JSONResponse(result, status_code=201)
 
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     app.add_middleware(Guard, max_bytes=settings.max_upload_bytes, write_token=settings.write_token)
+    app.add_middleware(Gate, service=service, settings=settings, throttle=throttle)
+    app.openapi = lambda: _openapi(app)
     return app
+
+
+def _search_body(service, result, text, k, rerank, explain, wait_ms, t0) -> Response:
+    """The /search response, built and serialised on a worker thread (explanations are big)."""
+    import json
+
+    hits = []
+    explanations = result.explanations if explain else None
+    for i, h in enumerate(result.hits):
+        item = {
+            "rank": result.offset + i + 1,
+            "row": h.row,
+            "id": h.id,
+            "url": image_url(h.id),
+            "score": h.score,
+            "taken": h.taken,
+            "folder": h.folder,
+            "camera": h.camera,
+        }
+        if rerank:
+            item["fast_score"], item["slow_score"] = h.fast_score, h.slow_score
+            if not np.isfinite(h.slow_score):
+                item["note"] = "not re-ranked: the image file is gone, so this keeps its Fast score"
+        if explanations is not None and explanations[i] is not None:
+            item["explanation"] = explanations[i]
+        hits.append(item)
+    timings = dict(result.timings_ms)
+    timings["queue"] = wait_ms
+    timings["server"] = (time.perf_counter() - t0) * 1e3
+    body = {
+        "query": text,
+        "k": k,
+        "rerank": rerank,
+        "n_images": len(service.engine.index.images),
+        "n_matching": result.n_matching,
+        "offset": result.offset,
+        "next_offset": result.next_offset,
+        "next_cursor": result.next_cursor,
+        "results": hits,
+        "timings_ms": timings,
+    }
+    return Response(json.dumps(jsonable(body), allow_nan=False), media_type="application/json")
+
+
+def _no_paths(text: str, service) -> str:
+    return text.replace(str(service.engine.path), "<index>")
+
+
+ERROR_BODY = {
+    "application/json": {
+        "schema": {
+            "type": "object",
+            "required": ["error", "detail"],
+            "properties": {"error": {"type": "string"}, "detail": {}},
+        }
+    }
+}
+ERROR_TEXT = {
+    400: "bad input (query, number, Host header)",
+    401: "a token is needed (private library, or writing)",
+    403: "writing is disabled",
+    404: "not found",
+    408: "the request body arrived too slowly",
+    409: "the index was rebuilt with another model",
+    413: "upload too large",
+    415: "not an image in an allowed format",
+    422: "malformed request",
+    429: "too many failed token attempts",
+    503: "busy or the index is unavailable (Retry-After)",
+}
+ERRORS = {s: {"description": ERROR_TEXT[s], "content": ERROR_BODY} for s in ERROR_TEXT if s not in (413, 415)}
+UPLOAD_ERRORS = {s: {"description": ERROR_TEXT[s], "content": ERROR_BODY} for s in ERROR_TEXT}
+
+
+def _openapi(app):
+    """FastAPI's schema, with every route's error statuses (the gate answers them before routes do)."""
+    from fastapi.openapi.utils import get_openapi
+
+    if app.openapi_schema is None:
+        schema = get_openapi(
+            title=app.title, version=app.version, description=app.description, routes=app.routes
+        )
+        rerank_max = MAX_RERANK if app.state.service.rerank_enabled else 0
+        params = {  # what the routes' own checks accept (they parse strings, for clearer messages)
+            "q": {"type": "string", "minLength": 1, "maxLength": MAX_QUERY_CHARS},
+            "k": {"type": "integer", "minimum": 1, "maximum": MAX_K, "default": 10},
+            "rerank": {"type": "integer", "minimum": 0, "maximum": rerank_max, "default": 0},
+            "explain": {"type": "integer", "enum": [0, 1] if rerank_max else [0], "default": 0},
+            "captions": {"type": "integer", "minimum": 0, "maximum": 50, "default": 5},
+        }
+        for ops in schema.get("paths", {}).values():
+            for op in ops.values():
+                for param in op.get("parameters", []):
+                    if param.get("in") == "query" and param["name"] in params:
+                        param["schema"] = {**params[param["name"]], "title": param["schema"].get("title", "")}
+                        param["required"] = param["name"] == "q"
+                responses = op.setdefault("responses", {})
+                for status, spec in UPLOAD_ERRORS.items():
+                    if status in (413, 415) and "requestBody" not in op:
+                        continue
+                    responses.setdefault(str(status), spec)
+        app.openapi_schema = schema
+    return app.openapi_schema
 
 
 def _fmt_err(e: dict) -> str:
