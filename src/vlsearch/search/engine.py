@@ -26,9 +26,17 @@ class Hit:
     score: float
     fast_score: float | None = None
     slow_score: float | None = None
+    kind: str = "image"  # or "video": then id/path are the video's, and the best moment is given
+    t_start: float | None = None
+    t_end: float | None = None
+    t_frame: float | None = None  # the moment's best frame (its thumbnail)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        if self.kind == "image":
+            for key in ("kind", "t_start", "t_end", "t_frame"):
+                d.pop(key)
+        return d
 
 
 @dataclass
@@ -109,6 +117,10 @@ class SearchEngine:
         rerank = check_k(rerank, MAX_RERANK, "rerank") if rerank else 0
         if rerank and self.reranker is None:
             raise QueryError("re-ranking needs a Slow model: open the engine with rerank_model='slow'")
+        if self.has_videos:  # photos and videos ranked together, one hit per video
+            from vlsearch.search import video_engine
+
+            return video_engine.search(self, text, k, rerank=rerank, explain=explain)
         t0 = time.perf_counter()
         q = self.embedder.embed_query(text)
         t1 = time.perf_counter()
@@ -150,6 +162,10 @@ class SearchEngine:
     def search_image(self, image, k: int = 10) -> SearchResult:
         """Image-to-image; ``captions_for_image`` gives image-to-text."""
         k = check_k(k)
+        if self.has_videos:
+            from vlsearch.search import video_engine
+
+            return video_engine.search(self, image, k, by_image=True)
         t0 = time.perf_counter()
         q = self.embedder.embed_image(image)
         scores, rows = self.index.images.search(q[None], k)
@@ -186,3 +202,28 @@ class SearchEngine:
     @property
     def path(self) -> Path:
         return self.index.path
+
+    # -- videos (vlsearch.search.video_engine) --------------------------------------------------------------
+    @property
+    def has_videos(self) -> bool:
+        from vlsearch.search.video_engine import layout
+
+        return layout(self).n_videos > 0
+
+    def search_videos(self, query, k: int = 10, rerank: int = 0, aggregate: str | None = None):
+        """Text (or, with an image/path, image) to video: videos only, each with its best moment."""
+        from vlsearch.search import video_engine
+
+        return video_engine.search_videos(self, query, k, rerank=rerank, aggregate=aggregate)
+
+    def search_moments(self, query, k: int = 10, by_image: bool = False):
+        """Moments across all videos (temporal localisation), by text or by a photo."""
+        from vlsearch.search import video_engine
+
+        return video_engine.search_moments(self, query, k, by_image=by_image)
+
+    def captions_for_video(self, video_id: str, k: int = 5):
+        """Video-to-text: the index's captions that match a video."""
+        from vlsearch.search import video_engine
+
+        return video_engine.captions_for_video(self, video_id, k)

@@ -6,6 +6,7 @@ Routes (all errors are JSON ``{"error": ..., "detail": ...}`` with a 4xx status,
     GET  /search           ?q=TEXT&k=10&rerank=K&explain=1  text-to-image, optionally re-ranked and explained
     POST /search/image     multipart ``file``: similar images and matching captions
     GET  /images/{id}      an image of the index, looked up by id (or row) in the index metadata
+    GET  /videos/{id}      a video of the index (range requests); ?frame=T its frame at T s (serve/videos.py)
     POST /images           multipart ``files``: add images to the index (needs the write token)
     GET  /healthz          index, re-ranker, write access and load figures
     GET  /openapi.json     the schema (and /docs)
@@ -363,6 +364,15 @@ def image_url(image_id: str) -> str:
     return "/images/" + quote(image_id, safe="/")
 
 
+def hit_kind(hit) -> dict:
+    """kind "image", or for a video its moment, file and thumbnail (vlsearch.serve.videos)."""
+    if getattr(hit, "kind", "image") != "video":
+        return {"kind": "image"}
+    from vlsearch.serve.videos import video_fields
+
+    return video_fields(hit)
+
+
 # -- the service state: engine, freshness, uploads --------------------------------------------------------
 class Service:
     def __init__(self, engine: SearchEngine, settings: ServeSettings):
@@ -666,6 +676,7 @@ def create_app(engine: SearchEngine, settings: ServeSettings | None = None, rera
                 "url": image_url(h.id),
                 "score": h.score,
             }
+            item.update(hit_kind(h))
             if rerank:
                 item["fast_score"], item["slow_score"] = h.fast_score, h.slow_score
             if explanations is not None:
@@ -703,7 +714,14 @@ def create_app(engine: SearchEngine, settings: ServeSettings | None = None, rera
                 {
                     "k": k,
                     "images": [
-                        {"rank": i, "row": h.row, "id": h.id, "url": image_url(h.id), "score": h.score}
+                        {
+                            "rank": i,
+                            "row": h.row,
+                            "id": h.id,
+                            "url": image_url(h.id),
+                            "score": h.score,
+                            **hit_kind(h),
+                        }
                         for i, h in enumerate(images.hits, 1)
                     ],
                     "captions": [
@@ -768,6 +786,9 @@ def create_app(engine: SearchEngine, settings: ServeSettings | None = None, rera
         result, _ = await service.pool.run(service.add_images, uploads, heavy=True)
         return JSONResponse(result, status_code=201)
 
+    from vlsearch.serve import videos
+
+    videos.register(app, service, ApiError)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     app.add_middleware(Guard, max_bytes=settings.max_upload_bytes, write_token=settings.write_token)
     return app
