@@ -344,3 +344,23 @@ def test_moment_aggregation_and_spans():
     top = top_moments(lay, s, 3)
     assert [(m.t_start, m.t_end) for m in top[:2]] == [(6.0, 7.0), (2.0, 5.0)]
     assert iou((2.0, 5.0), (2.0, 4.0)) == pytest.approx(2 / 3)
+
+
+def test_video_bench_rows(tiny_fast_checkpoint, tmp_path):
+    from types import SimpleNamespace
+
+    from vlsearch.bench.video import markdown, run
+    from vlsearch.models.registry import load_model
+    from vlsearch.search.embedder import Embedder
+
+    data = SimpleNamespace(dataset=SimpleNamespace(image_paths=photos(6, 70)))
+    rows = run(
+        data, Embedder(load_model("fast")[0], progress=False), tmp_path, quick=True, photo_images_per_s=50.0
+    )
+    vi = rows["video_indexing"]
+    assert vi["frames"] > 0 and vi["frames_per_s"] > 0 and vi["video_seconds_per_s"] > 0
+    assert rows["index_bytes_per_hour"] > 0 and rows["photo_indexing"]["images_per_s"] > 0
+    rss = rows["peak_rss"]
+    assert rss["resolution"] == "1920x1080" and rss["peak_mb"] >= rss["baseline_mb"] > 0, rss
+    table = markdown(rows)
+    assert "frames/s" in table and "peak RSS" in table

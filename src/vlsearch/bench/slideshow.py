@@ -33,7 +33,7 @@ def write_slideshow(
     seed: int = 0,
     rotation: int = 0,
 ) -> list[Slide]:
-    """Write an H.264 mp4 of the photos; return each photo's (start, end) seconds."""
+    """Write an H.264 video of the photos (VP9 for .webm); return each photo's (start, end) seconds."""
     import av
 
     rng = np.random.default_rng(seed)
@@ -44,9 +44,12 @@ def write_slideshow(
     tmp = out.with_name(f".{out.name}.tmp{out.suffix}")
     slides, t = [], 0.0
     with av.open(str(tmp), "w") as container:
-        stream = container.add_stream("libx264", rate=fps)
+        webm = out.suffix.lower() == ".webm"
+        stream = container.add_stream("libvpx-vp9" if webm else "libx264", rate=fps)
         stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
-        stream.options = {"preset": "ultrafast", "crf": "23"}
+        stream.options = (
+            {"deadline": "realtime", "cpu-used": "8"} if webm else {"preset": "ultrafast", "crf": "23"}
+        )
         if rotation:
             stream.set_display_rotation(rotation)
         images = [_load(p, w, h) for p in photos]

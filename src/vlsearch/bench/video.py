@@ -183,3 +183,26 @@ def markdown(v: dict) -> str:
             f"({rss['over_baseline_mb']:.0f} MB over the loaded backbone) |"
         )
     return "\n".join(lines) + "\n"
+
+
+def photo_baseline(n_photos: int = 50, model: str = "fast", data_root=None) -> dict:
+    """Image-level recall of the first ``n_photos`` dev photos searched as photos (the reference the
+    long slideshow's moment recall is held against)."""
+    from vlsearch.data import load_dataset
+    from vlsearch.eval.metrics import retrieval_metrics
+    from vlsearch.models.registry import load_model
+    from vlsearch.training.fast import embed_features
+    from vlsearch.training.features import DatasetFeatures
+
+    ds = load_dataset(data_root, "dev").subset(range(n_photos))
+    net, _, _ = load_model(model)
+    feats = DatasetFeatures.load(ds, progress=False)
+    img, txt = embed_features(net, feats)
+    return retrieval_metrics(txt @ img.T, feats.caption_image.numpy())
+
+
+if __name__ == "__main__":  # python -m vlsearch.bench.video build OUT | baseline [N]
+    if sys.argv[1] == "build":
+        build_eval_sets(Path(sys.argv[2]))
+    else:
+        print(json.dumps(photo_baseline(int(sys.argv[2]) if len(sys.argv) > 2 else 50)))

@@ -25,6 +25,12 @@ def register(sub):
         choices=["max", "topn"],
         help="video datasets: how a video's score aggregates its moments' (default: topn)",
     )
+    p.add_argument(
+        "--queries",
+        type=int,
+        default=None,
+        help="video datasets with --rerank: a seeded sample of N captions",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object")
     add_quiet(p)
     return p
