@@ -9,7 +9,7 @@ import time
 import httpx
 import pytest
 
-from tests.test_browser import ARGS, CHROMIUM, until
+from tests.test_browser import browser, until  # noqa: F401, F811 - browser is a fixture
 from tests.test_serve import start_server
 from tests.test_video import photos
 
@@ -73,18 +73,7 @@ def test_video_file_with_range_requests_and_thumbnails(server, video_index):
     assert r.status_code == 404 and r.json()["error"] == "no such video in the index"
 
 
-@pytest.fixture(scope="module")
-def browser():
-    if not CHROMIUM.exists():
-        pytest.skip(f"needs Chromium at {CHROMIUM}")
-    sync_api = pytest.importorskip("playwright.sync_api")
-    with sync_api.sync_playwright() as p:
-        b = p.chromium.launch(executable_path=str(CHROMIUM), args=ARGS)
-        yield b
-        b.close()
-
-
-def test_page_plays_the_clip_from_its_moment(browser, server):
+def test_page_plays_the_clip_from_its_moment(browser, server):  # noqa: F811
     page = browser.new_context(viewport={"width": 1280, "height": 900}).new_page()
     errors = []
     page.on("pageerror", lambda e: errors.append(str(e)))

@@ -23,7 +23,7 @@ def register(sub):
         "--aggregate",
         default=None,
         choices=["max", "topn"],
-        help="video datasets: how a video's score aggregates its moments' (default: topn)",
+        help="video datasets: how a video's score aggregates its moments' (default: max)",
     )
     p.add_argument(
         "--queries",
