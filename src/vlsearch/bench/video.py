@@ -57,13 +57,17 @@ import json, resource, sys, time
 from pathlib import Path
 from vlsearch.encoders.features import FeatureExtractor
 from vlsearch.encoders.video import video_frames
+def hwm():  # VmHWM, not ru_maxrss: that one keeps the forking parent's peak across exec
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 fx = FeatureExtractor(root=Path(sys.argv[2]), progress=False)
 _ = fx.image_backbone
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+base = hwm()
 t0 = time.perf_counter()
 vf = video_frames(fx, sys.argv[1])
-print(json.dumps({"baseline_kb": base, "peak_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
-                  "frames": len(vf.times), "seconds": time.perf_counter() - t0}))
+print(json.dumps({"baseline_kb": base, "peak_kb": hwm(), "frames": len(vf.times), "seconds": time.perf_counter() - t0}))
 """
 
 
