@@ -202,6 +202,10 @@ def markdown(r: dict) -> str:
     out.append("")
     for line in t["lines"]:
         out.append(f"- {line}")
+    if r.get("video"):
+        from vlsearch.bench.video import markdown as video_markdown
+
+        out.append(video_markdown(r["video"]))
     return "\n".join(out) + "\n"
 
 

@@ -225,6 +225,10 @@ def run_bench(
         result["pair_scoring"] = pairs = throughput.pair_scoring(data, floors, quick)
         ips = result["encoders"]["rows"]["ours_image"]["images_per_s"]
         result["embed_cost"] = {"images_per_s": ips, "hours_per_million": 1e6 / ips / 3600}
+        log("video indexing: throughput, bytes per hour, peak RSS")
+        from vlsearch.bench import video
+
+        result["video"] = video.run(data, embedder, work, quick, ips)
         slow = M.slow_model()
         reranker, rerank_note = make_reranker(slow, embedder.extractor, work)
         result["rerank"] = {"available": reranker is not None, "implementation": rerank_note}

@@ -19,6 +19,18 @@ def register(sub):
         choices=["flat", "hnsw", "ivfpq", "auto"],
         help="also measure an approximate index",
     )
+    p.add_argument(
+        "--aggregate",
+        default=None,
+        choices=["max", "topn"],
+        help="video datasets: how a video's score aggregates its moments' (default: max)",
+    )
+    p.add_argument(
+        "--queries",
+        type=int,
+        default=None,
+        help="video datasets with --rerank: a seeded sample of N captions",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object")
     add_quiet(p)
     return p
@@ -26,6 +38,14 @@ def register(sub):
 
 def run(args):
     from vlsearch.eval.evaluate import evaluate
+
+    if args.data_root:
+        from pathlib import Path
+
+        from vlsearch.data.video_dataset import find_caption_json
+
+        if find_caption_json(Path(args.data_root)) is not None:
+            return _run_video(args)
 
     if args.images is not None and args.images < 1:
         from vlsearch.errors import QueryError
@@ -53,4 +73,39 @@ def run(args):
             print(f"  {k}: {v:.3f}" if isinstance(v, float) else f"  {k}: {v}")
         if "ann_recall_at_10_vs_exact" in result:
             print(f"  {result['index']} recall@10 vs exact: {result['ann_recall_at_10_vs_exact']:.3f}")
+    return 0
+
+
+def _run_video(args):
+    from vlsearch.eval.video import evaluate_video
+    from vlsearch.search.video import DEFAULT_AGGREGATE
+
+    result = evaluate_video(
+        args.data_root,
+        args.model,
+        rerank=args.rerank,
+        rerank_model=args.rerank_model,
+        aggregate=args.aggregate or DEFAULT_AGGREGATE,
+        progress=not (args.quiet or args.json),
+    )
+    if args.json:
+        print_json(result)
+        return 0
+    print(
+        f"{result['model']} on {result['dataset']} ({result['n_videos']} videos, {result['n_captions']} captions)"
+    )
+    for how, m in result["aggregates"].items():
+        t, v = m["t2v"], m["v2t"]
+        print(
+            f"  {how:5s} text->video R@1 {t['r1']:.1f} R@5 {t['r5']:.1f} R@10 {t['r10']:.1f} | "
+            f"video->text R@1 {v['r1']:.1f} R@5 {v['r5']:.1f} R@10 {v['r10']:.1f}"
+        )
+    if "moments" in result:
+        m = result["moments"]
+        print(f"  moments R@1 IoU>=0.5 {m['r1_iou50']:.1f}  IoU>=0.7 {m['r1_iou70']:.1f}")
+    if "rerank" in result:
+        r = result["rerank"]["t2v"]
+        print(
+            f"  + Slow K={result['rerank']['K']}: text->video R@1 {r['r1']:.1f} R@5 {r['r5']:.1f} R@10 {r['r10']:.1f}"
+        )
     return 0

@@ -31,6 +31,12 @@ def register(sub):
         help="with --rerank: write word-to-region heat maps (JSON + PNG) to DIR",
     )
     add_filter_args(p)
+    p.add_argument("--videos", action="store_true", help="videos only, each with its best moment")
+    p.add_argument("--moments", action="store_true", help="rank moments across all videos (with --image too)")
+    p.add_argument(
+        "--aggregate", default=None, choices=["max", "topn"], help="with --videos: moment aggregation"
+    )
+    p.add_argument("--video", default=None, metavar="ID", help="video-to-text: captions matching this video")
     p.add_argument("--json", action="store_true")
     return p
 
@@ -69,10 +75,26 @@ def filter_kwargs(args) -> dict:
     }
 
 
+def fmt_time(t: float) -> str:
+    t = max(0.0, float(t))
+    m, s = divmod(int(t), 60)
+    h, m = divmod(m, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
+def hit_text(h) -> str:
+    """`path` for a photo, `path @ 0:12-0:15` for a video's moment."""
+    if getattr(h, "kind", "image") == "video":
+        return f"{h.path} @ {fmt_time(h.t_start)}-{fmt_time(h.t_end)}"
+    return h.path
+
+
 def run(args):
     import vlsearch
     from vlsearch.errors import QueryError
 
+    if args.video is not None:
+        return _video_to_text(args)
     if (args.query is None) == (args.image is None):
         raise QueryError("give either a text query or --image PATH")
     if args.explain and not args.rerank:
@@ -80,6 +102,8 @@ def run(args):
     engine = vlsearch.load(
         args.index, model=args.model, rerank_model=args.rerank_model if args.rerank else None
     )
+    if args.videos or args.moments:
+        return _video_search(engine, args)
     if args.image:
         if not Path(args.image).is_file():
             raise QueryError(f"no such image file: {args.image}")
@@ -96,7 +120,7 @@ def run(args):
             return 0
         print("similar images:")
         for rank, h in enumerate(images.hits, 1):
-            print(f"{rank:3d}. {h.score:.3f}  {h.path}")
+            print(f"{rank:3d}. {h.score:.3f}  {hit_text(h)}")
         if captions.hits:
             print("matching captions:")
             for rank, c in enumerate(captions.hits, 1):
@@ -126,7 +150,7 @@ def run(args):
     for rank, h in enumerate(result.hits, result.offset + 1):
         extra = f"  (fast {h.fast_score:.3f}, slow {h.slow_score:.3f})" if h.slow_score is not None else ""
         when = time.strftime("  %Y-%m-%d", time.gmtime(h.taken)) if h.taken is not None else ""
-        print(f"{rank:3d}. {h.score:.3f}  {h.path}{when}{extra}")
+        print(f"{rank:3d}. {h.score:.3f}  {hit_text(h)}{when}{extra}")
     if result.next_offset is not None:
         print(f"(more: --offset {result.next_offset})")
     print(
@@ -134,4 +158,46 @@ def run(args):
     )
     if written:
         print(f"explanations written to {args.explain}/")
+    return 0
+
+
+def _video_search(engine, args):
+    from vlsearch.errors import QueryError
+
+    query = args.image if args.image else args.query
+    if args.image and not Path(args.image).is_file():
+        raise QueryError(f"no such image file: {args.image}")
+    if args.moments:
+        result = engine.search_moments(query, args.k, by_image=bool(args.image))
+    else:
+        if args.image and args.rerank:
+            raise QueryError("--rerank needs a text query")
+        result = engine.search_videos(
+            args.image and Path(args.image) or query, args.k, rerank=args.rerank, aggregate=args.aggregate
+        )
+    if args.json:
+        print_json(
+            {"query": query, "results": [h.to_dict() for h in result.hits], "timings_ms": result.timings_ms}
+        )
+        return 0
+    for rank, h in enumerate(result.hits, 1):
+        extra = f"  (fast {h.fast_score:.3f}, slow {h.slow_score:.3f})" if h.slow_score is not None else ""
+        print(f"{rank:3d}. {h.score:.3f}  {hit_text(h)}{extra}")
+    if not result.hits:
+        print("(no videos in this index)")
+    return 0
+
+
+def _video_to_text(args):
+    import vlsearch
+
+    engine = vlsearch.load(args.index, model=args.model)
+    result = engine.captions_for_video(args.video, args.k)
+    if args.json:
+        print_json({"video": args.video, "captions": [vars(c) for c in result.hits]})
+        return 0
+    for rank, c in enumerate(result.hits, 1):
+        print(f"{rank:3d}. {c.score:.3f}  {c.text}")
+    if not result.hits:
+        print("(this index has no captions)")
     return 0

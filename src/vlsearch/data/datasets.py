@@ -241,7 +241,11 @@ def load_folder(folder: str | Path, exclude: list[str] | tuple[str, ...] = ()) -
         and p.is_file()
     )
     if not files:
-        raise DataError(f"no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) under {folder}")
+        from vlsearch.data.video import VIDEO_EXTENSIONS
+
+        if not any(p.suffix.lower() in VIDEO_EXTENSIONS for p in folder.rglob("*")):
+            exts = ", ".join(sorted(IMAGE_EXTENSIONS | VIDEO_EXTENSIONS))
+            raise DataError(f"no images or videos ({exts}) under {folder}")
     return CaptionDataset(
         folder.name, "all", [p.resolve() for p in files], [str(p.relative_to(folder)) for p in files]
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -79,8 +80,13 @@ def build_index(
     embedder = Embedder(net, progress=progress)
     report = ImageReport()
     records, emb, caps, cap_emb = embed_gallery(embedder, dataset, report)
-    if not records:
-        raise DataError(f"none of the {dataset.n_images} images could be read")
+    from vlsearch.index.build_video import embed_videos, find_videos
+
+    videos = find_videos(source if dataset.split == "all" else None)  # plain folders hold videos too
+    moments, v_emb, video_records = embed_videos(embedder, videos, len(records), report)
+    if not records and not moments:
+        raise DataError(f"none of the {dataset.n_images + len(videos)} images and videos could be read")
+    records, emb = records + moments, _stack(emb, v_emb)
     config = _index_config(
         model,
         net,
@@ -90,7 +96,9 @@ def build_index(
         kind,
         f"{source or 'default data root'} [{dataset.name}:{dataset.split}]",
     )
-    write_gallery(out, config, records, emb, caps or None, cap_emb, photos_of(records))
+    write_gallery(
+        out, config, records, emb, caps or None, cap_emb, photos=photos_of(records), videos=video_records
+    )
     if report:
         print(report.summary(), file=sys.stderr)
     return Path(out), report
@@ -99,6 +107,11 @@ def build_index(
 def photos_of(records: list[ImageRecord]) -> list[PhotoMeta]:
     """Capture time, camera, GPS, folder and size of each record's file (EXIF headers only)."""
     return [read_metadata(r.path, r.id) for r in records]
+
+
+def _stack(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    parts = [np.asarray(x, np.float32) for x in (a, b) if len(x)]
+    return np.concatenate(parts) if parts else np.zeros((0, b.shape[1] if b.ndim == 2 else 0), np.float32)
 
 
 def add_to_index(
@@ -116,7 +129,16 @@ def add_to_index(
     have = {r.path for r in read_records(index)}
     net = checked_model(index)
     index.close()
-    new, emb, report = embed_new_images(net, items, have, progress, exclude)
+    from vlsearch.index.build_video import embed_videos, find_videos
+    from vlsearch.index.videos import read_videos
+
+    new_videos = {p: i for p, i in find_videos(items).items() if p not in have}
+    new_video_records: list = []
+    new, emb, report = embed_new_images(net, _photos_only(items), have, progress, exclude)
+    if new_videos:
+        embedder = Embedder(net, progress=progress)
+        moments, v_emb, new_video_records = embed_videos(embedder, new_videos, 0, report)
+        new, emb = new + moments, _stack(emb, v_emb)
     if not new:
         return 0, report
     with write_lock(index_dir):
@@ -134,13 +156,45 @@ def add_to_index(
             config = index.config
             old = read_photos(index)  # an index from before the photos table: read its files now
             old = [m or read_metadata(r.path, r.id) for m, r in zip(old, existing, strict=True)]
+            videos = read_videos(index) + video_layout(new, len(existing), new_video_records)
             index.close()
             write_gallery(
-                index_dir, config, existing + new, all_emb, caps or None, cap_emb, old + photos_of(new)
+                index_dir,
+                config,
+                existing + new,
+                all_emb,
+                caps or None,
+                cap_emb,
+                photos=old + photos_of(new),
+                videos=videos,
             )
         else:
             index.close()
     return len(new), report
+
+
+def _photos_only(items):
+    """What of ``items`` is for the photo path: a folder stays (its videos are found separately)."""
+    from vlsearch.data.video import VIDEO_EXTENSIONS
+
+    if isinstance(items, str | Path):
+        p = Path(items)
+        return [] if p.is_file() and p.suffix.lower() in VIDEO_EXTENSIONS else items
+    return [it for it in items if Path(it).suffix.lower() not in VIDEO_EXTENSIONS]
+
+
+def video_layout(new: list[ImageRecord], first_row: int, known: list) -> list:
+    """The video records of the video moments among ``new``, renumbered for rows from ``first_row``."""
+    by_id = {v.id: v for v in known}
+    out = []
+    for row, rec in enumerate(new, first_row):
+        if rec.kind != "video":
+            continue
+        if out and out[-1].id == rec.video:
+            out[-1].n_rows += 1
+            continue
+        out.append(replace(by_id[rec.video], first_row=row, n_rows=1))
+    return out
 
 
 def checked_model(index):

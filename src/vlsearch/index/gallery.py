@@ -53,9 +53,19 @@ class IndexConfig:
 
 @dataclass
 class ImageRecord:
+    """One gallery row: a photo, or one moment of a video (kind "video", its span in seconds, and the
+    video's id; ``key`` is then the moment's frame)."""
+
     id: str
     path: str
     key: str
+    kind: str = "image"
+    t_start: float | None = None
+    t_end: float | None = None
+    video: str | None = None
+
+
+ROW_COLUMNS = "row, id, path, key, kind, t_start, t_end, video"
 
 
 class GalleryIndex:
@@ -102,6 +112,9 @@ class GalleryIndex:
             return {}
         q = f"SELECT key, path FROM images WHERE key IN ({','.join('?' * len(keys))})"
         return dict(self._db.execute(q, keys).fetchall())
+        cols = {c[1] for c in self._db.execute("PRAGMA table_info(images)")}
+        self.has_video_columns = "kind" in cols  # indexes written before videos have photos only
+        self._columns = ROW_COLUMNS if self.has_video_columns else "row, id, path, key"
 
     # -- reading --------------------------------------------------------------------------------------------
     @classmethod
@@ -143,8 +156,8 @@ class GalleryIndex:
         rows = [int(r) for r in rows]
         if not rows:
             return []
-        q = f"SELECT row, id, path, key FROM images WHERE row IN ({','.join('?' * len(rows))})"
-        found = {r: ImageRecord(i, p, k) for r, i, p, k in self._db.execute(q, rows)}
+        q = f"SELECT {self._columns} FROM images WHERE row IN ({','.join('?' * len(rows))})"
+        found = {r: ImageRecord(*rest) for r, *rest in self._db.execute(q, rows)}
         return [found[r] for r in rows]
 
     def record(self, row: int) -> ImageRecord:
@@ -195,6 +208,7 @@ def write_gallery(
     captions: list[tuple[str, int]] | None = None,
     caption_embeddings: np.ndarray | None = None,
     photos: Iterable[PhotoMeta | None] | None = None,
+    videos: list | None = None,
 ) -> Path:
     """Build a complete index folder in a temp folder and swap it in atomically."""
     path = Path(path)
@@ -209,14 +223,20 @@ def write_gallery(
         vi.write(tmp / "images.faiss")
         np.save(tmp / "embeddings.npy", embeddings.astype(np.float16))
         db = sqlite3.connect(tmp / "meta.sqlite")
-        db.execute("CREATE TABLE images (row INTEGER PRIMARY KEY, id TEXT, path TEXT, key TEXT)")
+        db.execute(
+            "CREATE TABLE images (row INTEGER PRIMARY KEY, id TEXT, path TEXT, key TEXT,"
+            " kind TEXT DEFAULT 'image', t_start REAL, t_end REAL, video TEXT)"
+        )
         db.execute("CREATE INDEX images_id ON images(id)")
         db.executemany(
-            "INSERT INTO images VALUES (?, ?, ?, ?)",
-            [(r, x.id, x.path, x.key) for r, x in enumerate(records)],
+            "INSERT INTO images VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            [(r, x.id, x.path, x.key, x.kind, x.t_start, x.t_end, x.video) for r, x in enumerate(records)],
         )
         if photos is not None:
             P.write_photos(db, (m or PhotoMeta() for m in photos))
+        from vlsearch.index.videos import write_videos
+
+        write_videos(db, videos or [])
         db.execute("CREATE TABLE captions (row INTEGER PRIMARY KEY, text TEXT, image_row INTEGER)")
         if captions:
             db.executemany(
@@ -269,6 +289,5 @@ def read_photos(index: GalleryIndex) -> list[PhotoMeta | None]:
 
 
 def read_records(index: GalleryIndex) -> list[ImageRecord]:
-    return [
-        ImageRecord(i, p, k) for i, p, k in index._db.execute("SELECT id, path, key FROM images ORDER BY row")
-    ]
+    q = f"SELECT {index._columns} FROM images ORDER BY row"
+    return [ImageRecord(*rest) for _, *rest in index._db.execute(q)]

@@ -32,9 +32,17 @@ class Hit:
     taken: float | None = None  # capture time, unix seconds (EXIF, else file mtime)
     folder: str | None = None
     camera: str | None = None
+    kind: str = "image"  # or "video": then id/path are the video's, and the best moment is given
+    t_start: float | None = None
+    t_end: float | None = None
+    t_frame: float | None = None  # the moment's best frame (its thumbnail)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        if self.kind == "image":
+            for key in ("kind", "t_start", "t_end", "t_frame"):
+                d.pop(key)
+        return d
 
 
 @dataclass
@@ -157,6 +165,15 @@ class SearchEngine:
             raise QueryError(
                 f"with rerank {rerank} and k {k}, pages reach {rr_pool} results deep (offset + k)"
             )
+        if self.has_videos:  # photos and videos ranked together, one hit per video
+            if f or sort != "score" or min_score is not None or offset or Q.is_compound(terms):
+                raise QueryError(
+                    "filters, date sort, paging, min-score and compound queries do not yet apply to an index"
+                    " that holds videos; search it with a plain query"
+                )
+            from vlsearch.search import video_engine
+
+            return video_engine.search(self, text, k, rerank=rerank, explain=explain)
         t0 = time.perf_counter()
         q = self.embed_terms(terms)
         t1 = time.perf_counter()
@@ -248,6 +265,10 @@ class SearchEngine:
     def search_image(self, image, k: int = 10) -> SearchResult:
         """Image-to-image; ``captions_for_image`` gives image-to-text."""
         k = check_k(k)
+        if self.has_videos:
+            from vlsearch.search import video_engine
+
+            return video_engine.search(self, image, k, by_image=True)
         t0 = time.perf_counter()
         q = self.embedder.embed_image(image)
         scores, rows = self.index.images.search(q[None], k)
@@ -284,3 +305,28 @@ class SearchEngine:
     @property
     def path(self) -> Path:
         return self.index.path
+
+    # -- videos (vlsearch.search.video_engine) --------------------------------------------------------------
+    @property
+    def has_videos(self) -> bool:
+        from vlsearch.search.video_engine import layout
+
+        return layout(self).n_videos > 0
+
+    def search_videos(self, query, k: int = 10, rerank: int = 0, aggregate: str | None = None):
+        """Text (or, with an image/path, image) to video: videos only, each with its best moment."""
+        from vlsearch.search import video_engine
+
+        return video_engine.search_videos(self, query, k, rerank=rerank, aggregate=aggregate)
+
+    def search_moments(self, query, k: int = 10, by_image: bool = False):
+        """Moments across all videos (temporal localisation), by text or by a photo."""
+        from vlsearch.search import video_engine
+
+        return video_engine.search_moments(self, query, k, by_image=by_image)
+
+    def captions_for_video(self, video_id: str, k: int = 5):
+        """Video-to-text: the index's captions that match a video."""
+        from vlsearch.search import video_engine
+
+        return video_engine.captions_for_video(self, video_id, k)

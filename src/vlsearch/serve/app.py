@@ -6,6 +6,7 @@ Routes (all errors are JSON ``{"error": ..., "detail": ...}`` with a 4xx status,
     GET  /search           ?q=TEXT&k=10&rerank=K&explain=1  text-to-image, optionally re-ranked and explained
     POST /search/image     multipart ``file``: similar images and matching captions
     GET  /images/{id}      an image of the index, looked up by id (or row) in the index metadata
+    GET  /videos/{id}      a video of the index (range requests); ?frame=T its frame at T s (serve/videos.py)
     POST /images           multipart ``files``: add images to the index (needs the write token)
     GET  /healthz          index, re-ranker, write access and load figures
     GET  /openapi.json     the schema (and /docs)
@@ -411,6 +412,15 @@ def make_search_options(after, before, folder, camera, near, sort, offset, curso
 
 def image_url(image_id: str) -> str:
     return "/images/" + quote(image_id, safe="/")
+
+
+def hit_kind(hit) -> dict:
+    """kind "image", or for a video its moment, file and thumbnail (vlsearch.serve.videos)."""
+    if getattr(hit, "kind", "image") != "video":
+        return {"kind": "image"}
+    from vlsearch.serve.videos import video_fields
+
+    return video_fields(hit)
 
 
 # -- the service state: engine, freshness, uploads --------------------------------------------------------
@@ -831,7 +841,14 @@ def create_app(engine: SearchEngine, settings: ServeSettings | None = None, rera
                 {
                     "k": k,
                     "images": [
-                        {"rank": i, "row": h.row, "id": h.id, "url": image_url(h.id), "score": h.score}
+                        {
+                            "rank": i,
+                            "row": h.row,
+                            "id": h.id,
+                            "url": image_url(h.id),
+                            "score": h.score,
+                            **hit_kind(h),
+                        }
                         for i, h in enumerate(images.hits, 1)
                     ],
                     "captions": [
@@ -911,6 +928,9 @@ def create_app(engine: SearchEngine, settings: ServeSettings | None = None, rera
         result, _ = await service.pool.run(service.add_images, uploads, heavy=True)
         return JSONResponse(result, status_code=201)
 
+    from vlsearch.serve import videos
+
+    videos.register(app, service, ApiError)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     app.add_middleware(Guard, max_bytes=settings.max_upload_bytes, write_token=settings.write_token)
     app.add_middleware(Gate, service=service, settings=settings, throttle=throttle)
@@ -935,6 +955,7 @@ def _search_body(service, result, text, k, rerank, explain, wait_ms, t0) -> Resp
             "folder": h.folder,
             "camera": h.camera,
         }
+        item.update(hit_kind(h))
         if rerank:
             item["fast_score"], item["slow_score"] = h.fast_score, h.slow_score
             if not np.isfinite(h.slow_score):

@@ -328,6 +328,7 @@ function card(hit, i) {
     cap.append(sub);
   }
   fig.append(frame, cap);
+  window.vlsVideo?.decorate(fig, hit);
   fig.addEventListener("click", () => openViewer(hit));
   return fig;
 }
@@ -433,6 +434,7 @@ function openViewer(hit) {
       ? `score ${fmt(hit.score)} (fast ${fmt(hit.fast_score)}, slow ${fmt(hit.slow_score)})`
       : `score ${fmt(hit.score)}`;
   $("viewer-link").href = hit.url;
+  window.vlsVideo?.open(hit);
   renderViewerWords();
   const dlg = $("viewer");
   if (!dlg.open) dlg.showModal();
@@ -479,6 +481,7 @@ function init() {
   });
   $("viewer").addEventListener("close", () => {
     state.viewerHit = null;
+    window.vlsVideo?.close();
   });
   $("viewer").addEventListener("click", (e) => {
     if (e.target === $("viewer")) $("viewer").close(); // a click on the backdrop
