@@ -82,7 +82,7 @@ def until(pg, js: str, arg=None, timeout: float = 30):
     deadline = time.time() + timeout
     while not pg.evaluate(js, arg):
         if time.time() > deadline:
-            raise AssertionError(f"timed out waiting for {js}")
+            raise AssertionError(f"timed out waiting for {js}; page errors: {getattr(pg, 'errors', None)}")
         time.sleep(0.05)
 
 

@@ -76,6 +76,12 @@ class GalleryIndex:
         self._db = sqlite3.connect(uri, uri=True, check_same_thread=False)
         self._embeddings: np.ndarray | None = None
         self._dates: P.DateColumn | None = None
+        try:
+            cols = {c[1] for c in self._db.execute("PRAGMA table_info(images)")}
+        except sqlite3.Error:  # a corrupt meta.sqlite: check_integrity says so, clearly
+            cols = set()
+        self.has_video_columns = "kind" in cols  # indexes written before videos have photos only
+        self._columns = ROW_COLUMNS if self.has_video_columns else "row, id, path, key"
 
     def check_integrity(self) -> None:
         """Row counts of the metadata, the embeddings and faiss must match the config; a corrupt
@@ -112,9 +118,6 @@ class GalleryIndex:
             return {}
         q = f"SELECT key, path FROM images WHERE key IN ({','.join('?' * len(keys))})"
         return dict(self._db.execute(q, keys).fetchall())
-        cols = {c[1] for c in self._db.execute("PRAGMA table_info(images)")}
-        self.has_video_columns = "kind" in cols  # indexes written before videos have photos only
-        self._columns = ROW_COLUMNS if self.has_video_columns else "row, id, path, key"
 
     # -- reading --------------------------------------------------------------------------------------------
     @classmethod

@@ -29,13 +29,13 @@ class Hit:
     score: float
     fast_score: float | None = None
     slow_score: float | None = None
-    taken: float | None = None  # capture time, unix seconds (EXIF, else file mtime)
-    folder: str | None = None
-    camera: str | None = None
     kind: str = "image"  # or "video": then id/path are the video's, and the best moment is given
     t_start: float | None = None
     t_end: float | None = None
     t_frame: float | None = None  # the moment's best frame (its thumbnail)
+    taken: float | None = None  # capture time, unix seconds (EXIF, else file mtime)
+    folder: str | None = None
+    camera: str | None = None
 
     def to_dict(self) -> dict:
         d = asdict(self)
