@@ -43,10 +43,6 @@ def use_bf16() -> bool:
     return cpu_has_native_bf16()
 
 
-def precision_name(enabled: bool = True) -> str:
-    return "bf16" if enabled and use_bf16() else "fp32"
-
-
 def autocast(enabled: bool = True):
     """bf16 autocast where this CPU runs bf16 natively, else a no-op context (fp32)."""
     if enabled and use_bf16():

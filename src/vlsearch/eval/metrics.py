@@ -25,14 +25,13 @@ def i2t_ranks(sim: np.ndarray, caption_image: np.ndarray) -> np.ndarray:
     *wrong* captions scoring >= its best right caption (its other right captions are not counted)."""
     sim_i = np.asarray(sim).T  # [images, captions]
     caption_image = np.asarray(caption_image)
-    n_images = sim_i.shape[0]
     right = np.zeros(sim_i.shape, dtype=bool)
     right[caption_image, np.arange(len(caption_image))] = True
     best = np.where(right, sim_i, -np.inf).max(1)
     ranks = ((sim_i >= best[:, None]) & ~right).sum(1)
     # an image without captions has no rank: never within any K
     ranks[~right.any(1)] = np.iinfo(np.int64).max
-    return ranks.astype(np.int64)[:n_images]
+    return ranks.astype(np.int64)
 
 
 def recalls(ranks: np.ndarray, ks=KS) -> dict[str, float]:
