@@ -19,6 +19,23 @@ def register(sub):
         choices=["flat", "hnsw", "ivfpq", "auto"],
         help="also measure an approximate index",
     )
+    p.add_argument(
+        "--suite",
+        action="store_true",
+        help="Flickr8k dev and coco-mini side by side, concept channel on and off",
+    )
+    p.add_argument(
+        "--gallery",
+        action="append",
+        default=[],
+        metavar="PATH[:SPLIT]",
+        help="with --suite: also this COCO/Karpathy/Flickr-layout folder (repeatable)",
+    )
+    p.add_argument(
+        "--no-concepts",
+        action="store_true",
+        help="switch the model's concept channel off (as the index flag)",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object")
     add_quiet(p)
     return p
@@ -31,6 +48,8 @@ def run(args):
         from vlsearch.errors import QueryError
 
         raise QueryError("--images must be at least 1")
+    if args.suite:
+        return run_suite_command(args)
     result = evaluate(
         args.data_root,
         args.split,
@@ -41,6 +60,7 @@ def run(args):
         rerank_model=args.rerank_model,
         index_kind=args.index,
         progress=not (args.quiet or args.json),
+        concepts=not args.no_concepts,
     )
     if args.json:
         print_json(result)
@@ -53,4 +73,16 @@ def run(args):
             print(f"  {k}: {v:.3f}" if isinstance(v, float) else f"  {k}: {v}")
         if "ann_recall_at_10_vs_exact" in result:
             print(f"  {result['index']} recall@10 vs exact: {result['ann_recall_at_10_vs_exact']:.3f}")
+    return 0
+
+
+def run_suite_command(args):
+    from vlsearch.eval.suite import run_suite, suite_table
+
+    result = run_suite(args.model, args.data_root, args.gallery, images=args.images)
+    if args.json:
+        print_json(result)
+    else:
+        print(f"{result['model']}: Flickr8k dev beside other galleries (concepts on and off, one run)")
+        print(suite_table(result))
     return 0

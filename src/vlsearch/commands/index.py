@@ -31,6 +31,11 @@ def register(sub):
         help="compute features with Ray (local cluster, or ADDRESS)",
     )
     p.add_argument("--shards", type=int, default=None, help="with --ray: number of index shards")
+    p.add_argument(
+        "--no-concepts",
+        action="store_true",
+        help="leave the model's ImageNet concept channel out (smaller vectors, less work per query)",
+    )
     add_quiet(p)
     return p
 
@@ -64,7 +69,15 @@ def run(args):
     from vlsearch.index.build import build_index
     from vlsearch.index.gallery import GalleryIndex
 
-    path, report = build_index(out, args.source, args.split, args.model, args.kind, progress=not args.quiet)
+    path, report = build_index(
+        out,
+        args.source,
+        args.split,
+        args.model,
+        args.kind,
+        progress=not args.quiet,
+        concepts=not args.no_concepts,
+    )
     idx = GalleryIndex.open(path)
     print(
         f"wrote {idx.config.kind} index of {idx.config.n_images} images ({idx.config.n_captions} captions) to {path}"

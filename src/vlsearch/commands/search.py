@@ -29,8 +29,19 @@ def register(sub):
         metavar="DIR",
         help="with --rerank: write word-to-region heat maps (JSON + PNG) to DIR",
     )
+    p.add_argument(
+        "--why", action="store_true", help="show the ImageNet concepts that drove each result (tags)"
+    )
     p.add_argument("--json", action="store_true")
     return p
+
+
+def hit_tags(engine, text, hits) -> list:
+    """Concept tags per hit (vlsearch.search.why); [] per hit when the model has no concept channel."""
+    from vlsearch.search.why import concept_tags
+
+    keys = [r.key for r in engine.index.records([h.row for h in hits])]
+    return concept_tags(engine.embedder, text, keys)
 
 
 def run(args):
@@ -67,6 +78,7 @@ def run(args):
                 print(f"{rank:3d}. {c.score:.3f}  {c.text}")
         return 0
     result = engine.search(args.query, args.k, rerank=args.rerank, explain=bool(args.explain))
+    tags = hit_tags(engine, args.query, result.hits) if args.why else None
     written = []
     if args.explain and result.explanations:
         from vlsearch.search.explain import write_explanations
@@ -76,7 +88,10 @@ def run(args):
         print_json(
             {
                 "query": args.query,
-                "results": [h.to_dict() for h in result.hits],
+                "results": [
+                    {**h.to_dict(), **({"concepts": tags[i]} if tags is not None else {})}
+                    for i, h in enumerate(result.hits)
+                ],
                 "timings_ms": result.timings_ms,
                 "explanations": [str(p) for p in written],
             }
@@ -85,6 +100,8 @@ def run(args):
     for rank, h in enumerate(result.hits, 1):
         extra = f"  (fast {h.fast_score:.3f}, slow {h.slow_score:.3f})" if h.slow_score is not None else ""
         print(f"{rank:3d}. {h.score:.3f}  {h.path}{extra}")
+        if tags is not None:
+            print("       " + (", ".join(f"{n} {w:.2f}" for n, w in tags[rank - 1]) or "(no concepts)"))
     print(
         f"({result.timings_ms['total']:.1f} ms: {json.dumps({k: round(v, 1) for k, v in result.timings_ms.items()})})"
     )

@@ -19,6 +19,7 @@ from vlsearch.index.gallery import (
     write_gallery,
     write_lock,
 )
+from vlsearch.models.fast import set_concepts
 from vlsearch.models.registry import fingerprint, load_model
 from vlsearch.search.embedder import Embedder
 
@@ -64,10 +65,13 @@ def build_index(
     kind: str = "auto",
     dataset: CaptionDataset | None = None,
     progress: bool = True,
+    concepts: bool = True,
 ) -> tuple[Path, ImageReport]:
-    """Embed a gallery (dataset split, or a plain folder of images) and write an index folder atomically."""
+    """Embed a gallery (dataset split, or a plain folder of images) and write an index folder atomically.
+    ``concepts=False`` leaves the model's concept channel out of the vectors (recorded in the config)."""
     dataset = dataset or load_dataset(source, split)
     net, meta, ckpt = load_model(model)
+    concepts = set_concepts(net, concepts)
     embedder = Embedder(net, progress=progress)
     report = ImageReport()
     records, emb, caps, cap_emb = embed_gallery(embedder, dataset, report)
@@ -82,6 +86,7 @@ def build_index(
         kind,
         f"{source or 'default data root'} [{dataset.name}:{dataset.split}]",
     )
+    config.concepts = concepts
     write_gallery(out, config, records, emb, caps or None, cap_emb)
     if report:
         print(report.summary(), file=sys.stderr)
@@ -131,6 +136,7 @@ def checked_model(index):
         raise IndexError_(
             f"index {index.path} was built with another version of model {index.config.model!r}; rebuild it"
         )
+    set_concepts(net, getattr(index.config, "concepts", True))
     return net
 
 

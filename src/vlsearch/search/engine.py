@@ -10,6 +10,7 @@ import numpy as np
 
 from vlsearch.errors import IndexError_, QueryError
 from vlsearch.index.gallery import GalleryIndex
+from vlsearch.models.fast import set_concepts
 from vlsearch.models.registry import fingerprint, load_model, resolve_checkpoint
 from vlsearch.search.embedder import Embedder, check_query
 from vlsearch.settings import default_index_dir
@@ -81,6 +82,7 @@ class SearchEngine:
             from vlsearch.search.rerank import Reranker
 
             reranker = Reranker.load(resolve_checkpoint(rerank_model), extractor=None)
+        set_concepts(net, getattr(index.config, "concepts", True))  # as the index was built
         engine = cls(index, Embedder(net, progress=progress), reranker)
         if reranker is not None:
             reranker.extractor = engine.embedder.extractor

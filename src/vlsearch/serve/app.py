@@ -430,6 +430,13 @@ class Service:
         self.refresh()
         return _retry_borrowed(lambda: self.engine.search(text, k, rerank=rerank, explain=explain))
 
+    def concept_tags(self, text: str, hits) -> list:
+        """Per hit, the ImageNet concepts that drove it (vlsearch.search.why); [] without a channel."""
+        from vlsearch.search.why import concept_tags
+
+        keys = [r.key for r in self.engine.index.records([h.row for h in hits])]
+        return concept_tags(self.engine.embedder, text, keys)
+
     def image_search(self, data: bytes, k: int, k_captions: int):
         self.refresh()
         image = decode_upload(data)
@@ -640,6 +647,7 @@ def create_app(engine: SearchEngine, settings: ServeSettings | None = None, rera
             "0", description=f"re-rank the Fast top-K with the Slow model (0 = off, at most {MAX_RERANK})"
         ),
         explain: str = Query("0", description="with rerank: word-to-region heat maps per result (1)"),
+        why: str = Query("0", description="concept tags per result (1): the ImageNet concepts behind it"),
     ):
         t0 = time.perf_counter()
         raw = raw_query_param(request, "q")
@@ -649,6 +657,7 @@ def create_app(engine: SearchEngine, settings: ServeSettings | None = None, rera
         k = check_k(k)
         rerank = check_k(rerank, MAX_RERANK, "rerank") if str(rerank).strip() not in ("", "0") else 0
         explain = parse_flag(explain, "explain")
+        why = parse_flag(why, "why")
         if explain and not rerank:
             raise QueryError("explain=1 needs rerank=K: the Slow model is what explains")
         if rerank and not service.rerank_enabled:
@@ -657,6 +666,7 @@ def create_app(engine: SearchEngine, settings: ServeSettings | None = None, rera
             service.text_search, text, k, rerank, explain, heavy=bool(rerank)
         )
         explanations = result.explanations if explain else None
+        tags = (await service.pool.run(service.concept_tags, text, result.hits))[0] if why else None
         hits = []
         for rank, h in enumerate(result.hits, 1):
             item = {
@@ -670,6 +680,8 @@ def create_app(engine: SearchEngine, settings: ServeSettings | None = None, rera
                 item["fast_score"], item["slow_score"] = h.fast_score, h.slow_score
             if explanations is not None:
                 item["explanation"] = explanations[rank - 1]
+            if tags is not None:
+                item["concepts"] = [{"name": n, "weight": w} for n, w in tags[rank - 1]]
             hits.append(item)
         timings = dict(result.timings_ms)
         timings["queue"] = wait_ms
