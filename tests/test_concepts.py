@@ -9,9 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import DATA, need_data
-
-COCO = DATA / "coco-mini"
+from tests.conftest import COCO, need_data
 
 
 def test_class_list_is_checked():
