@@ -38,6 +38,8 @@ class FastTrainConfig:
     # Concept channel (vlsearch.encoders.concepts): weight chosen on dev after training (0 = leave it out).
     concepts: bool = True
     concept_prompts: str = "single"
+    concept_topk: int = 10  # sparse form: chosen on Flickr8k dev (RSUM 286.9 against 285.3 with all 1,000)
+    concept_temperature: float = 1.0
     concept_input: bool = False  # the image tower also sees the concept vector (trained with it)
 
 
@@ -184,7 +186,8 @@ def train_from_args(args, teacher=None, extra: dict | None = None):
 
         model, init_meta, _ = load_model(init)
         history = {"dev": init_meta.get("dev") or [], "train_seconds": init_meta.get("train_seconds")}
-        tc = FastTrainConfig(**{**init_meta.get("train", {}), "concepts": tc.concepts})
+        keep = {k: getattr(tc, k) for k in FastTrainConfig.__dataclass_fields__ if k.startswith("concept")}
+        tc = FastTrainConfig(**{**init_meta.get("train", {}), **keep})
     else:
         train = DatasetFeatures.load(load_dataset(args.data_root, "train"), progress=progress)
         config = FastConfig(concepts=tc.concept_input, concept_input=tc.concept_input)
@@ -198,7 +201,7 @@ def train_from_args(args, teacher=None, extra: dict | None = None):
     if tc.concepts and dev is not None:
         from vlsearch.training.concepts import attach_concepts, choose_concept_weight
 
-        attach_concepts(model, tc.concept_prompts)
+        attach_concepts(model, tc.concept_prompts, tc.concept_temperature, tc.concept_topk)
         meta["concepts"] = choose_concept_weight(model, dev, log=print if progress else lambda *_: None)
         if init:
             meta["concepts"]["fast_weights_from"] = str(init)
