@@ -5,7 +5,7 @@ STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml scripts/install.sh | sha
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: install demo test models lint format bench clean
+.PHONY: install demo test models lint format bench eval clean
 
 install: $(STAMP)
 
@@ -22,6 +22,9 @@ test: install
 
 models: install
 	$(VENV)/bin/vlsearch train all
+
+eval: install
+	$(VENV)/bin/vlsearch eval --suite $(if $(DATA),--data-root $(DATA)) $(foreach g,$(GALLERIES),--gallery $(g))
 
 bench: install
 	$(VENV)/bin/vlsearch bench --out bench-out

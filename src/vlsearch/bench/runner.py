@@ -217,6 +217,12 @@ def run_bench(
         result["meta"]["dataset"] = (
             f"{data.dataset.name} ({data.n_real} images, {len(data.queries)} query captions)"
         )
+        log("concept channel cost")
+        from vlsearch.bench import concepts as concept_cost
+
+        result["concepts"] = concept_cost.measure(
+            net, embedder.extractor, data.captions(20 if quick else 100), data.grid(64)
+        )
         log("encoder throughput")
         result["encoders"] = throughput.encoders(data, net, floors, quick)
         log("photos: indexing 12 MP JPEGs, old path and new")
@@ -284,6 +290,10 @@ def run_bench(
     png = plot(result, out / "bench.png")
     result["plot"] = str(png)
     table = markdown(result)
+    if "concepts" in result:
+        from vlsearch.bench.concepts import table as concept_table
+
+        table += "\n" + concept_table(result["concepts"])
     result["table"] = table
     (out / "bench.md").write_text(f"Command: `{result['meta']['command']}`\n\n" + table)
     (out / "bench.json").write_text(json.dumps(result, indent=2, default=_json_default) + "\n")

@@ -31,6 +31,23 @@ def register(sub):
         default=None,
         help="video datasets with --rerank: a seeded sample of N captions",
     )
+    p.add_argument(
+        "--suite",
+        action="store_true",
+        help="Flickr8k dev and coco-mini side by side, concept channel on and off",
+    )
+    p.add_argument(
+        "--gallery",
+        action="append",
+        default=[],
+        metavar="PATH[:SPLIT]",
+        help="with --suite: also this COCO/Karpathy/Flickr-layout folder (repeatable)",
+    )
+    p.add_argument(
+        "--no-concepts",
+        action="store_true",
+        help="switch the model's concept channel off (as the index flag)",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object")
     add_quiet(p)
     return p
@@ -51,6 +68,8 @@ def run(args):
         from vlsearch.errors import QueryError
 
         raise QueryError("--images must be at least 1")
+    if args.suite:
+        return run_suite_command(args)
     result = evaluate(
         args.data_root,
         args.split,
@@ -61,6 +80,7 @@ def run(args):
         rerank_model=args.rerank_model,
         index_kind=args.index,
         progress=not (args.quiet or args.json),
+        concepts=not args.no_concepts,
     )
     if args.json:
         print_json(result)
@@ -108,4 +128,16 @@ def _run_video(args):
         print(
             f"  + Slow K={result['rerank']['K']}: text->video R@1 {r['r1']:.1f} R@5 {r['r5']:.1f} R@10 {r['r10']:.1f}"
         )
+    return 0
+
+
+def run_suite_command(args):
+    from vlsearch.eval.suite import run_suite, suite_table
+
+    result = run_suite(args.model, args.data_root, args.gallery, images=args.images)
+    if args.json:
+        print_json(result)
+    else:
+        print(f"{result['model']}: Flickr8k dev beside other galleries (concepts on and off, one run)")
+        print(suite_table(result))
     return 0

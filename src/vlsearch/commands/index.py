@@ -38,6 +38,11 @@ def register(sub):
         metavar="GLOB",
         help="leave out files matching GLOB (relative path, name or folder; repeatable)",
     )
+    p.add_argument(
+        "--no-concepts",
+        action="store_true",
+        help="leave the model's ImageNet concept channel out (smaller vectors, less work per query)",
+    )
     add_quiet(p)
     return p
 
@@ -72,7 +77,14 @@ def run(args):
     from vlsearch.index.gallery import GalleryIndex
 
     path, report = build_index(
-        out, args.source, args.split, args.model, args.kind, progress=not args.quiet, exclude=args.exclude
+        out,
+        args.source,
+        args.split,
+        args.model,
+        args.kind,
+        progress=not args.quiet,
+        exclude=args.exclude,
+        concepts=not args.no_concepts,
     )
     idx = GalleryIndex.open(path)
     print(

@@ -37,6 +37,9 @@ def register(sub):
         "--aggregate", default=None, choices=["max", "topn"], help="with --videos: moment aggregation"
     )
     p.add_argument("--video", default=None, metavar="ID", help="video-to-text: captions matching this video")
+    p.add_argument(
+        "--why", action="store_true", help="show the ImageNet concepts that drove each result (tags)"
+    )
     p.add_argument("--json", action="store_true")
     return p
 
@@ -89,6 +92,14 @@ def hit_text(h) -> str:
     return h.path
 
 
+def hit_tags(engine, text, hits) -> list:
+    """Concept tags per hit (vlsearch.search.why); [] per hit when the model has no concept channel."""
+    from vlsearch.search.why import concept_tags
+
+    keys = [r.key for r in engine.index.records([h.row for h in hits])]
+    return concept_tags(engine.embedder, text, keys)
+
+
 def run(args):
     import vlsearch
     from vlsearch.errors import QueryError
@@ -129,6 +140,7 @@ def run(args):
     result = engine.search(
         args.query, args.k, rerank=args.rerank, explain=bool(args.explain), **filter_kwargs(args)
     )
+    tags = hit_tags(engine, args.query, result.hits) if args.why else None
     written = []
     if args.explain and result.explanations:
         from vlsearch.search.explain import write_explanations
@@ -138,7 +150,10 @@ def run(args):
         print_json(
             {
                 "query": args.query,
-                "results": [h.to_dict() for h in result.hits],
+                "results": [
+                    {**h.to_dict(), **({"concepts": tags[i]} if tags is not None else {})}
+                    for i, h in enumerate(result.hits)
+                ],
                 "timings_ms": result.timings_ms,
                 "explanations": [str(p) for p in written],
                 "n_matching": result.n_matching,
@@ -151,6 +166,8 @@ def run(args):
         extra = f"  (fast {h.fast_score:.3f}, slow {h.slow_score:.3f})" if h.slow_score is not None else ""
         when = time.strftime("  %Y-%m-%d", time.gmtime(h.taken)) if h.taken is not None else ""
         print(f"{rank:3d}. {h.score:.3f}  {hit_text(h)}{when}{extra}")
+        if tags is not None:
+            print("       " + (", ".join(f"{n} {w:.2f}" for n, w in tags[rank - 1]) or "(no concepts)"))
     if result.next_offset is not None:
         print(f"(more: --offset {result.next_offset})")
     print(

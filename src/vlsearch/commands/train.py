@@ -64,7 +64,16 @@ def register(sub):
     p.add_argument(
         "--init",
         default=None,
-        help="slow only: warm-start from this Slow checkpoint or name (a fresh schedule over --minutes)",
+        help="slow: warm-start from this Slow checkpoint or name (a fresh schedule over --minutes); "
+        "fast: reuse this Fast checkpoint's weights and only calibrate the concept channel on dev",
+    )
+    p.add_argument(
+        "--no-concepts", action="store_true", help="fast: no ImageNet concept channel in the checkpoint"
+    )
+    p.add_argument(
+        "--concept-input",
+        action="store_true",
+        help="fast: the image tower also takes the concept vector as input (trained with it)",
     )
     p.add_argument("--force", action="store_true", help="retrain even when the checkpoint exists (train all)")
     add_quiet(p)

@@ -63,8 +63,11 @@ def evaluate(
     rerank_model: str | None = None,
     index_kind: str = "flat",
     progress: bool = True,
+    concepts: bool = True,
+    dataset=None,
 ) -> dict:
-    dataset = load_dataset(data_root, split)
+    """``concepts=False`` switches a Fast model's concept channel off (as ``index --no-concepts``)."""
+    dataset = dataset or load_dataset(data_root, split)
     if images:
         dataset = dataset.sample(images, seed)
     if not dataset.captions:
@@ -72,11 +75,16 @@ def evaluate(
 
         raise DataError(f"{dataset.name} split {split!r} has no captions to evaluate with")
     net, meta, ckpt = load_model(model)
+    from vlsearch.models.fast import set_concepts
+
+    concepts_on = set_concepts(net, concepts)
     result: dict = {
         "model": str(model),
         "checkpoint": str(ckpt),
         "split": dataset.split,
         "dataset": dataset.name,
+        "concepts": concepts_on,
+        "concept_weight": getattr(net.config, "concept_weight", 0.0) if concepts_on else 0.0,
     }
     feats = DatasetFeatures.load(dataset, mid=True, progress=progress)
     caption_image = feats.caption_image.numpy()
@@ -99,6 +107,7 @@ def evaluate(
         img, txt = embed_features(net, feats)
         sim = txt @ img.T
         cost.update(measure_query_cost(embedder, img, dataset.captions))
+        cost["bytes_per_image"] = int(img.shape[1] * 4)  # the faiss Flat vector (fp32)
         if index_kind != "flat":
             result.update(ann_metrics(img, txt, caption_image, index_kind))
         if rerank:

@@ -22,6 +22,7 @@ from vlsearch.index.gallery import (
     write_gallery,
     write_lock,
 )
+from vlsearch.models.fast import set_concepts
 from vlsearch.models.registry import fingerprint, load_model
 from vlsearch.search.embedder import Embedder
 
@@ -68,15 +69,18 @@ def build_index(
     dataset: CaptionDataset | None = None,
     progress: bool = True,
     exclude: list[str] | tuple[str, ...] = (),
+    concepts: bool = True,
 ) -> tuple[Path, ImageReport]:
     """Embed a gallery (dataset split, or a plain folder of images) and write an index folder atomically.
-    ``exclude``: glob patterns (on paths relative to a plain folder) of files to leave out."""
+    ``exclude``: glob patterns (on paths relative to a plain folder) of files to leave out.
+    ``concepts=False`` leaves the model's concept channel out of the vectors (recorded in the config)."""
     if dataset is None and exclude:
         if source is None or not Path(source).is_dir():
             raise DataError("--exclude applies to a folder of images")
         dataset = load_folder(source, exclude=exclude)
     dataset = dataset or load_dataset(source, split)
     net, meta, ckpt = load_model(model)
+    concepts = set_concepts(net, concepts)
     embedder = Embedder(net, progress=progress)
     report = ImageReport()
     records, emb, caps, cap_emb = embed_gallery(embedder, dataset, report)
@@ -96,6 +100,7 @@ def build_index(
         kind,
         f"{source or 'default data root'} [{dataset.name}:{dataset.split}]",
     )
+    config.concepts = concepts
     write_gallery(
         out, config, records, emb, caps or None, cap_emb, photos=photos_of(records), videos=video_records
     )
@@ -204,6 +209,7 @@ def checked_model(index):
         raise IndexError_(
             f"index {index.path} was built with another version of model {index.config.model!r}; rebuild it"
         )
+    set_concepts(net, getattr(index.config, "concepts", True))
     return net
 
 

@@ -49,6 +49,7 @@ class IndexConfig:
     n_captions: int = 0
     source: str = ""
     created: float = field(default_factory=time.time)
+    concepts: bool = True  # the model's concept channel in the vectors (False: built with --no-concepts)
 
 
 @dataclass

@@ -26,6 +26,14 @@ class FastConfig:
     text_dim: int = 384
     init_temperature: float = 0.05
     image_pool: str = "mean+max"
+    # Concept channel (vlsearch.encoders.concepts): the backbone's ImageNet classes, named by MiniLM.
+    concepts: bool = False  # the channel's buffers are in the checkpoint
+    concept_weight: float = 0.0  # zero-shot score added to the Fast score (chosen on dev after training)
+    concept_temperature: float = 1.0  # softmax temperature on the ImageNet logits
+    concept_topk: int = 0  # keep only the k most likely classes (0: all 1,000)
+    concept_prompts: str = "single"  # "single" ("a photo of a {}.") or "ensemble" (4 prompts x 2 lemmas)
+    concept_input: bool = False  # image tower also sees the concept vector (needs training)
+    concept_classes_sha256: str = ""  # the class list the label embeddings were made from
 
 
 class FastModel(nn.Module):
@@ -35,6 +43,12 @@ class FastModel(nn.Module):
         super().__init__()
         self.config = config
         pooled = config.image_dim * (2 if config.image_pool == "mean+max" else 1)
+        self.concept = ConceptChannel(config, init_from_pretrained) if config.concepts else None
+        self.use_concepts = True  # runtime switch (an index built with --no-concepts turns it off)
+        if config.concept_input:
+            if self.concept is None:
+                raise ValueError("concept_input needs concepts=True")
+            pooled += config.text_dim
         self.image_norm, self.image_mlp, self.image_skip = image_tower(
             pooled, config.image_hidden, config.embed_dim
         )
@@ -55,13 +69,41 @@ class FastModel(nn.Module):
             return mean_max_pool(grid)
         return grid.mean(1)
 
+    @property
+    def concepts_active(self) -> bool:
+        return self.concept is not None and self.config.concept_weight > 0 and self.use_concepts
+
+    @property
+    def output_dim(self) -> int:
+        """Width of encode_image/encode_text: embed_dim, plus the concept space when it is fused in."""
+        return self.config.embed_dim + (self.config.text_dim if self.concepts_active else 0)
+
+    def _fuse(self, fast: torch.Tensor, concept: torch.Tensor) -> torch.Tensor:
+        """[fast, sqrt(w) concept] / sqrt(1 + w): a dot product of two such vectors is
+        (Fast score + w x concept score) / (1 + w), so faiss searches the fused score as it is."""
+        w = self.config.concept_weight
+        return torch.cat([fast, concept.to(fast.dtype) * math.sqrt(w)], -1) / math.sqrt(1 + w)
+
     def encode_image(self, grid: torch.Tensor, mid: torch.Tensor | None = None) -> torch.Tensor:
-        """grid [B,49,1280] -> [B,D] unit vectors."""
-        x = self.image_norm(self.pool_image(grid))
-        return F.normalize(self.image_mlp(x) + self.image_skip(x), dim=-1)
+        """grid [B,49,1280] -> [B,output_dim] unit vectors (Fast, fused with concepts when active)."""
+        use = self.concepts_active or self.config.concept_input
+        concept = self.concept.image(grid) if use else None
+        x = self.pool_image(grid)
+        if self.config.concept_input:
+            x = torch.cat([x, concept.to(x.dtype)], -1)
+        x = self.image_norm(x)
+        fast = F.normalize(self.image_mlp(x) + self.image_skip(x), dim=-1)
+        return self._fuse(fast, concept) if self.concepts_active else fast
 
     def encode_text(self, states: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        """states [B,L,384] (MiniLM after text_split_layer layers), lengths [B] -> [B,D] unit vectors."""
+        """states [B,L,384] (MiniLM after text_split_layer layers), lengths [B] -> [B,output_dim] unit."""
+        fast = self.fast_text(states, lengths)
+        if not self.concepts_active:
+            return fast
+        return self._fuse(fast, self.concept.text(states, lengths))
+
+    def fast_text(self, states: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """The Fast text tower alone: [B,embed_dim] unit vectors."""
         mask = torch.arange(states.shape[1])[None, :] < lengths[:, None]
         h = states.float()
         for layer in self.text_layers:
@@ -71,3 +113,72 @@ class FastModel(nn.Module):
     @property
     def scale(self) -> torch.Tensor:
         return self.logit_scale.exp().clamp(max=100.0)
+
+
+def set_concepts(model, enabled: bool) -> bool:
+    """Switch a model's concept channel on or off at run time (an index records which); returns whether
+    it is in the vectors now (False for models without one)."""
+    if hasattr(model, "use_concepts"):
+        model.use_concepts = bool(enabled)
+    return bool(getattr(model, "concepts_active", False))
+
+
+class ConceptChannel(nn.Module):
+    """The frozen zero-shot part: the backbone's ImageNet head on the pooled grid, class-name embeddings,
+    and pretrained MiniLM upper layers that embed a query into the same space (from its cached states).
+    Kept in the checkpoint (buffers), so scoring never needs the backbone packages' heads again."""
+
+    def __init__(self, config: FastConfig, init_from_pretrained: bool = True):
+        super().__init__()
+        from vlsearch.encoders import concepts as C
+
+        self.config = config
+        if init_from_pretrained:
+            self.query_layers = minilm_upper_layers(config.text_split_layer, 6 - config.text_split_layer)
+        else:
+            from vlsearch.models.layers import TransformerLayer
+
+            self.query_layers = nn.ModuleList(
+                TransformerLayer(config.text_dim) for _ in range(6 - config.text_split_layer)
+            )
+        self.query_layers.requires_grad_(False)
+        self.register_buffer("head_weight", torch.zeros(C.N_CLASSES, config.image_dim))
+        self.register_buffer("head_bias", torch.zeros(C.N_CLASSES))
+        self.register_buffer("labels", torch.zeros(C.N_CLASSES, config.text_dim))
+        if init_from_pretrained:
+            from vlsearch.encoders.image import ImageBackbone
+
+            config.concept_classes_sha256 = C.CLASSES_SHA256
+            w, b = C.classifier_head(ImageBackbone().net)
+            self.head_weight.copy_(w)
+            self.head_bias.copy_(b)
+            self.set_prompts(config.concept_prompts)
+        else:
+            C.class_lemmas(config.concept_classes_sha256 or C.CLASSES_SHA256)  # refuse another class list
+
+    @torch.no_grad()
+    def set_prompts(self, kind: str) -> None:
+        from vlsearch.encoders import concepts as C
+
+        if kind not in ("single", "ensemble"):
+            raise ValueError(f"concept_prompts must be 'single' or 'ensemble', not {kind!r}")
+        prompts, names = ((C.PROMPT,), 1) if kind == "single" else (C.PROMPTS, 2)
+        self.labels.copy_(C.label_embeddings(self.query_layers, prompts, names))
+        self.config.concept_prompts = kind
+
+    def probs(self, grid: torch.Tensor) -> torch.Tensor:
+        """[B,49,1280] -> class probabilities [B,1000] (fp32, whatever autocast is in force)."""
+        from vlsearch.encoders.concepts import concept_distribution, logits_from_grid
+
+        with torch.autocast("cpu", enabled=False):
+            logits = logits_from_grid(grid, self.head_weight, self.head_bias)
+            return concept_distribution(logits, self.config.concept_temperature, self.config.concept_topk)
+
+    def image(self, grid: torch.Tensor) -> torch.Tensor:
+        with torch.autocast("cpu", enabled=False):
+            return F.normalize(self.probs(grid) @ self.labels, dim=-1)
+
+    def text(self, states: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        from vlsearch.encoders.concepts import sentence_states
+
+        return sentence_states(states, lengths, self.query_layers).float()

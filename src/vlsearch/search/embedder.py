@@ -44,7 +44,7 @@ class Embedder:
 
     @property
     def dim(self) -> int:
-        return self.model.config.embed_dim
+        return getattr(self.model, "output_dim", self.model.config.embed_dim)
 
     @torch.no_grad()
     def _image(self, grid: np.ndarray, mid: np.ndarray | None = None) -> np.ndarray:

@@ -11,6 +11,7 @@ import numpy as np
 from vlsearch.errors import IndexError_, QueryError
 from vlsearch.index.gallery import GalleryIndex
 from vlsearch.index.photos import PhotoFilter, search_filtered
+from vlsearch.models.fast import set_concepts
 from vlsearch.models.registry import fingerprint, load_model, resolve_checkpoint
 from vlsearch.search import queries as Q
 from vlsearch.search.embedder import Embedder, check_query
@@ -99,6 +100,7 @@ class SearchEngine:
             from vlsearch.search.rerank import Reranker
 
             reranker = Reranker.load(resolve_checkpoint(rerank_model), extractor=None)
+        set_concepts(net, getattr(index.config, "concepts", True))  # as the index was built
         engine = cls(index, Embedder(net, progress=progress), reranker)
         if reranker is not None:
             reranker.extractor = engine.embedder.extractor

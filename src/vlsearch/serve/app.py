@@ -525,6 +525,16 @@ class Service:
         self.unscored += sum(1 for h in result.hits if rerank and not np.isfinite(h.slow_score))
         return result
 
+    def concept_tags(self, text: str, hits) -> list:
+        """Per hit, the ImageNet concepts that drove it (vlsearch.search.why); [] without a channel."""
+        from vlsearch.search.why import concept_tags
+
+        keys = [r.key for r in self.engine.index.records([h.row for h in hits])]
+        try:
+            return concept_tags(self.engine.embedder, text, keys)
+        except KeyError:  # a feature-cache miss (index built elsewhere, pruned cache): no tags, not a 500
+            return [[] for _ in keys]
+
     def image_search(self, data: bytes, k: int, k_captions: int):
         self.refresh()
         image = decode_upload(data)
@@ -800,6 +810,9 @@ def create_app(engine: SearchEngine, settings: ServeSettings | None = None, rera
         offset: str = Query("0", max_length=24, description="skip this many results (paging)"),
         cursor: str | None = Query(None, max_length=1024, description="next_cursor of the previous page"),
         min_score: str | None = Query(None, max_length=64, description="drop results below this cosine"),
+        why: str = Query(
+            "0", max_length=8, description="concept tags per result (1): the ImageNet concepts behind it"
+        ),
     ):
         t0 = time.perf_counter()
         raw = raw_query_param(request, "q")
@@ -809,6 +822,7 @@ def create_app(engine: SearchEngine, settings: ServeSettings | None = None, rera
         k = check_k(k)
         rerank = check_k(rerank, MAX_RERANK, "rerank") if str(rerank).strip() not in ("", "0") else 0
         explain = parse_flag(explain, "explain")
+        why = parse_flag(why, "why")
         if explain and not rerank:
             raise QueryError("explain=1 needs rerank=K: the Slow model is what explains")
         if rerank and not service.rerank_enabled:
@@ -817,7 +831,10 @@ def create_app(engine: SearchEngine, settings: ServeSettings | None = None, rera
         result, wait_ms = await service.pool.run(
             functools.partial(service.text_search, text, k, rerank, explain, **options), heavy=bool(rerank)
         )
-        return await run_in_threadpool(_search_body, service, result, text, k, rerank, explain, wait_ms, t0)
+        tags = (await service.pool.run(service.concept_tags, text, result.hits))[0] if why else None
+        return await run_in_threadpool(
+            _search_body, service, result, text, k, rerank, explain, wait_ms, t0, tags
+        )
 
     @app.post(
         "/search/image",
@@ -938,7 +955,7 @@ def create_app(engine: SearchEngine, settings: ServeSettings | None = None, rera
     return app
 
 
-def _search_body(service, result, text, k, rerank, explain, wait_ms, t0) -> Response:
+def _search_body(service, result, text, k, rerank, explain, wait_ms, t0, tags=None) -> Response:
     """The /search response, built and serialised on a worker thread (explanations are big)."""
     import json
 
@@ -962,6 +979,8 @@ def _search_body(service, result, text, k, rerank, explain, wait_ms, t0) -> Resp
                 item["note"] = "not re-ranked: the image file is gone, so this keeps its Fast score"
         if explanations is not None and explanations[i] is not None:
             item["explanation"] = explanations[i]
+        if tags is not None:
+            item["concepts"] = [{"name": n, "weight": w} for n, w in tags[i]]
         hits.append(item)
     timings = dict(result.timings_ms)
     timings["queue"] = wait_ms

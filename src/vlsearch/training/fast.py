@@ -35,6 +35,12 @@ class FastTrainConfig:
     distill_weight: float = 0.0
     distill_temperature: float = 1.0
     distill_teacher: str | None = None
+    # Concept channel (vlsearch.encoders.concepts): weight chosen on dev after training (0 = leave it out).
+    concepts: bool = True
+    concept_prompts: str = "single"
+    concept_topk: int = 10  # sparse form: chosen on Flickr8k dev (RSUM 286.9 against 285.3 with all 1,000)
+    concept_temperature: float = 1.0
+    concept_input: bool = False  # the image tower also sees the concept vector (trained with it)
 
 
 def augment_grid(grid: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -164,20 +170,41 @@ def train_from_args(args, teacher=None, extra: dict | None = None):
     from vlsearch.models.checkpoint import save_checkpoint
 
     tc = apply_overrides(FastTrainConfig(seed=args.seed), args, extra)
+    if getattr(args, "no_concepts", False):
+        tc.concepts = False
+    if getattr(args, "concept_input", False):
+        tc.concept_input = True
     progress = not args.quiet
-    train = DatasetFeatures.load(load_dataset(args.data_root, "train"), progress=progress)
     try:
         dev = DatasetFeatures.load(load_dataset(args.data_root, "dev"), progress=progress)
     except Exception:
         dev = None
-    model, history = train_fast(train, FastConfig(), tc, dev=dev, teacher=teacher, progress=progress)
     name = "fast-distilled" if teacher is not None else "fast"
+    init = getattr(args, "init", None)
+    if init:  # reuse a trained Fast model's weights: only the concept channel is (re)calibrated
+        from vlsearch.models.registry import load_model
+
+        model, init_meta, _ = load_model(init)
+        history = {"dev": init_meta.get("dev") or [], "train_seconds": init_meta.get("train_seconds")}
+        keep = {k: getattr(tc, k) for k in FastTrainConfig.__dataclass_fields__ if k.startswith("concept")}
+        tc = FastTrainConfig(**{**init_meta.get("train", {}), **keep})
+    else:
+        train = DatasetFeatures.load(load_dataset(args.data_root, "train"), progress=progress)
+        config = FastConfig(concepts=tc.concept_input, concept_input=tc.concept_input)
+        model, history = train_fast(train, config, tc, dev=dev, teacher=teacher, progress=progress)
     meta = {
         "train": asdict(tc),
         "data_root": str(args.data_root or "default"),
         "dev": history["dev"][-1:] if history["dev"] else None,
         "train_seconds": history["train_seconds"],
     }
+    if tc.concepts and dev is not None:
+        from vlsearch.training.concepts import attach_concepts, choose_concept_weight
+
+        attach_concepts(model, tc.concept_prompts, tc.concept_temperature, tc.concept_topk)
+        meta["concepts"] = choose_concept_weight(model, dev, log=print if progress else lambda *_: None)
+        if init:
+            meta["concepts"]["fast_weights_from"] = str(init)
     return save_checkpoint(out_path(args, name), model, meta)
 
 

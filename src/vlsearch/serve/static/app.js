@@ -132,7 +132,7 @@ async function runSearch(text) {
   state.lastQuery = text;
   const rerank = rerankOn();
   const filters = filterParams();
-  const params = new URLSearchParams({ q: text, k: String(state.k), ...filters });
+  const params = new URLSearchParams({ q: text, k: String(state.k), why: "1", ...filters });
   if (rerank) {
     params.set("rerank", String(state.rerankPool));
     params.set("explain", "1");
@@ -326,6 +326,19 @@ function card(hit, i) {
     sub.className = "sub";
     sub.textContent = `fast ${fmt(hit.fast_score)} · slow ${fmt(hit.slow_score)}`;
     cap.append(sub);
+  }
+  if (hit.concepts && hit.concepts.length) {
+    // the ImageNet concepts that drove this result (name, probability in the image)
+    const tags = document.createElement("span");
+    tags.className = "tags";
+    for (const c of hit.concepts) {
+      const tag = document.createElement("span");
+      tag.className = "tag";
+      tag.textContent = c.name;
+      tag.title = `${c.name}: ${fmt(c.weight)}`;
+      tags.append(tag);
+    }
+    cap.append(tags);
   }
   fig.append(frame, cap);
   window.vlsVideo?.decorate(fig, hit);

@@ -1,0 +1,78 @@
+"""Calibrating the concept channel of a trained Fast model: nothing is trained, one weight is chosen.
+
+The zero-shot concept score (vlsearch.encoders.concepts) is added to the Fast score with the weight that
+gives the best RSUM on Flickr8k dev; the weight is saved in the checkpoint's config. Other galleries
+(coco-mini) are only ever used to check it, never to choose it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from vlsearch.eval.metrics import retrieval_metrics
+from vlsearch.models.fast import ConceptChannel, FastModel
+from vlsearch.training.features import DatasetFeatures
+
+WEIGHTS = (0.0, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.7, 1.0)
+
+
+def attach_concepts(
+    model: FastModel, prompts: str = "single", temperature: float = 1.0, topk: int = 0
+) -> FastModel:
+    """Give a trained Fast model (with or without a channel) a fresh concept channel, weight 0."""
+    cfg = model.config
+    cfg.concepts, cfg.concept_weight = True, 0.0
+    cfg.concept_prompts, cfg.concept_temperature, cfg.concept_topk = prompts, temperature, topk
+    if cfg.concept_input and model.concept is not None:  # its tower was trained on this channel: keep it
+        model.concept.set_prompts(prompts)
+    else:
+        model.concept = ConceptChannel(cfg, init_from_pretrained=True)
+    return model.eval()
+
+
+@torch.no_grad()
+def channel_sims(
+    model: FastModel, feats: DatasetFeatures, batch: int = 1024
+) -> tuple[np.ndarray, np.ndarray]:
+    """(Fast similarity, concept similarity), each [captions, images], for one gallery."""
+    weight, model.config.concept_weight = model.config.concept_weight, 0.0
+    try:
+        img, ci, txt, ct = [], [], [], []
+        for s in range(0, feats.n_images, batch):
+            g = feats.grid[s : s + batch]
+            img.append(model.encode_image(g).float())
+            ci.append(model.concept.image(g))
+        for s in range(0, len(feats.states), batch):
+            st, ln = feats.states[s : s + batch], feats.lengths[s : s + batch]
+            txt.append(model.encode_text(st, ln).float())
+            ct.append(model.concept.text(st, ln))
+    finally:
+        model.config.concept_weight = weight
+    fast = (torch.cat(txt) @ torch.cat(img).T).numpy()
+    concept = (torch.cat(ct) @ torch.cat(ci).T).numpy()
+    return fast, concept
+
+
+def sweep(fast: np.ndarray, concept: np.ndarray, caption_image, weights=WEIGHTS) -> list[dict]:
+    """Metrics of Fast + w x concepts for each w (the same ranking faiss gives the fused vectors)."""
+    caption_image = np.asarray(caption_image)
+    return [{"weight": w, **retrieval_metrics(fast + w * concept, caption_image)} for w in weights]
+
+
+def choose_concept_weight(model: FastModel, dev: DatasetFeatures, weights=WEIGHTS, log=print) -> dict:
+    """Set model.config.concept_weight to the dev-RSUM-best weight; returns the sweep."""
+    fast, concept = channel_sims(model, dev)
+    rows = sweep(fast, concept, dev.caption_image.numpy(), weights)
+    alone = retrieval_metrics(concept, dev.caption_image.numpy())
+    best = max(rows, key=lambda r: (r["rsum"], -r["weight"]))
+    model.config.concept_weight = float(best["weight"])
+    log(
+        f"concept weight {best['weight']} on dev: RSUM {rows[0]['rsum']:.1f} -> {best['rsum']:.1f} "
+        f"(t2i R@1 {rows[0]['t2i']['r1']:.1f} -> {best['t2i']['r1']:.1f}; concepts alone {alone['rsum']:.1f})"
+    )
+    return {
+        "weight": best["weight"],
+        "sweep": [{"weight": r["weight"], "rsum": r["rsum"], "t2i_r1": r["t2i"]["r1"]} for r in rows],
+        "concepts_alone_rsum": alone["rsum"],
+    }
