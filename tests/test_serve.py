@@ -134,7 +134,10 @@ def test_search_health_images_and_schema(client, photo):
     assert body["query"] == "a dog runs on the grass" and body["k"] == 5 and body["rerank"] == 0
     hits = body["results"]
     assert len(hits) == 5 and [h["rank"] for h in hits] == [1, 2, 3, 4, 5]
-    assert all(set(h) == {"rank", "row", "id", "url", "score", "taken", "folder", "camera"} for h in hits)
+    assert all(
+        set(h) == {"rank", "row", "id", "url", "score", "taken", "folder", "camera", "kind"} for h in hits
+    )
+    assert all(h["kind"] == "image" for h in hits)
     assert hits[0]["score"] >= hits[-1]["score"]
     assert {"encode", "retrieve", "total", "queue", "server"} <= set(body["timings_ms"])
     # every result's image is served from the index, by id and by row

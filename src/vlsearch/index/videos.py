@@ -38,8 +38,8 @@ def write_videos(db: sqlite3.Connection, videos: list[VideoRecord]) -> None:
 
 
 def _has_table(index) -> bool:
-    db = index._db
-    return (
+    db = getattr(index, "_db", None)  # a sharded (Ray-built) index holds photos only
+    return db is not None and (
         db.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='videos'").fetchone() is not None
     )
 
