@@ -9,6 +9,9 @@ Phases (each limited by its request count and by --max-seconds):
              (skipped when the server has no re-ranker)
   overload   --overload-clients clients (past capacity) firing --overload-requests valid searches:
              the service should shed the excess at once with 503 + Retry-After
+  slow       --slow-clients sockets held open (half idle, half sending their request a byte at a time)
+             while --clients clients run --slow-requests valid searches: their p50 must stay under 3x
+             the same searches' p50 without them (the server's header deadline closes the sockets)
   recovery   --clients clients again, --recovery-requests valid searches: all must succeed
 
 For each phase it reports throughput, p50/p90/p99 latency of successful requests, intended 4xx,
@@ -155,6 +158,62 @@ def plan(n: int, rng: random.Random, images: list[bytes], invalid_share: float, 
         else:
             out.append(text_spec(rng))
     return out
+
+
+async def slow_sockets(base: str, n: int, stop: asyncio.Event, report: dict) -> None:
+    """Hold ``n`` connections: even ones idle, odd ones dripping a request line one byte every 0.5 s.
+    ``report``: how many opened, and how many the server closed on its own."""
+    host, port = urlsplit(base).hostname, urlsplit(base).port or 80
+    line = b"GET /search?q=slow HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+    conns = []
+    for i in range(n):
+        try:
+            conns.append((i, *await asyncio.open_connection(host, port)))
+        except OSError:
+            report["refused"] = report.get("refused", 0) + 1
+    report["opened"] = len(conns)
+    closed: set[int] = set()
+    step = 0
+    while not stop.is_set():
+        for i, reader, writer in conns:
+            if i in closed:
+                continue
+            if reader.at_eof() or writer.is_closing():
+                closed.add(i)
+                continue
+            if i % 2:
+                try:
+                    writer.write(line[step % len(line) : step % len(line) + 1])
+                except (ConnectionError, OSError):
+                    closed.add(i)
+        step += 1
+        try:
+            await asyncio.wait_for(stop.wait(), 0.5)
+        except TimeoutError:
+            pass
+    for i, reader, writer in conns:
+        if not reader.at_eof() and not writer.is_closing():
+            try:
+                await asyncio.wait_for(reader.read(1), 0.001)
+            except (TimeoutError, ConnectionError, OSError):
+                pass
+        if reader.at_eof():
+            closed.add(i)
+        writer.close()
+    report["closed_by_server"] = len(closed)
+
+
+async def run_with_slow_sockets(base, phase, specs, max_seconds, timeout, n_sockets) -> tuple[Phase, dict]:
+    stop, report = asyncio.Event(), {}
+    holder = asyncio.create_task(slow_sockets(base, n_sockets, stop, report))
+    while "opened" not in report and not holder.done():
+        await asyncio.sleep(0.05)
+    try:
+        phase = await run_phase(base, phase, specs, max_seconds, timeout)
+    finally:
+        stop.set()
+        await holder
+    return phase, report
 
 
 async def run_phase(base: str, phase: Phase, specs: list[Spec], max_seconds: float, timeout: float) -> Phase:
@@ -323,6 +382,8 @@ def main(argv=None) -> int:
     p.add_argument("--overload-clients", type=int, default=64)
     p.add_argument("--overload-requests", type=int, default=1000)
     p.add_argument("--recovery-requests", type=int, default=200)
+    p.add_argument("--slow-clients", type=int, default=2000, help="slow sockets held open in the slow phase")
+    p.add_argument("--slow-requests", type=int, default=200, help="valid searches during the slow phase")
     p.add_argument("--invalid-share", type=float, default=0.25)
     p.add_argument("--image-share", type=float, default=0.05)
     p.add_argument("--max-seconds", type=float, default=120, help="time limit per phase")
@@ -367,6 +428,29 @@ def main(argv=None) -> int:
                 for i in range(args.overload_requests)
             ]
             run("overload", args.overload_clients, specs)
+        if args.slow_clients and args.slow_requests:
+            specs = [text_spec(rng) for _ in range(args.slow_requests)]
+            run("slow-baseline", args.clients, specs)
+            print(
+                f"load_test: slow: {len(specs)} requests, {args.clients} clients, "
+                f"{args.slow_clients} slow sockets ...",
+                file=log,
+                flush=True,
+            )
+            ph, sockets = asyncio.run(
+                run_with_slow_sockets(
+                    url, Phase("slow", args.clients), specs, args.max_seconds, args.timeout, args.slow_clients
+                )
+            )
+            row = summarize(ph)
+            row["slow_sockets"] = sockets
+            base_p50 = phases[-1]["latency_ms"]["p50"]
+            row["p50_vs_without"] = (
+                round(row["latency_ms"]["p50"] / base_p50, 2)
+                if base_p50 and row["latency_ms"]["p50"]
+                else None
+            )
+            phases.append(row)
         if args.recovery_requests:
             run("recovery", args.clients, [text_spec(rng) for _ in range(args.recovery_requests)])
         after = httpx.get(url + "/healthz", timeout=30).json()
@@ -396,6 +480,7 @@ def main(argv=None) -> int:
         or ph["server_errors"]
         or ph["shed_without_retry_after"]
         or (ph["shed"] and ph["phase"] != "overload")
+        or (ph["phase"] == "slow" and (ph["p50_vs_without"] is None or ph["p50_vs_without"] >= 3))
     ]
     report["passed"] = not failed
     if args.json == "-":
@@ -414,6 +499,12 @@ def main(argv=None) -> int:
                 f"{ph['phase']}: {kinds}{extra}"
                 + ("; STOPPED EARLY (time limit)" if ph["stopped_early"] else "")
             )
+            if ph["phase"] == "slow":
+                so = ph["slow_sockets"]
+                print(
+                    f"   {so.get('opened', 0)} slow sockets held ({so.get('closed_by_server', 0)} closed by the "
+                    f"server); search p50 {ph['p50_vs_without']}x its value without them (limit 3x)"
+                )
             for ex in ph["examples"]:
                 print(f"   {ex}")
         print(

@@ -317,3 +317,42 @@ def test_dataset_paths_may_not_leave_the_root(tmp_path):
         (tmp_path / "d.json").write_text(json.dumps(data))
         with pytest.raises(DataError, match="leaves the dataset folder"):
             load_karpathy(tmp_path / "d.json", tmp_path / "images", "dev")
+
+
+def test_symlinks_out_of_a_folder_are_not_indexed_nor_served(tiny_fast_checkpoint, tmp_path):
+    """A link planted in a photo folder, pointing at a file elsewhere, is left out of the index; with
+    --follow-symlinks it is indexed and served, and a server that overrides that serves only files inside
+    the index's roots."""
+    from vlsearch.cli import main
+    from vlsearch.index.gallery import GalleryIndex, read_records
+
+    folder, outside = tmp_path / "photos", tmp_path / "elsewhere"
+    folder.mkdir()
+    outside.mkdir()
+    a, b, c = photos(3)
+    shutil.copy(a, folder / "a.jpg")
+    shutil.copy(b, folder / "b.jpg")
+    shutil.copy(c, outside / "secret.jpg")
+    (folder / "link.jpg").symlink_to(outside / "secret.jpg")
+    (folder / "inner.jpg").symlink_to(folder / "a.jpg")  # a link that stays inside is fine
+
+    safe = tmp_path / "safe"
+    assert main(["index", str(folder), "--out", str(safe), "--quiet"]) == 0
+    index = GalleryIndex.open(safe)
+    assert sorted(r.id for r in read_records(index)) == ["a.jpg", "b.jpg", "inner.jpg"]
+    assert index.config.roots == [str(folder.resolve())] and index.config.follow_symlinks is False
+    index.close()
+
+    linked = tmp_path / "linked"
+    assert main(["index", str(folder), "--out", str(linked), "--follow-symlinks", "--quiet"]) == 0
+    index = GalleryIndex.open(linked)
+    assert "link.jpg" in [r.id for r in read_records(index)] and index.config.follow_symlinks is True
+    index.close()
+    for follow, code in ((None, 200), (False, 404)):
+        s = start_server(linked, follow_symlinks=follow)
+        try:
+            with s.client() as cl:
+                assert cl.get("/images/a.jpg").status_code == 200
+                assert cl.get("/images/link.jpg").status_code == code
+        finally:
+            s.stop()

@@ -39,6 +39,11 @@ def register(sub):
         help="leave out files matching GLOB (relative path, name or folder; repeatable)",
     )
     p.add_argument(
+        "--follow-symlinks",
+        action="store_true",
+        help="also index symlinks whose target lies outside the folder (the service will serve those files)",
+    )
+    p.add_argument(
         "--no-concepts",
         action="store_true",
         help="leave the model's ImageNet concept channel out (smaller vectors, less work per query)",
@@ -85,6 +90,7 @@ def run(args):
         progress=not args.quiet,
         exclude=args.exclude,
         concepts=not args.no_concepts,
+        follow_symlinks=args.follow_symlinks,
     )
     idx = GalleryIndex.open(path)
     print(

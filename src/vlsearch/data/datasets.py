@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import os
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -226,9 +227,13 @@ def skipped_name(part: str) -> bool:
     return part.startswith(".") or part in OS_METADATA
 
 
-def load_folder(folder: str | Path, exclude: list[str] | tuple[str, ...] = ()) -> CaptionDataset:
+def load_folder(
+    folder: str | Path, exclude: list[str] | tuple[str, ...] = (), follow_symlinks: bool = False
+) -> CaptionDataset:
     """Every image file below a folder (recursively), no captions; hidden and OS files skipped, and
-    files whose relative path (or name) matches an ``exclude`` glob."""
+    files whose relative path (or name) matches an ``exclude`` glob. A symlink whose target lies outside
+    the folder is left out unless ``follow_symlinks``: a link planted in a photo folder must not put
+    (and the service must not serve) a file from elsewhere on the machine."""
     folder = Path(folder)
     if not folder.is_dir():
         raise DataError(f"not a folder: {folder}")
@@ -239,6 +244,7 @@ def load_folder(folder: str | Path, exclude: list[str] | tuple[str, ...] = ()) -
         and not any(skipped_name(part) for part in p.relative_to(folder).parts)
         and not excluded(p.relative_to(folder), exclude)
         and p.is_file()
+        and (follow_symlinks or inside(p, folder))
     )
     if not files:
         from vlsearch.data.video import VIDEO_EXTENSIONS
@@ -249,6 +255,11 @@ def load_folder(folder: str | Path, exclude: list[str] | tuple[str, ...] = ()) -
     return CaptionDataset(
         folder.name, "all", [p.resolve() for p in files], [str(p.relative_to(folder)) for p in files]
     )
+
+
+def inside(path: Path, root: Path) -> bool:
+    """The file's real location (links resolved) lies within ``root``'s real location."""
+    return Path(path).resolve().is_relative_to(Path(root).resolve())
 
 
 def excluded(rel: Path, patterns) -> bool:
@@ -279,3 +290,12 @@ def load_dataset(root: str | Path | None = None, split: str = "dev") -> CaptionD
     if karpathy:
         return load_karpathy(karpathy[0], root, split)
     return load_folder(root)
+
+
+def gallery_root(dataset: CaptionDataset, source: str | Path | None = None) -> str:
+    """The folder a gallery's files lie in: the folder indexed, or the dataset's image folder (the
+    common parent of its files). The service serves files from its index's roots only."""
+    if source is not None and Path(source).is_dir() and dataset.split == "all":
+        return str(Path(source).resolve())
+    parents = {str(Path(p).parent) for p in dataset.image_paths}
+    return os.path.commonpath(sorted(parents)) if parents else ""

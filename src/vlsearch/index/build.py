@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from vlsearch.data import CaptionDataset, ImageReport, load_dataset, load_folder
+from vlsearch.data.datasets import gallery_root
 from vlsearch.data.images import IMAGE_EXTENSIONS
 from vlsearch.data.metadata import PhotoMeta, read_metadata
 from vlsearch.errors import DataError, IndexError_
@@ -70,14 +71,17 @@ def build_index(
     progress: bool = True,
     exclude: list[str] | tuple[str, ...] = (),
     concepts: bool = True,
+    follow_symlinks: bool = False,
 ) -> tuple[Path, ImageReport]:
     """Embed a gallery (dataset split, or a plain folder of images) and write an index folder atomically.
     ``exclude``: glob patterns (on paths relative to a plain folder) of files to leave out.
-    ``concepts=False`` leaves the model's concept channel out of the vectors (recorded in the config)."""
+    ``concepts=False`` leaves the model's concept channel out of the vectors (recorded in the config).
+    ``follow_symlinks``: index links whose target is outside the folder (recorded; the service serves them)."""
     if dataset is None and exclude:
         if source is None or not Path(source).is_dir():
             raise DataError("--exclude applies to a folder of images")
-        dataset = load_folder(source, exclude=exclude)
+    if dataset is None and source is not None and Path(source).is_dir() and (exclude or follow_symlinks):
+        dataset = load_folder(source, exclude=exclude, follow_symlinks=follow_symlinks)
     dataset = dataset or load_dataset(source, split)
     net, meta, ckpt = load_model(model)
     concepts = set_concepts(net, concepts)
@@ -86,7 +90,8 @@ def build_index(
     records, emb, caps, cap_emb = embed_gallery(embedder, dataset, report)
     from vlsearch.index.build_video import embed_videos, find_videos
 
-    videos = find_videos(source if dataset.split == "all" else None)  # plain folders hold videos too
+    # plain folders hold videos too
+    videos = find_videos(source if dataset.split == "all" else None, follow_symlinks)
     moments, v_emb, video_records = embed_videos(embedder, videos, len(records), report)
     if not records and not moments:
         raise DataError(f"none of the {dataset.n_images + len(videos)} images and videos could be read")
@@ -101,6 +106,8 @@ def build_index(
         f"{source or 'default data root'} [{dataset.name}:{dataset.split}]",
     )
     config.concepts = concepts
+    config.roots = [gallery_root(dataset, source)]
+    config.follow_symlinks = follow_symlinks
     write_gallery(
         out, config, records, emb, caps or None, cap_emb, photos=photos_of(records), videos=video_records
     )
@@ -159,6 +166,8 @@ def add_to_index(
                 else None
             )
             config = index.config
+            if config.roots:  # the new files' folders are served too
+                config.roots = sorted(set(config.roots) | added_roots(items))
             old = read_photos(index)  # an index from before the photos table: read its files now
             old = [m or read_metadata(r.path, r.id) for m, r in zip(old, existing, strict=True)]
             videos = read_videos(index) + video_layout(new, len(existing), new_video_records)
@@ -176,6 +185,14 @@ def add_to_index(
         else:
             index.close()
     return len(new), report
+
+
+def added_roots(items) -> set[str]:
+    """The folder added, or the folders of the files added."""
+    if isinstance(items, str | Path):
+        p = Path(items)
+        return {str(p.resolve() if p.is_dir() else p.resolve().parent)}
+    return {str(Path(it).resolve().parent) for it in items}
 
 
 def _photos_only(items):

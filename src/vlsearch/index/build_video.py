@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
+from vlsearch.data.datasets import inside
 from vlsearch.data.images import ImageReport
 from vlsearch.data.video import VIDEO_EXTENSIONS, SamplingConfig
 from vlsearch.encoders.video import videos_frames
@@ -14,15 +15,19 @@ from vlsearch.index.gallery import ImageRecord
 from vlsearch.index.videos import VideoRecord
 
 
-def find_videos(source) -> dict[str, str]:
+def find_videos(source, follow_symlinks: bool = False) -> dict[str, str]:
     """A folder (recursively) or a file or a list of files -> {resolved path: id} of the video files;
-    ids are paths relative to the folder, or file names."""
+    ids are paths relative to the folder, or file names. Links out of a folder: as for photos."""
     if source is None:
         return {}
     if isinstance(source, str | Path):
         p = Path(source)
         if p.is_dir():
-            files = sorted(f for f in p.rglob("*") if f.suffix.lower() in VIDEO_EXTENSIONS and f.is_file())
+            files = sorted(
+                f
+                for f in p.rglob("*")
+                if f.suffix.lower() in VIDEO_EXTENSIONS and f.is_file() and (follow_symlinks or inside(f, p))
+            )
             return {str(f.resolve()): str(f.relative_to(p)) for f in files}
         source = [p] if p.is_file() else []
     return {

@@ -557,14 +557,22 @@ class Service:
         return None if row is None else self.guarded(lambda: index.record(row))
 
     def servable(self, path: Path) -> bool:
-        """Not through a symlink (unless allowed): a link planted in a photo folder must not serve
-        files from elsewhere on the machine."""
+        """Inside the index's roots (or its uploads) and not through a symlink, unless the index was built
+        with --follow-symlinks (or the server runs with it): a link planted in a photo folder, or an index
+        entry pointing elsewhere, must not serve files from elsewhere on the machine."""
+        config = self.engine.index.config
         follow = self.settings.follow_symlinks
         if follow is None:
-            follow = bool(getattr(self.engine.index.config, "follow_symlinks", False))
+            follow = bool(getattr(config, "follow_symlinks", False))
         if follow:
             return True
-        return not any(p.is_symlink() for p in [path, *path.parents][:-1] if p.name)
+        if any(p.is_symlink() for p in [path, *path.parents][:-1] if p.name):
+            return False
+        roots = list(getattr(config, "roots", None) or [])
+        if not roots:  # an index from before roots were recorded: the symlink rule alone
+            return True
+        real = path.resolve()
+        return any(real.is_relative_to(Path(r)) for r in [*roots, str(self.uploads_dir.resolve())])
 
     def add_images(self, uploads: list[tuple[str, bytes]]) -> dict:
         """Store each upload under a content-hash name beside the index, extract its features with the
@@ -909,7 +917,11 @@ def create_app(engine: SearchEngine, settings: ServeSettings | None = None, rera
             raise ApiError(404, "the image file of this index entry is missing on disk", rec.id)
         if path.suffix.lower() in BROWSER_UNSHOWN:  # HEIC, TIFF: an upright JPEG the page can show
             data = await run_in_threadpool(display_jpeg, path)
-            return Response(data, media_type="image/jpeg", headers={"Cache-Control": "public, max-age=3600"})
+            return Response(
+                data,
+                media_type="image/jpeg",
+                headers={"Cache-Control": "private, max-age=3600", "X-Content-Type-Options": "nosniff"},
+            )
         return FileResponse(
             path,
             media_type=IMAGE_TYPES.get(path.suffix.lower(), "application/octet-stream"),

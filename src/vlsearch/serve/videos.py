@@ -65,13 +65,15 @@ def register(app, service, api_error) -> None:
     async def get_video(
         video_id: str, frame: str | None = Query(None, description="seconds: the frame shown then, as JPEG")
     ):
+        if len(video_id) > 4096 or "\x00" in video_id:
+            raise api_error(404, "no such video in the index", video_id[:200])
         rec = await run_in_threadpool(video_by_id, service.engine.index, video_id)
         if rec is None:
             raise api_error(404, "no such video in the index", video_id[:200])
         path = Path(rec.path)
-        if not path.is_file():
+        if not path.is_file() or not service.servable(path):
             raise api_error(404, "the video file of this index entry is missing on disk", rec.id)
-        headers = {"Cache-Control": "public, max-age=3600", "X-Content-Type-Options": "nosniff"}
+        headers = {"Cache-Control": "private, max-age=3600", "X-Content-Type-Options": "nosniff"}
         if frame is None:
             media = VIDEO_TYPES.get(path.suffix.lower(), "application/octet-stream")
             return FileResponse(path, media_type=media, headers=headers)
