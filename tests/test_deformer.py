@@ -106,8 +106,8 @@ def test_warm_start_from_fast_is_exactly_that_fast_model():
 
 
 def test_decomposition_fine_tunes_the_joint_weights():
+    from vlsearch.encoders.dataset_features import DatasetFeatures
     from vlsearch.training.deformer import DecomposeTrainConfig, subset_features, train_decomposed
-    from vlsearch.training.features import DatasetFeatures
 
     torch.manual_seed(0)
     joint = DeformerModel(tiny_config(), init_from_pretrained=False)
@@ -204,13 +204,13 @@ def test_checkpoint_round_trip(tmp_path):
 
 
 def test_cost_helper_on_synthetic_gallery():
-    from vlsearch.models.deformer import measure_query_cost
+    from vlsearch.bench.deformer import joint_vs_decomposed_cost
 
     torch.manual_seed(0)
     model = DeformerModel(tiny_config(), init_from_pretrained=False)
     dec = DeformerModel(tiny_config(mode="decomposed"), init_from_pretrained=False)
     grid, mid, states, lengths = fake_inputs(n_images=20, n_texts=2)
-    rows = measure_query_cost(
+    rows = joint_vs_decomposed_cost(
         model, dec, grid, None, states, lengths, gallery_sizes=(20, 200), joint_measured=20, batch=8
     )
     assert [r["gallery"] for r in rows] == [20, 200]
@@ -319,9 +319,9 @@ def test_teacher_target_is_the_fused_rerank_score():
     """A Slow teacher's target over an ITM list is scale * (stream cosine + w * teacher score): with the
     fusion weight at 0 it is the model's own dual-encoder logits, and it moves with w by the teacher's
     scores, per direction."""
+    from vlsearch.encoders.dataset_features import DatasetFeatures
     from vlsearch.models.slow import SlowConfig, SlowModel
     from vlsearch.training.deformer import teacher_list_logits
-    from vlsearch.training.features import DatasetFeatures
 
     torch.manual_seed(0)
     model = DeformerModel(tiny_config(), init_from_pretrained=False)

@@ -242,10 +242,10 @@ def test_eval_slow_alone_and_rerank(tiny_slow_checkpoint, mini_flickr, capsys):
 
 def test_rerank_eval_keeps_each_rows_candidates(tiny_slow_checkpoint, mini_flickr):
     from vlsearch.data import load_dataset
+    from vlsearch.encoders.dataset_features import DatasetFeatures
+    from vlsearch.models.embed import embed_features
     from vlsearch.models.registry import load_model
     from vlsearch.search.rerank import rerank_eval, top_k
-    from vlsearch.training.fast import embed_features
-    from vlsearch.training.features import DatasetFeatures
 
     feats = DatasetFeatures.load(load_dataset(mini_flickr, "dev"), mid=True, progress=False)
     fast, _, _ = load_model("fast")

@@ -9,8 +9,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, TypeVar
 
-from vlsearch import FORMAT_VERSION, __version__
 from vlsearch.errors import VLSearchError
+from vlsearch.version import FORMAT_VERSION, __version__
 
 T = TypeVar("T")
 

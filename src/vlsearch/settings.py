@@ -38,6 +38,15 @@ def models_dir() -> Path:
     return home() / "models"
 
 
+def checkpoint_out(out: str | Path | None, name: str) -> Path:
+    """Where `vlsearch train --out OUT` saves model ``name``: OUT as a path when it is absolute or has a
+    folder part, else a name under the models folder; no OUT: the model's own name there."""
+    if out is None:
+        return models_dir() / name
+    path = Path(out).expanduser()
+    return path if (path.is_absolute() or len(path.parts) > 1) else models_dir() / str(out)
+
+
 def default_index_dir() -> Path:
     return home() / "indexes" / "default"
 

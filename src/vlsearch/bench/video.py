@@ -193,10 +193,10 @@ def photo_baseline(n_photos: int = 50, model: str = "fast", data_root=None) -> d
     """Image-level recall of the first ``n_photos`` dev photos searched as photos (the reference the
     long slideshow's moment recall is held against)."""
     from vlsearch.data import load_dataset
+    from vlsearch.encoders.dataset_features import DatasetFeatures
     from vlsearch.eval.metrics import retrieval_metrics
+    from vlsearch.models.embed import embed_features
     from vlsearch.models.registry import load_model
-    from vlsearch.training.fast import embed_features
-    from vlsearch.training.features import DatasetFeatures
 
     ds = load_dataset(data_root, "dev").subset(range(n_photos))
     net, _, _ = load_model(model)

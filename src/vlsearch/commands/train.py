@@ -8,6 +8,7 @@ from pathlib import Path
 
 from vlsearch.commands._common import add_quiet
 from vlsearch.models.registry import NAMED_MODELS, default_checkpoint
+from vlsearch.settings import checkpoint_out
 
 # named model -> "module:function(args) -> checkpoint path"; order matters for `train all`.
 TRAINERS = {
@@ -81,10 +82,7 @@ def register(sub):
 
 
 def out_path(args, name: str) -> Path:
-    if args.out is None:
-        return default_checkpoint(name)
-    out = Path(args.out).expanduser()
-    return out if (out.is_absolute() or len(out.parts) > 1) else default_checkpoint(args.out)
+    return checkpoint_out(args.out, name)
 
 
 def trainer(name: str):

@@ -12,11 +12,11 @@ import time
 import numpy as np
 
 from vlsearch.data import load_dataset
+from vlsearch.encoders.dataset_features import DatasetFeatures
 from vlsearch.eval.metrics import retrieval_metrics
 from vlsearch.index.vectors import make_vector_index
 from vlsearch.models.registry import load_model
 from vlsearch.search.embedder import Embedder
-from vlsearch.training.features import DatasetFeatures
 
 
 def measure_query_cost(embedder: Embedder, image_emb: np.ndarray, captions: list[str], n: int = 20) -> dict:
@@ -102,7 +102,7 @@ def evaluate(
         cost["note"] = f"scored all {n_pairs} pairs; per query = all {feats.n_images} gallery images"
     else:
         embedder = Embedder(net, progress=progress)
-        from vlsearch.training.fast import embed_features
+        from vlsearch.models.embed import embed_features
 
         img, txt = embed_features(net, feats)
         sim = txt @ img.T

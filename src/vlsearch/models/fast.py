@@ -13,7 +13,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vlsearch.models.layers import image_tower, masked_mean, mean_max_pool, minilm_upper_layers
+from vlsearch.encoders import concepts as C
+from vlsearch.encoders.concepts import concept_distribution, logits_from_grid, sentence_states
+from vlsearch.encoders.image import ImageBackbone
+from vlsearch.models.layers import (
+    TransformerLayer,
+    image_tower,
+    masked_mean,
+    mean_max_pool,
+    minilm_upper_layers,
+)
 
 
 @dataclass
@@ -55,8 +64,6 @@ class FastModel(nn.Module):
         if init_from_pretrained:
             self.text_layers = minilm_upper_layers(config.text_split_layer, config.text_layers)
         else:
-            from vlsearch.models.layers import TransformerLayer
-
             self.text_layers = nn.ModuleList(
                 TransformerLayer(config.text_dim) for _ in range(config.text_layers)
             )
@@ -130,14 +137,10 @@ class ConceptChannel(nn.Module):
 
     def __init__(self, config: FastConfig, init_from_pretrained: bool = True):
         super().__init__()
-        from vlsearch.encoders import concepts as C
-
         self.config = config
         if init_from_pretrained:
             self.query_layers = minilm_upper_layers(config.text_split_layer, 6 - config.text_split_layer)
         else:
-            from vlsearch.models.layers import TransformerLayer
-
             self.query_layers = nn.ModuleList(
                 TransformerLayer(config.text_dim) for _ in range(6 - config.text_split_layer)
             )
@@ -146,8 +149,6 @@ class ConceptChannel(nn.Module):
         self.register_buffer("head_bias", torch.zeros(C.N_CLASSES))
         self.register_buffer("labels", torch.zeros(C.N_CLASSES, config.text_dim))
         if init_from_pretrained:
-            from vlsearch.encoders.image import ImageBackbone
-
             config.concept_classes_sha256 = C.CLASSES_SHA256
             w, b = C.classifier_head(ImageBackbone().net)
             self.head_weight.copy_(w)
@@ -158,8 +159,6 @@ class ConceptChannel(nn.Module):
 
     @torch.no_grad()
     def set_prompts(self, kind: str) -> None:
-        from vlsearch.encoders import concepts as C
-
         if kind not in ("single", "ensemble"):
             raise ValueError(f"concept_prompts must be 'single' or 'ensemble', not {kind!r}")
         prompts, names = ((C.PROMPT,), 1) if kind == "single" else (C.PROMPTS, 2)
@@ -168,8 +167,6 @@ class ConceptChannel(nn.Module):
 
     def probs(self, grid: torch.Tensor) -> torch.Tensor:
         """[B,49,1280] -> class probabilities [B,1000] (fp32, whatever autocast is in force)."""
-        from vlsearch.encoders.concepts import concept_distribution, logits_from_grid
-
         with torch.autocast("cpu", enabled=False):
             logits = logits_from_grid(grid, self.head_weight, self.head_bias)
             return concept_distribution(logits, self.config.concept_temperature, self.config.concept_topk)
@@ -179,6 +176,4 @@ class ConceptChannel(nn.Module):
             return F.normalize(self.probs(grid) @ self.labels, dim=-1)
 
     def text(self, states: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        from vlsearch.encoders.concepts import sentence_states
-
         return sentence_states(states, lengths, self.query_layers).float()

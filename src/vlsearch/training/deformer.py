@@ -29,11 +29,12 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from vlsearch.encoders.dataset_features import DatasetFeatures
 from vlsearch.eval.metrics import retrieval_metrics
 from vlsearch.models.deformer import DeformerConfig, DeformerModel
 from vlsearch.precision import autocast
+from vlsearch.settings import checkpoint_out
 from vlsearch.training import apply_overrides
-from vlsearch.training.features import DatasetFeatures
 from vlsearch.training.losses import candidate_kl, info_nce
 
 
@@ -564,7 +565,6 @@ def _load(args, mid: bool):
 
 def train_joint_from_args(args, extra: dict | None = None, config: DeformerConfig | None = None):
     """`vlsearch train deformer-joint`: the early-interaction model on Flickr8k train."""
-    from vlsearch.commands.train import out_path
     from vlsearch.models.checkpoint import save_checkpoint
 
     tc = apply_overrides(JointTrainConfig(seed=args.seed), args, extra)
@@ -595,12 +595,11 @@ def train_joint_from_args(args, extra: dict | None = None, config: DeformerConfi
         "steps": history["steps"],
         "train_seconds": history["train_seconds"],
     }
-    return save_checkpoint(out_path(args, "deformer-joint"), model, meta)
+    return save_checkpoint(checkpoint_out(args.out, "deformer-joint"), model, meta)
 
 
 def train_decomposed_from_args(args, extra: dict | None = None, joint: str | None = None):
     """`vlsearch train deformer [--subset F]`: decompose the trained ``deformer-joint`` on a train subset."""
-    from vlsearch.commands.train import out_path
     from vlsearch.models.checkpoint import save_checkpoint
     from vlsearch.models.registry import load_model
 
@@ -633,4 +632,4 @@ def train_decomposed_from_args(args, extra: dict | None = None, joint: str | Non
         "steps": history["steps"],
         "train_seconds": history["train_seconds"],
     }
-    return save_checkpoint(out_path(args, "deformer"), model, meta)
+    return save_checkpoint(checkpoint_out(args.out, "deformer"), model, meta)

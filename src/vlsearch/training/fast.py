@@ -12,11 +12,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from vlsearch.encoders.dataset_features import DatasetFeatures
 from vlsearch.eval.metrics import retrieval_metrics
+from vlsearch.models.embed import embed_features  # noqa: F401 - also importable from here, as before
 from vlsearch.models.fast import FastConfig, FastModel
 from vlsearch.precision import autocast
+from vlsearch.settings import checkpoint_out
 from vlsearch.training import apply_overrides
-from vlsearch.training.features import DatasetFeatures
 from vlsearch.training.losses import info_nce
 
 
@@ -61,23 +63,6 @@ def _lr_lambda(total: int, warmup: int):
         return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
     return f
-
-
-def embed_features(
-    model: FastModel, feats: DatasetFeatures, batch: int = 1024
-) -> tuple[np.ndarray, np.ndarray]:
-    model.eval()
-    with torch.no_grad(), autocast():
-        img = torch.cat(
-            [model.encode_image(feats.grid[s : s + batch]).float() for s in range(0, feats.n_images, batch)]
-        )
-        txt = torch.cat(
-            [
-                model.encode_text(feats.states[s : s + batch], feats.lengths[s : s + batch]).float()
-                for s in range(0, len(feats.states), batch)
-            ]
-        )
-    return img.numpy(), txt.numpy()
 
 
 def train_fast(
@@ -165,7 +150,6 @@ def train_from_args(args, teacher=None, extra: dict | None = None):
     """`vlsearch train fast`: train on Flickr8k train, report dev, save the checkpoint."""
     from dataclasses import asdict
 
-    from vlsearch.commands.train import out_path
     from vlsearch.data import load_dataset
     from vlsearch.models.checkpoint import save_checkpoint
 
@@ -205,7 +189,7 @@ def train_from_args(args, teacher=None, extra: dict | None = None):
         meta["concepts"] = choose_concept_weight(model, dev, log=print if progress else lambda *_: None)
         if init:
             meta["concepts"]["fast_weights_from"] = str(init)
-    return save_checkpoint(out_path(args, name), model, meta)
+    return save_checkpoint(checkpoint_out(args.out, name), model, meta)
 
 
 def train_distilled_from_args(args):

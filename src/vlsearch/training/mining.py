@@ -51,7 +51,7 @@ def mine_hard_negatives(model, feats, k: int = 31) -> tuple[np.ndarray, np.ndarr
     Returns (neg_images_per_caption [M,k] image rows, neg_captions_per_image [N,k] caption rows), each
     row sorted from the most to the least confusable.
     """
-    from vlsearch.training.fast import embed_features
+    from vlsearch.models.embed import embed_features
 
     img, txt = embed_features(model, feats)
     return mine_from_embeddings(img, txt, feats.caption_image.numpy(), k)
@@ -86,7 +86,7 @@ def cached_fast_candidates(fast_name_or_path, feats, k: int, progress: bool = Fa
             out = {name: z[name] for name in z.files}
         out["scale"] = float(out["scale"])
         return out
-    from vlsearch.training.fast import embed_features
+    from vlsearch.models.embed import embed_features
 
     img, txt = embed_features(model, feats)
     neg_img, neg_cap = mine_from_embeddings(img, txt, feats.caption_image.numpy(), k)

@@ -21,10 +21,11 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from vlsearch.encoders.dataset_features import DatasetFeatures
 from vlsearch.models.slow import SlowConfig, SlowModel
 from vlsearch.precision import autocast
+from vlsearch.settings import checkpoint_out
 from vlsearch.training import apply_overrides
-from vlsearch.training.features import DatasetFeatures
 from vlsearch.training.losses import candidate_kl
 
 
@@ -207,9 +208,9 @@ def choose_fusion_weights(
     """Pick w (fused = fast cosine + w * slow) per direction on dev at re-ranking depth K, maximising that
     direction's R@1+R@5+R@10. Returns (w_t2i, w_i2t, report)."""
     from vlsearch.eval.metrics import i2t_ranks, recalls, retrieval_metrics, t2i_ranks
+    from vlsearch.models.embed import embed_features
     from vlsearch.models.registry import load_model
     from vlsearch.search.rerank import fused_matrices, rerank_candidates
-    from vlsearch.training.fast import embed_features
 
     fast, _, _ = load_model(fast_name)
     img, txt = embed_features(fast, dev)
@@ -241,7 +242,6 @@ def choose_fusion_weights(
 def train_from_args(args):
     """`vlsearch train slow`: mine Fast hard negatives on Flickr8k train, train (default 20 min), choose
     the fusion weights on dev, save the named model `slow`."""
-    from vlsearch.commands.train import out_path
     from vlsearch.data import load_dataset
     from vlsearch.models.checkpoint import save_checkpoint
     from vlsearch.training.mining import cached_fast_candidates
@@ -280,7 +280,7 @@ def train_from_args(args):
         }
     meta["loss_last"] = float(np.mean(history["loss"][-50:])) if history["loss"] else None
     meta["fast_model"] = str(fast_name)
-    out = out_path(args, "slow")
+    out = checkpoint_out(args.out, "slow")
     # saved before the dev step with a neutral fusion weight: a long run is never lost to what follows
     model.config.fusion_weight = model.config.fusion_weight_i2t = 0.02
     saved = save_checkpoint(out, model, meta)
