@@ -15,7 +15,12 @@ ROOT = Path(__file__).resolve().parent.parent
 # Cycles other work removes; each entry names the issue that does. Anything else is a failure.
 KNOWN_CYCLES = {
     # issue 15 (segments) rewrites index/
-    ("vlsearch.index.build", "vlsearch.index.build_video", "vlsearch.index.gallery", "vlsearch.index.sharded"),
+    (
+        "vlsearch.index.build",
+        "vlsearch.index.build_video",
+        "vlsearch.index.gallery",
+        "vlsearch.index.sharded",
+    ),
     # serve/ is being split into routes, admission, service and encoding (issue 14, serve part)
     ("vlsearch.serve.app", "vlsearch.serve.gate"),
 }
@@ -45,7 +50,9 @@ def test_the_cycle_finder_finds_a_cycle_through_a_function_level_import(tmp_path
     mod = _cycles_module()
     assert mod.cycles(mod.import_graph(tmp_path)) == [["vlsearch.a.x", "vlsearch.a.y"]]
     out = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "import_cycles.py"), str(tmp_path)], capture_output=True, text=True
+        [sys.executable, str(ROOT / "scripts" / "import_cycles.py"), str(tmp_path)],
+        capture_output=True,
+        text=True,
     )
     assert out.returncode == 1 and "vlsearch.a.x <-> vlsearch.a.y" in out.stdout
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import time
 from pathlib import Path
 
@@ -48,11 +47,10 @@ def run(args):
         print(
             f"[1/4] Fast model: training on {'Flickr8k train under ' + str(train_root) if train_root else 'the default Flickr8k data root'}"
         )
-        from vlsearch.training.fast import train_from_args
+        from vlsearch.training.common import TrainRequest
+        from vlsearch.training.fast import train_and_save
 
-        train_from_args(
-            argparse.Namespace(data_root=train_root, epochs=None, seed=0, out=None, quiet=args.quiet)
-        )
+        train_and_save(TrainRequest(data_root=train_root, quiet=args.quiet))
     dataset = load_dataset(root, "dev") if is_dataset else load_dataset(root)
     print(
         f"[2/4] Index: {dataset.n_images} images of {dataset.name}:{dataset.split} -> {default_index_dir()}"

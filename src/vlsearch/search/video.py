@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from vlsearch.index.videos import read_videos
+
 AGGREGATES = ("max", "topn")
 DEFAULT_AGGREGATE = "max"  # measured better on the slideshow gallery (README, Video search)
 TOP_N = 3
@@ -35,7 +37,6 @@ class VideoLayout:
 
     @classmethod
     def of_index(cls, index) -> VideoLayout:
-        from vlsearch.index.videos import read_videos
 
         videos = read_videos(index)
         n = len(index.images)

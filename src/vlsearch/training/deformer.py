@@ -30,12 +30,24 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from vlsearch.encoders.dataset_features import DatasetFeatures
-from vlsearch.eval.metrics import retrieval_metrics
+from vlsearch.errors import CheckpointError, VLSearchError
+from vlsearch.models.checkpoint import save_checkpoint
 from vlsearch.models.deformer import DeformerConfig, DeformerModel
+from vlsearch.models.registry import load_model
 from vlsearch.precision import autocast
 from vlsearch.settings import checkpoint_out
-from vlsearch.training import apply_overrides
+from vlsearch.training.common import (
+    TrainRequest,
+    apply_overrides,
+    captions_of_images,
+    dev_metrics,
+    hflip,
+    load_dev,
+    load_split,
+    warmup_cosine,
+)
 from vlsearch.training.losses import candidate_kl, info_nce
+from vlsearch.training.mining import mine_hard_negatives
 
 
 @dataclass
@@ -109,12 +121,6 @@ def _progress(step: int, total: int, t0: float, budget_s: float) -> float:
     return max(step / max(1, total), (time.time() - t0) / max(1e-9, budget_s))
 
 
-def _lr_factor(step: int, warmup: int, progress: float) -> float:
-    if step < warmup:
-        return (step + 1) / warmup
-    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-
 # parameters that come pretrained: MiniLM's layers, and with a Fast warm start its towers too
 PRETRAINED = ("layers.",)
 FROM_FAST = ("layers.", "text_embed.", "tower_", "logit_scale")
@@ -152,20 +158,10 @@ def _image_inputs(feats: DatasetFeatures, rows, flip: bool, dropout: float, gen:
     grid = feats.grid[rows].float()
     mid = feats.mid[rows].float() if use_mid else None
     if flip and torch.rand((), generator=gen) < 0.5:
-        B, _, C = grid.shape
-        grid = grid.view(B, 7, 7, C).flip(2).reshape(B, 49, C)
-        if mid is not None:
-            mid = mid.view(B, 14, 14, -1).flip(2).reshape(B, 196, -1)
+        grid, mid = hflip(grid), hflip(mid)
     if dropout:
         grid = F.dropout(grid, dropout)
     return grid, mid
-
-
-def captions_of_images(caption_image: torch.Tensor, n_images: int) -> list[list[int]]:
-    out: list[list[int]] = [[] for _ in range(n_images)]
-    for c, i in enumerate(caption_image.tolist()):
-        out[i].append(c)
-    return out
 
 
 @torch.no_grad()
@@ -189,8 +185,7 @@ def embed_decomposed(model: DeformerModel, feats: DatasetFeatures, batch: int = 
 
 
 def decomposed_metrics(model: DeformerModel, feats: DatasetFeatures) -> dict:
-    img, txt = embed_decomposed(model, feats)
-    return retrieval_metrics(txt @ img.T, feats.caption_image.numpy())
+    return dev_metrics(model, feats, embed_decomposed)
 
 
 def _fmt(m: dict) -> str:
@@ -199,11 +194,7 @@ def _fmt(m: dict) -> str:
 
 def fast_hard_negatives(fast, feats: DatasetFeatures, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Hard negatives of a trained dual encoder (a model, or a name such as ``fast``) on these features."""
-    from vlsearch.training.mining import mine_hard_negatives
-
     if isinstance(fast, str):
-        from vlsearch.models.registry import load_model
-
         fast = load_model(fast)[0]
     return mine_hard_negatives(fast, feats, k)
 
@@ -231,7 +222,9 @@ def train_joint(
     rng = np.random.default_rng(tc.seed)
     if tc.init_from == "fast":
         if fast is None:
-            raise ValueError("init_from='fast' needs the trained Fast model")
+            raise VLSearchError(
+                "init_from='fast' needs the trained Fast model: train it first (`vlsearch train fast-distilled`)"
+            )
         aligned = config.aligned_with_fast(fast.config)
         if aligned != config:
             log("warm start from the Fast model: text layers, embed_dim and image tower follow its config")
@@ -240,7 +233,7 @@ def train_joint(
     if tc.init_from == "fast":
         model.init_from_fast(fast)
     elif tc.init_from != "minilm":
-        raise ValueError(f"init_from must be 'minilm' or 'fast', not {tc.init_from!r}")
+        raise VLSearchError(f"init_from must be 'minilm' or 'fast', not {tc.init_from!r}")
     warm = FROM_FAST if tc.init_from == "fast" else PRETRAINED
     frozen = tc.init_from == "fast" and tc.freeze_streams
     if frozen:
@@ -271,7 +264,7 @@ def train_joint(
             if frac >= 1.0:
                 done = True
                 break
-            _set_lr(opt, _lr_factor(step, tc.warmup_steps, frac))
+            _set_lr(opt, warmup_cosine(step, tc.warmup_steps, frac))
             imgs = torch.from_numpy(order[s * tc.batch_size : (s + 1) * tc.batch_size])
             caps = torch.tensor([caps_of[i][rng.integers(len(caps_of[i]))] for i in imgs.tolist()])
             # ITM lists: caption -> [own image, hard images.., random images..]; image -> [own caption, ..]
@@ -369,8 +362,6 @@ def teacher_list_logits(model: DeformerModel, teacher, train: DatasetFeatures, t
 def subset_features(feats: DatasetFeatures, fraction: float, seed: int = 0) -> DatasetFeatures:
     """A seeded random ``fraction`` of the images with all their captions (tensors only)."""
     if not 0 < fraction <= 1:
-        from vlsearch.errors import VLSearchError
-
         raise VLSearchError(f"--subset must be a fraction in (0, 1], not {fraction}")
     n = feats.n_images
     keep = np.sort(np.random.default_rng(seed).permutation(n)[: max(2, round(fraction * n))])
@@ -511,7 +502,7 @@ def train_decomposed(
             if frac >= 1.0:
                 done = True
                 break
-            _set_lr(opt, _lr_factor(step, tc.warmup_steps, frac))
+            _set_lr(opt, warmup_cosine(step, tc.warmup_steps, frac))
             imgs = torch.from_numpy(imgs)
             caps = torch.tensor([caps_of[i][rng.integers(len(caps_of[i]))] for i in imgs.tolist()])
             grid, mid = _image_inputs(target, imgs, tc.flip, tc.feature_dropout, gen, model.config.use_mid)
@@ -551,30 +542,15 @@ def train_decomposed(
 
 
 # -- CLI entry points (`vlsearch train deformer-joint`, `vlsearch train deformer`) -----------------------
-def _load(args, mid: bool):
-    from vlsearch.data import load_dataset
-
-    progress = not args.quiet
-    train = DatasetFeatures.load(load_dataset(args.data_root, "train"), mid=mid, progress=progress)
-    try:
-        dev = DatasetFeatures.load(load_dataset(args.data_root, "dev"), mid=mid, progress=progress)
-    except Exception:
-        dev = None
-    return train, dev
-
-
-def train_joint_from_args(args, extra: dict | None = None, config: DeformerConfig | None = None):
+def train_joint_and_save(req: TrainRequest, extra: dict | None = None, config: DeformerConfig | None = None):
     """`vlsearch train deformer-joint`: the early-interaction model on Flickr8k train."""
-    from vlsearch.models.checkpoint import save_checkpoint
-
-    tc = apply_overrides(JointTrainConfig(seed=args.seed), args, extra)
-    if getattr(args, "teacher", None) is not None:
-        tc.teacher = "" if args.teacher.lower() in ("", "none") else args.teacher
+    tc = apply_overrides(JointTrainConfig(seed=req.seed), req, extra)
+    if req.teacher is not None:
+        tc.teacher = "" if req.teacher.lower() in ("", "none") else req.teacher
     config = config or DeformerConfig()
-    log = (lambda *a, **k: None) if args.quiet else print
-    train, dev = _load(args, config.use_mid or bool(tc.teacher))
-    from vlsearch.models.registry import load_model
-
+    log = req.log
+    mid = config.use_mid or bool(tc.teacher)
+    train, dev = load_split(req, "train", mid), load_dev(req, mid)
     teacher, teacher_path = load_model(tc.teacher)[::2] if tc.teacher else (None, None)
 
     t0 = time.time()
@@ -584,47 +560,45 @@ def train_joint_from_args(args, extra: dict | None = None, config: DeformerConfi
         f"mined {hard[0].shape[1]} hard negatives per caption with {tc.fast_model!r} ({time.time() - t0:.0f}s)"
     )
     model, history = train_joint(
-        train, hard, config, tc, dev=dev, progress=not args.quiet, log=log, fast=fast, teacher=teacher
+        train, hard, config, tc, dev=dev, progress=req.progress, log=log, fast=fast, teacher=teacher
     )
     meta = {
         "train": asdict(tc),
         "fast": str(fast_path),
         "teacher": None if teacher_path is None else str(teacher_path),
-        "data_root": str(args.data_root or "default"),
+        "data_root": str(req.data_root or "default"),
         "dev": history["dev"][-1:] or None,
         "steps": history["steps"],
         "train_seconds": history["train_seconds"],
     }
-    return save_checkpoint(checkpoint_out(args.out, "deformer-joint"), model, meta)
+    return save_checkpoint(checkpoint_out(req.out, "deformer-joint"), model, meta)
 
 
-def train_decomposed_from_args(args, extra: dict | None = None, joint: str | None = None):
+def train_decomposed_and_save(req: TrainRequest, extra: dict | None = None, joint: str | None = None):
     """`vlsearch train deformer [--subset F]`: decompose the trained ``deformer-joint`` on a train subset."""
-    from vlsearch.models.checkpoint import save_checkpoint
-    from vlsearch.models.registry import load_model
-
-    tc = apply_overrides(DecomposeTrainConfig(seed=args.seed), args, extra)
-    if getattr(args, "subset", None):
-        tc.subset = args.subset
-    if getattr(args, "distill_weight", None) is not None:
-        tc.distill_weight = args.distill_weight
-    if getattr(args, "distill_temperature", None) is not None:
-        tc.distill_temperature = args.distill_temperature
-    joint_name = joint or getattr(args, "joint", None) or "deformer-joint"
+    tc = apply_overrides(DecomposeTrainConfig(seed=req.seed), req, extra)
+    if req.subset:
+        tc.subset = req.subset
+    if req.distill_weight is not None:
+        tc.distill_weight = req.distill_weight
+    if req.distill_temperature is not None:
+        tc.distill_temperature = req.distill_temperature
+    joint_name = joint or req.joint or "deformer-joint"
     net, _, joint_path = load_model(joint_name)
     if not isinstance(net, DeformerModel):
-        from vlsearch.errors import CheckpointError
-
-        raise CheckpointError(f"{joint_name!r} is a {net.model_type!r} model, not a deformer")
-    log = (lambda *a, **k: None) if args.quiet else print
-    train, dev = _load(args, net.config.use_mid)
+        raise CheckpointError(
+            f"{joint_name!r} is a {net.model_type!r} model, not a deformer: give --joint a deformer-joint checkpoint"
+        )
+    log = req.log
+    mid = net.config.use_mid
+    train, dev = load_split(req, "train", mid), load_dev(req, mid)
     target = subset_features(train, tc.subset, tc.seed)
     log(f"decomposing on {target.n_images} images / {len(target.states)} captions ({tc.subset:.0%} of train)")
-    model, history = train_decomposed(net, target, tc, dev=dev, progress=not args.quiet, log=log)
+    model, history = train_decomposed(net, target, tc, dev=dev, progress=req.progress, log=log)
     meta = {
         "train": asdict(tc),
         "joint": str(joint_path),
-        "data_root": str(args.data_root or "default"),
+        "data_root": str(req.data_root or "default"),
         "subset_images": target.n_images,
         "dev": [d for d in history["dev"] if d["epoch"] == history.get("best_epoch")] or None,
         "best_epoch": history.get("best_epoch"),
@@ -632,4 +606,4 @@ def train_decomposed_from_args(args, extra: dict | None = None, joint: str | Non
         "steps": history["steps"],
         "train_seconds": history["train_seconds"],
     }
-    return save_checkpoint(checkpoint_out(args.out, "deformer"), model, meta)
+    return save_checkpoint(checkpoint_out(req.out, "deformer"), model, meta)
