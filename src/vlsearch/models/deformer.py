@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vlsearch.errors import VLSearchError
+from vlsearch.errors import CheckpointError, VLSearchError
 from vlsearch.models.layers import (
     TransformerLayer,
     image_tower,
@@ -169,9 +169,15 @@ class DeformerModel(nn.Module):
         model starts as exactly that Fast model (and the joint one, with closed gates, as its scorer)."""
         fc, c = fast.config, self.config
         if (fc.text_split_layer, fc.text_layers, fc.embed_dim) != (c.split_layer, c.n_layers, c.embed_dim):
-            raise ValueError("the Fast model's text tower does not match this deformer's layers/embed_dim")
+            raise CheckpointError(
+                "the Fast model's text tower does not match this deformer's layers/embed_dim: warm-start from"
+                " a Fast checkpoint of the same shape, or train with init_from='minilm'"
+            )
         if not c.image_tower or fc.image_pool != "mean+max" or fc.image_hidden != c.image_tower_hidden:
-            raise ValueError("the Fast model's image tower does not match this deformer's image tower")
+            raise CheckpointError(
+                "the Fast model's image tower does not match this deformer's image tower: warm-start from"
+                " a Fast checkpoint of the same shape, or train with init_from='minilm'"
+            )
         self.layers.load_state_dict(fast.text_layers.state_dict())
         self.text_embed.load_state_dict(fast.text_proj.state_dict())
         self.tower_norm.load_state_dict(fast.image_norm.state_dict())
@@ -188,7 +194,7 @@ class DeformerModel(nn.Module):
 
     def set_mode(self, mode: str) -> DeformerModel:
         if mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}")
+            raise VLSearchError(f"deformer mode must be one of {MODES}, not {mode!r}")
         self.config.mode = mode
         return self
 

@@ -16,6 +16,7 @@ from torch import nn
 from vlsearch.encoders import concepts as C
 from vlsearch.encoders.concepts import concept_distribution, logits_from_grid, sentence_states
 from vlsearch.encoders.image import ImageBackbone
+from vlsearch.errors import CheckpointError, VLSearchError
 from vlsearch.models.layers import (
     TransformerLayer,
     image_tower,
@@ -56,7 +57,9 @@ class FastModel(nn.Module):
         self.use_concepts = True  # runtime switch (an index built with --no-concepts turns it off)
         if config.concept_input:
             if self.concept is None:
-                raise ValueError("concept_input needs concepts=True")
+                raise CheckpointError(
+                    "FastConfig: concept_input needs concepts=True (the tower's input includes the concept vector)"
+                )
             pooled += config.text_dim
         self.image_norm, self.image_mlp, self.image_skip = image_tower(
             pooled, config.image_hidden, config.embed_dim
@@ -160,7 +163,7 @@ class ConceptChannel(nn.Module):
     @torch.no_grad()
     def set_prompts(self, kind: str) -> None:
         if kind not in ("single", "ensemble"):
-            raise ValueError(f"concept_prompts must be 'single' or 'ensemble', not {kind!r}")
+            raise VLSearchError(f"concept_prompts must be 'single' or 'ensemble', not {kind!r}")
         prompts, names = ((C.PROMPT,), 1) if kind == "single" else (C.PROMPTS, 2)
         self.labels.copy_(C.label_embeddings(self.query_layers, prompts, names))
         self.config.concept_prompts = kind

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from vlsearch.errors import QueryError
 from vlsearch.index.videos import read_videos
 
 AGGREGATES = ("max", "topn")
@@ -86,7 +87,7 @@ def aggregate(scores: np.ndarray, how: str = DEFAULT_AGGREGATE, n: int = TOP_N) 
     if how == "topn":
         s = np.sort(smooth(scores))[::-1]
         return float(s[: min(n, len(s))].mean())
-    raise ValueError(f"unknown aggregate {how!r}: use one of {AGGREGATES}")
+    raise QueryError(f"unknown aggregate {how!r}: use one of {AGGREGATES}")
 
 
 def aggregate_matrix(sim: np.ndarray, first, count, how: str = DEFAULT_AGGREGATE) -> np.ndarray:
