@@ -109,7 +109,7 @@ def test_warm_start_from_fast_is_exactly_that_fast_model():
 
 def test_decomposition_fine_tunes_the_joint_weights():
     from vlsearch.encoders.dataset_features import DatasetFeatures
-    from vlsearch.training.deformer import DecomposeTrainConfig, subset_features, train_decomposed
+    from vlsearch.training.decompose import DecomposeTrainConfig, subset_features, train_decomposed
 
     torch.manual_seed(0)
     joint = DeformerModel(tiny_config(), init_from_pretrained=False)
@@ -225,6 +225,7 @@ def test_cost_helper_on_synthetic_gallery():
 def tiny_deformers(tiny_fast_checkpoint, mini_flickr, tmp_path_factory, slow_checkpoint):
     """A deformer-joint (with its default teacher, the named Slow model) and its decomposition (with the
     joint model's distillation term), trained for a few steps on the mini split (checkpoint paths)."""
+    from vlsearch.training import decompose
     from vlsearch.training import deformer as training
 
     out = tmp_path_factory.mktemp("deformers")
@@ -244,7 +245,7 @@ def tiny_deformers(tiny_fast_checkpoint, mini_flickr, tmp_path_factory, slow_che
     )
     assert json.loads((joint / "config.json").read_text())["teacher"] == str(slow_checkpoint)
     req = replace(req, out=str(out / "dec"), subset=0.5, distill_weight=1.0, joint=str(joint))
-    dec = training.train_decomposed_and_save(req, extra={"batch_size": 8, "group": 2, "warmup_steps": 1})
+    dec = decompose.train_decomposed_and_save(req, extra={"batch_size": 8, "group": 2, "warmup_steps": 1})
     meta = json.loads((dec / "config.json").read_text())
     assert meta["joint"] == str(joint) and meta["train"]["distill_weight"] == 1.0
     return joint, dec

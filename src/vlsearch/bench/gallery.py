@@ -21,6 +21,7 @@ import torch
 from vlsearch.bench.hardware import Floors
 from vlsearch.bench.photos import date_filter, synthetic_photos
 from vlsearch.bench.util import PeakRSS, best_threads, count_flops, latencies, rss_bytes, summarize
+from vlsearch.eval.metrics import recall_vs_exact
 from vlsearch.index.gallery import GalleryIndex, ImageRecord, IndexConfig, write_gallery
 from vlsearch.index.vectors import make_vector_index
 from vlsearch.search.engine import SearchEngine
@@ -231,9 +232,7 @@ def run(
                 rows.append(_filtered_row(engine, n, texts[:n_fast], warmup, budget, fast_threads, cores))
             if n_recall:
                 _, approx_rows = vi.search(qemb, 10)
-                r = float(
-                    np.mean([len(set(a) & set(e)) / 10 for a, e in zip(approx_rows, exact_rows, strict=True)])
-                )
+                r = recall_vs_exact(approx_rows, exact_rows)
                 recall.append({"n": n, "kind": kind, "recall_at_10_vs_exact": r, "queries": n_recall})
             if reranker is not None:
                 if rerank_threads is None:

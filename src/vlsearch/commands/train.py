@@ -18,7 +18,7 @@ TRAINERS = {
     "slow": "vlsearch.training.slow:train_and_save",
     "fast-distilled": "vlsearch.training.fast:train_distilled_and_save",
     "deformer-joint": "vlsearch.training.deformer:train_joint_and_save",
-    "deformer": "vlsearch.training.deformer:train_decomposed_and_save",
+    "deformer": "vlsearch.training.decompose:train_decomposed_and_save",
 }
 
 

@@ -14,7 +14,7 @@ import numpy as np
 from vlsearch.data import load_dataset
 from vlsearch.encoders.dataset_features import DatasetFeatures
 from vlsearch.errors import DataError
-from vlsearch.eval.metrics import retrieval_metrics
+from vlsearch.eval.metrics import recall_vs_exact, retrieval_metrics
 from vlsearch.index.vectors import make_vector_index
 from vlsearch.models.embed import embed_features
 from vlsearch.models.fast import set_concepts
@@ -48,7 +48,7 @@ def ann_metrics(image_emb: np.ndarray, text_emb: np.ndarray, caption_image: np.n
     approx.add(image_emb)
     _, rows = approx.search(text_emb, k)
     exact = np.argsort(-(text_emb @ image_emb.T), axis=1)[:, :k]
-    overlap = np.mean([len(set(a) & set(e)) / k for a, e in zip(rows, exact, strict=True)])
+    overlap = recall_vs_exact(rows, exact)
     hit_rank = np.array([list(r).index(g) if g in r else k for r, g in zip(rows, caption_image, strict=True)])
     return {
         "index": approx.kind,

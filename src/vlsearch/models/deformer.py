@@ -346,6 +346,11 @@ class DeformerModel(nn.Module):
             return out
 
     # -- decomposed mode: the same layers on one modality at a time ------------------------------------
+    @property
+    def embed_dim(self) -> int:
+        """The DualEncoder contract's width (models/contracts.py), of the decomposed streams."""
+        return self.config.embed_dim
+
     def encode_image(self, grid: torch.Tensor, mid: torch.Tensor | None = None) -> torch.Tensor:
         """grid [B,49,1280] (+ mid [B,196,C]) -> [B, embed_dim] unit vectors (image stream alone)."""
         img = self.image_tokens(grid, mid)

@@ -84,6 +84,11 @@ class FastModel(nn.Module):
         return self.concept is not None and self.config.concept_weight > 0 and self.use_concepts
 
     @property
+    def embed_dim(self) -> int:
+        """The DualEncoder contract's width (models/contracts.py): what encode_image returns."""
+        return self.output_dim
+
+    @property
     def output_dim(self) -> int:
         """Width of encode_image/encode_text: embed_dim, plus the concept space when it is fused in."""
         return self.config.embed_dim + (self.config.text_dim if self.concepts_active else 0)
