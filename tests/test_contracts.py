@@ -6,20 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tests.test_deformer import fake_inputs as inputs
 from vlsearch.models.contracts import DualEncoder, PairScorer, is_dual_encoder, is_pair_scorer
 from vlsearch.models.deformer import DeformerConfig, DeformerModel
 from vlsearch.models.fast import FastConfig, FastModel
 from vlsearch.models.slow import SlowConfig, SlowModel
-
-
-def inputs(n_images=3, n_texts=4, L=9, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    grid = torch.randn(n_images, 49, 1280, generator=g).abs()
-    mid = torch.randn(n_images, 196, 112, generator=g).abs()
-    states = torch.randn(n_texts, L, 384, generator=g)
-    lengths = torch.randint(3, L + 1, (n_texts,), generator=g)
-    lengths[0] = L
-    return grid, mid, states, lengths
 
 
 def deformer(mode: str) -> DeformerModel:

@@ -6,6 +6,10 @@ import time
 from pathlib import Path
 
 from vlsearch.commands._common import add_quiet, fmt_metrics
+from vlsearch.settings import data_root, default_index_dir
+
+# Heavy imports (torch, faiss, FastAPI and the vlsearch layers on them) are inside the functions: `vlsearch`
+# imports every command module to build its parser, and only the command that runs should load them.
 
 EXAMPLE_QUERIES = [
     "a dog jumps over a fence",
@@ -33,7 +37,6 @@ def run(args):
     from vlsearch.index.build import build_index
     from vlsearch.models.registry import default_checkpoint
     from vlsearch.search.engine import SearchEngine
-    from vlsearch.settings import data_root, default_index_dir
 
     t0 = time.time()
     root = Path(args.data_root).expanduser() if args.data_root else data_root()

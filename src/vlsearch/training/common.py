@@ -63,12 +63,20 @@ def apply_overrides(tc, req, extra: dict | None = None, epochs_field: str = "epo
     return tc
 
 
-def warmup_cosine(step: int, warmup: int, progress: float) -> float:
-    """Learning-rate factor: linear warm-up over the first ``warmup`` steps, then a cosine from 1 to 0
-    as ``progress`` (the fraction of the run done: steps, or wall-clock for time-boxed runs) goes 0 -> 1."""
+def warmup_cosine(step: int, warmup: int, done: float, total: float = 1.0) -> float:
+    """Learning-rate factor: linear warm-up over the first ``warmup`` steps, then a cosine from 1 to 0 as
+    ``done`` goes from 0 to ``total`` (steps after the warm-up, or the fraction of a time-boxed run)."""
     if step < warmup:
         return (step + 1) / warmup
-    return 0.5 * (1 + math.cos(math.pi * min(1.0, max(0.0, progress))))
+    return 0.5 * (1 + math.cos(math.pi * min(done, total) / total))
+
+
+def optimizer_step(model: torch.nn.Module, opt: torch.optim.Optimizer, loss: torch.Tensor, clip: float = 5.0):
+    """One update: gradients of ``loss``, clipped to global norm ``clip``, then the optimizer's step."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+    opt.step()
 
 
 def map_side(x: torch.Tensor) -> int:

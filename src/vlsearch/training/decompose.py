@@ -28,6 +28,7 @@ from vlsearch.training.common import (
     captions_of_images,
     load_dev,
     load_split,
+    optimizer_step,
     warmup_cosine,
 )
 from vlsearch.training.deformer import (
@@ -226,10 +227,7 @@ def train_decomposed(
                 loss = loss + tc.distill_weight * _distill_lists(
                     model, joint, target, imgs, caps, tx.float(), neighbours, tc
                 )
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
-            opt.step()
+            optimizer_step(model, opt, loss)
             step += 1
             history["loss"].append(float(loss.detach()))
             bar.update(1)

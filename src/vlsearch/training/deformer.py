@@ -42,6 +42,7 @@ from vlsearch.training.common import (
     hflip,
     load_dev,
     load_split,
+    optimizer_step,
     warmup_cosine,
 )
 from vlsearch.training.losses import candidate_kl, info_nce
@@ -273,10 +274,7 @@ def train_joint(
                     if teacher is not None and tc.teacher_weight:
                         wanted = teacher_list_logits(model, teacher, train, t_rows, i_rows, q)
                         loss = loss + tc.teacher_weight * candidate_kl(logits, wanted.view(2 * q, n_list))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
-            opt.step()
+            optimizer_step(model, opt, loss)
             step += 1
             history["loss"].append(float(loss.detach()))
             bar.update(1)

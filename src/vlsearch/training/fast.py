@@ -28,6 +28,7 @@ from vlsearch.training.common import (
     load_dev,
     load_split,
     map_side,
+    optimizer_step,
     warmup_cosine,
 )
 from vlsearch.training.concepts import attach_concepts, choose_concept_weight
@@ -72,7 +73,7 @@ def augment_grid(grid: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
 
 
 def _lr_lambda(total: int, warmup: int):
-    return lambda step: warmup_cosine(step, warmup, (step - warmup) / max(1, total - warmup))
+    return lambda step: warmup_cosine(step, warmup, step - warmup, max(1, total - warmup))
 
 
 def train_fast(
@@ -130,10 +131,7 @@ def train_fast(
                 loss = loss + tc.distill_weight * teacher.loss(
                     model, train, imgs, caps, im, tx, tc.distill_temperature
                 )
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
-            opt.step()
+            optimizer_step(model, opt, loss)
             sched.step()
             history["loss"].append(float(loss.detach()))
             bar.update(1)

@@ -38,6 +38,7 @@ from vlsearch.training.common import (
     hflip,
     load_dev,
     load_split,
+    optimizer_step,
     warmup_cosine,
 )
 from vlsearch.training.distill import (  # noqa: F401 - moved to training/distill.py, still importable here
@@ -193,10 +194,7 @@ def train_slow(
                 scores = torch.cat(parts)
             loss = loss + group_loss(scores.float(), torch.from_numpy(cap_img), tc.i2t_weight)
         loss = loss / tc.groups_per_step
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
-        opt.step()
+        optimizer_step(model, opt, loss)
         step += 1
         value = float(loss.detach())
         history["loss"].append(value)
