@@ -18,6 +18,7 @@ demo: install
 
 test: install
 	$(VENV)/bin/ruff check src tests
+	PYTHONPATH=src $(VENV)/bin/lint-imports
 	$(VENV)/bin/pytest -q
 
 models: install
@@ -32,6 +33,8 @@ bench: install
 lint: install
 	$(VENV)/bin/ruff check src tests
 	$(VENV)/bin/ruff format --check src tests
+	PYTHONPATH=src $(VENV)/bin/lint-imports
+	$(VENV)/bin/python scripts/import_cycles.py
 
 format: install
 	$(VENV)/bin/ruff format src tests

@@ -12,10 +12,10 @@ import json
 import torch
 
 from vlsearch.data import load_dataset
+from vlsearch.encoders.dataset_features import DatasetFeatures
 from vlsearch.eval.metrics import retrieval_metrics
 from vlsearch.models.registry import load_model
 from vlsearch.training.concepts import attach_concepts, channel_sims, sweep
-from vlsearch.training.features import DatasetFeatures
 
 
 def main():

@@ -36,10 +36,10 @@ def main(argv=None) -> int:
     configure_torch()
     import torch
 
+    from vlsearch.bench.deformer import joint_vs_decomposed_cost
     from vlsearch.data import load_dataset
-    from vlsearch.models.deformer import measure_query_cost
+    from vlsearch.encoders.dataset_features import DatasetFeatures
     from vlsearch.models.registry import load_model
-    from vlsearch.training.features import DatasetFeatures
 
     joint, _, joint_path = load_model(args.joint)
     dec, _, dec_path = load_model(args.decomposed)
@@ -48,7 +48,7 @@ def main(argv=None) -> int:
         return 2
     feats = DatasetFeatures.load(load_dataset(args.data_root, args.split), mid=True, progress=False)
     q = torch.arange(min(args.queries, len(feats.states)))
-    rows = measure_query_cost(
+    rows = joint_vs_decomposed_cost(
         joint,
         dec,
         feats.grid,

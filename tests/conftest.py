@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+from vlsearch.settings import set_offline
+
+set_offline()
 os.environ.setdefault("VLSEARCH_THREADS", "2")
 
 REPO = Path(__file__).resolve().parents[1]
@@ -22,17 +23,44 @@ def need_data():
         pytest.skip(f"needs the Flickr8k data at {FLICKR}")
 
 
-@pytest.fixture(scope="session")
+# Caches keyed by content (backbone features, mined negatives, teacher scores): shared by every test's home.
+SHARED_CACHES = ("features", "mining", "distill")
+# Named models a fixture provides, by fixture name: a test's own home holds exactly the ones it asks for.
+NAMED_FIXTURES = {"tiny_fast_checkpoint": "fast", "slow_checkpoint": "slow", "tiny_slow_checkpoint": "slow"}
+
+
+@pytest.fixture(scope="session", autouse=True)
 def session_home(tmp_path_factory):
-    """One VLSEARCH_HOME for the whole session, so features computed by one test are reused by the next."""
+    """The home session- and module-scoped fixtures build in (named models, indexes). Each test then gets
+    its own home (``_home``) that shares only the content-keyed caches and the models it asks for."""
     home = tmp_path_factory.mktemp("vlsearch-home")
+    for name in SHARED_CACHES:
+        (home / name).mkdir()
+    os.environ["VLSEARCH_HOME"] = str(home)
+    os.environ["VLSEARCH_DATA"] = str(DATA)
     return home
 
 
 @pytest.fixture(autouse=True)
-def _home(session_home, monkeypatch):
-    monkeypatch.setenv("VLSEARCH_HOME", str(session_home))
+def _home(session_home, request, tmp_path_factory, monkeypatch):
+    """A fresh VLSEARCH_HOME per test: its writes (models, indexes) stay its own, and what it finds there
+    does not depend on which tests ran before it."""
+    home = tmp_path_factory.mktemp("home")
+    for name in SHARED_CACHES:
+        (home / name).symlink_to(session_home / name)
+    (home / "models").mkdir()
+    linked: dict[str, Path] = {}
+    for fixture, name in NAMED_FIXTURES.items():
+        if fixture in request.fixturenames:
+            path = Path(request.getfixturevalue(fixture))
+            if name in linked and linked[name] != path:
+                pytest.fail(f"a test asks for two different {name!r} models ({linked[name]}, {path})")
+            linked[name] = path
+    for name, path in linked.items():
+        (home / "models" / name).symlink_to(path)
+    monkeypatch.setenv("VLSEARCH_HOME", str(home))
     monkeypatch.setenv("VLSEARCH_DATA", str(DATA))
+    return home
 
 
 @pytest.fixture(scope="session")
@@ -58,34 +86,28 @@ def mini_flickr(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_fast_checkpoint(mini_flickr, session_home):
     """A real Fast model trained for a few epochs on the mini split, saved as the named model `fast`."""
-    import argparse
+    from vlsearch.training.common import TrainRequest
+    from vlsearch.training.fast import train_and_save
 
-    os.environ["VLSEARCH_HOME"] = str(session_home)
-    from vlsearch.training import fast as fast_training
-
-    args = argparse.Namespace(data_root=str(mini_flickr), epochs=3, seed=0, out=None, quiet=True)
-    return fast_training.train_from_args(args, extra={"batch_size": 32, "warmup_steps": 2})
+    out = session_home / "models" / "fast"
+    req = TrainRequest(data_root=str(mini_flickr), epochs=3, out=str(out), quiet=True)
+    return train_and_save(req, extra={"batch_size": 32, "warmup_steps": 2})
 
 
 @pytest.fixture(scope="session")
 def slow_checkpoint(tiny_fast_checkpoint, session_home):
-    """The named model `slow` for the real re-ranking path (vlsearch.search.rerank.Reranker).
-
-    A trained one is reused when tests/test_slow.py made it already; otherwise this saves, in a second,
-    a real SlowModel whose fusion layers start from MiniLM and whose cross-attention is fresh (training
-    and choosing its fusion weight on dev takes minutes on 2 cores and is test_slow.py's job). The
-    service only needs its scores and attention maps, not their quality; fusion weight 1 so re-ranking
-    visibly reorders."""
+    """The named model `slow` for the real re-ranking path (vlsearch.search.rerank.Reranker): always a
+    real, untrained SlowModel (seeded; fusion layers from MiniLM, cross-attention fresh), whatever ran
+    before. Training one and choosing its fusion weight takes minutes on 2 cores and is test_slow.py's
+    job (its ``tiny_slow_checkpoint``); the service only needs scores and attention maps, not their
+    quality. Fusion weight 1 so re-ranking visibly reorders."""
     import torch
 
     from vlsearch.models.checkpoint import save_checkpoint
-    from vlsearch.models.registry import default_checkpoint
     from vlsearch.models.slow import SlowConfig, SlowModel
 
-    os.environ["VLSEARCH_HOME"] = str(session_home)
-    ckpt = default_checkpoint("slow")
-    if not (ckpt / "model.safetensors").is_file():
-        torch.manual_seed(0)
-        model = SlowModel(SlowConfig(fusion_weight=1.0, fusion_weight_i2t=1.0))
-        save_checkpoint(ckpt, model, {"note": "untrained, for the service tests"})
-    return ckpt
+    torch.manual_seed(0)
+    model = SlowModel(SlowConfig(fusion_weight=1.0, fusion_weight_i2t=1.0))
+    return save_checkpoint(
+        session_home / "models" / "slow", model, {"note": "untrained, for the service tests"}
+    )

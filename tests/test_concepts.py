@@ -52,10 +52,10 @@ def test_head_from_cached_grid_is_the_backbones_classifier():
 def concept_fast(tiny_fast_checkpoint, tmp_path_factory):
     """The conftest Fast model with its concept channel calibrated on the mini Flickr8k dev split."""
     from vlsearch.data import load_dataset
+    from vlsearch.encoders.dataset_features import DatasetFeatures
     from vlsearch.models.checkpoint import save_checkpoint
     from vlsearch.models.registry import load_model
     from vlsearch.training.concepts import attach_concepts, choose_concept_weight
-    from vlsearch.training.features import DatasetFeatures
 
     net, meta, _ = load_model(tiny_fast_checkpoint)
     attach_concepts(net)

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import argparse
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -11,8 +11,10 @@ import pytest
 import torch
 
 from vlsearch.cli import main
+from vlsearch.errors import CheckpointError
 from vlsearch.models.deformer import DeformerConfig, DeformerModel
 from vlsearch.precision import autocast
+from vlsearch.training.common import TrainRequest
 
 
 def tiny_config(**kw) -> DeformerConfig:
@@ -101,13 +103,13 @@ def test_warm_start_from_fast_is_exactly_that_fast_model():
         joint = model.score_pairs(grid, None, states, lengths)
         ref = fast.scale * (fast.encode_image(grid) * fast.encode_text(states, lengths)).sum(-1)
         assert torch.allclose(joint, ref, atol=1e-3)
-    with pytest.raises(ValueError, match="does not match"):
+    with pytest.raises(CheckpointError, match="does not match"):
         DeformerModel(tiny_config(n_layers=1), init_from_pretrained=False).init_from_fast(fast)
 
 
 def test_decomposition_fine_tunes_the_joint_weights():
-    from vlsearch.training.deformer import DecomposeTrainConfig, subset_features, train_decomposed
-    from vlsearch.training.features import DatasetFeatures
+    from vlsearch.encoders.dataset_features import DatasetFeatures
+    from vlsearch.training.decompose import DecomposeTrainConfig, subset_features, train_decomposed
 
     torch.manual_seed(0)
     joint = DeformerModel(tiny_config(), init_from_pretrained=False)
@@ -204,13 +206,13 @@ def test_checkpoint_round_trip(tmp_path):
 
 
 def test_cost_helper_on_synthetic_gallery():
-    from vlsearch.models.deformer import measure_query_cost
+    from vlsearch.bench.deformer import joint_vs_decomposed_cost
 
     torch.manual_seed(0)
     model = DeformerModel(tiny_config(), init_from_pretrained=False)
     dec = DeformerModel(tiny_config(mode="decomposed"), init_from_pretrained=False)
     grid, mid, states, lengths = fake_inputs(n_images=20, n_texts=2)
-    rows = measure_query_cost(
+    rows = joint_vs_decomposed_cost(
         model, dec, grid, None, states, lengths, gallery_sizes=(20, 200), joint_measured=20, batch=8
     )
     assert [r["gallery"] for r in rows] == [20, 200]
@@ -223,21 +225,14 @@ def test_cost_helper_on_synthetic_gallery():
 def tiny_deformers(tiny_fast_checkpoint, mini_flickr, tmp_path_factory, slow_checkpoint):
     """A deformer-joint (with its default teacher, the named Slow model) and its decomposition (with the
     joint model's distillation term), trained for a few steps on the mini split (checkpoint paths)."""
+    from vlsearch.training import decompose
     from vlsearch.training import deformer as training
 
     out = tmp_path_factory.mktemp("deformers")
-    args = argparse.Namespace(
-        data_root=str(mini_flickr),
-        epochs=2,
-        seed=0,
-        out=str(out / "joint"),
-        quiet=True,
-        subset=None,
-        minutes=None,
-    )
+    req = TrainRequest(data_root=str(mini_flickr), epochs=2, out=str(out / "joint"), quiet=True)
     small = DeformerConfig(n_layers=1, image_grid=2, embed_dim=64)
-    joint = training.train_joint_from_args(
-        args,
+    joint = training.train_joint_and_save(
+        req,
         extra={
             "batch_size": 16,
             "itm_queries": 4,
@@ -249,8 +244,8 @@ def tiny_deformers(tiny_fast_checkpoint, mini_flickr, tmp_path_factory, slow_che
         config=small,
     )
     assert json.loads((joint / "config.json").read_text())["teacher"] == str(slow_checkpoint)
-    args.out, args.subset, args.distill_weight, args.joint = str(out / "dec"), 0.5, 1.0, str(joint)
-    dec = training.train_decomposed_from_args(args, extra={"batch_size": 8, "group": 2, "warmup_steps": 1})
+    req = replace(req, out=str(out / "dec"), subset=0.5, distill_weight=1.0, joint=str(joint))
+    dec = decompose.train_decomposed_and_save(req, extra={"batch_size": 8, "group": 2, "warmup_steps": 1})
     meta = json.loads((dec / "config.json").read_text())
     assert meta["joint"] == str(joint) and meta["train"]["distill_weight"] == 1.0
     return joint, dec
@@ -293,15 +288,21 @@ def test_eval_joint_and_rerank(tiny_deformers, mini_flickr, capsys):
     )
     res = json.loads(capsys.readouterr().out)
     assert res["n_images"] == 8 and res["n_captions"] == 40 and res["cost"]["pairs_per_s"] > 0
-    assert res["t2i"]["r10"] == 100.0
-    argv = ["eval", "--data-root", str(mini_flickr), "--model", str(dec), "--images", "8", "--json"]
+    for d in ("t2i", "i2t"):
+        assert 0 <= res[d]["r1"] <= res[d]["r5"] <= res[d]["r10"] <= 100
+    # re-ranking each query's top 3 reorders only those 3: R@5 and R@10 stay the dual encoder's own
+    argv = ["eval", "--data-root", str(mini_flickr), "--model", str(dec), "--json"]
+    assert main(argv) == 0
+    plain = json.loads(capsys.readouterr().out)
     assert main([*argv, "--rerank", "3", "--rerank-model", str(joint)]) == 0
     res = json.loads(capsys.readouterr().out)
-    assert res["rerank"] == 3 and res["t2i"]["r10"] == 100.0
+    assert res["rerank"] == 3 and res["n_images"] == plain["n_images"] == 40
+    assert res["t2i"]["r5"] == plain["t2i"]["r5"] and res["t2i"]["r10"] == plain["t2i"]["r10"]
 
 
 def test_joint_training_with_frozen_streams_keeps_the_fast_model(tiny_deformers, tiny_fast_checkpoint):
     """The joint model adds interaction on top of its warm start: run apart, it is still that Fast model."""
+    from vlsearch.models.fast import set_concepts
     from vlsearch.models.registry import load_model
 
     joint = load_model(tiny_deformers[0])[0].set_mode("decomposed").eval()
@@ -322,9 +323,9 @@ def test_teacher_target_is_the_fused_rerank_score():
     """A Slow teacher's target over an ITM list is scale * (stream cosine + w * teacher score): with the
     fusion weight at 0 it is the model's own dual-encoder logits, and it moves with w by the teacher's
     scores, per direction."""
+    from vlsearch.encoders.dataset_features import DatasetFeatures
     from vlsearch.models.slow import SlowConfig, SlowModel
     from vlsearch.training.deformer import teacher_list_logits
-    from vlsearch.training.features import DatasetFeatures
 
     torch.manual_seed(0)
     model = DeformerModel(tiny_config(), init_from_pretrained=False)

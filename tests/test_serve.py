@@ -225,8 +225,7 @@ def test_image_search_and_bad_uploads(client, photo):
         content=b"--x\r\nbroken",
         headers={"content-type": "multipart/form-data; boundary=x"},
     )
-    check_error(broken, broken.status_code)
-    assert broken.status_code in (400, 422)
+    check_error(broken, 422)  # an unparsable multipart body: the upload field is missing
     check_error(client.post("/search/image?k=0", files={"file": ("q.jpg", data)}), 400)
     check_error(client.post("/search/image?captions=x", files={"file": ("q.jpg", data)}), 400)
     # a decompression bomb: a small PNG of 10000x5000 pixels

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
+from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -12,18 +12,19 @@ import torch
 
 from vlsearch.cli import main
 from vlsearch.precision import autocast, compute_dtype
+from vlsearch.training.common import TrainRequest
 
 
 @pytest.fixture(scope="session")
 def tiny_slow_checkpoint(tiny_fast_checkpoint, mini_flickr, session_home):
-    """A Slow model trained for a few seconds on the mini split, saved as the named model `slow`."""
-    os.environ["VLSEARCH_HOME"] = str(session_home)
+    """A Slow model trained for a few seconds on the mini split; a test that asks for it finds it as the
+    named model `slow` in its own home (conftest's ``_home``)."""
     from vlsearch.training import slow as slow_training
 
-    args = argparse.Namespace(
-        data_root=str(mini_flickr), epochs=None, seed=0, out=None, quiet=True, minutes=0.05
+    req = TrainRequest(
+        data_root=str(mini_flickr), out=str(session_home / "trained" / "slow"), quiet=True, minutes=0.05
     )
-    return slow_training.train_from_args(args)
+    return slow_training.train_and_save(req)
 
 
 def _small_model():
@@ -69,7 +70,7 @@ def test_pair_scores_are_fp32_after_a_bf16_body():
     assert len(torch.unique(scores)) >= 295
 
 
-def test_group_loss_and_sampler_shapes():
+def test_group_loss():
     from vlsearch.training.slow import group_loss
 
     scores = torch.randn(6, 3, requires_grad=True)
@@ -81,6 +82,32 @@ def test_group_loss_and_sampler_shapes():
     perfect = torch.full((6, 3), -50.0)
     perfect[torch.arange(6), cap_img] = 50.0
     assert float(group_loss(perfect, cap_img)) < 1e-6
+    # a scorer that prefers the wrong images has a large loss
+    assert float(group_loss(-perfect, cap_img)) > 50
+
+
+def test_group_sampler_groups():
+    """Groups: the seed first, then hard negatives of one of its captions (only images with captions),
+    random fill up to group_size, no image twice; every caption of every group image, each pointing at
+    its image's position in the group; one epoch visits every captioned image once as a seed."""
+    from vlsearch.training.slow import GroupSampler, SlowTrainConfig
+
+    n = 10
+    caption_image = torch.tensor([i for i in range(n) if i != 9 for _ in range(2)])  # image 9: no captions
+    feats = SimpleNamespace(caption_image=caption_image, n_images=n)
+    neg_img = np.array([[(c // 2 + 1 + j) % n for j in range(4)] for c in range(len(caption_image))])
+    tc = SlowTrainConfig(group_size=4, group_hard=2, mine_k=4)
+    sampler = GroupSampler(feats, neg_img, tc, np.random.default_rng(0))
+    seeds = []
+    for _ in range(9):
+        images, captions, where = sampler.group()
+        seeds.append(int(images[0]))
+        assert len(images) == 4 and len(set(images.tolist())) == 4 and 9 not in images.tolist()
+        hard = {(int(images[0]) + 1 + j) % n for j in range(4)} - {9}
+        assert set(images[1:3].tolist()) <= hard  # two hard negatives of the seed's caption
+        assert sorted(captions.tolist()) == sorted(c for i in images.tolist() for c in (2 * i, 2 * i + 1))
+        assert (images[where] == caption_image[captions].numpy()).all()
+    assert sorted(seeds) == list(range(9)) and sampler.epochs_done == 1.0
 
 
 def test_mining_excludes_positives():
@@ -130,7 +157,7 @@ def test_distillation_loss_zero_when_student_and_teacher_agree():
     torch.manual_seed(0)
     model = FastModel(FastConfig(text_layers=1), init_from_pretrained=False).eval()
     grid = torch.randn(20, 49, 1280).half()
-    train = argparse.Namespace(grid=grid)
+    train = SimpleNamespace(grid=grid)
     cands = torch.randint(0, 20, (10, 6))
     caps = torch.arange(10)
     text = torch.nn.functional.normalize(torch.randn(10, model.config.embed_dim), dim=-1)
@@ -191,7 +218,7 @@ def test_train_slow_warm_start_from_cli(tiny_slow_checkpoint, mini_flickr, tmp_p
     common = ["--data-root", str(mini_flickr), "--minutes", "0.02", "--quiet"]
     assert main(["train", "slow", "--init", "slow", "--out", str(out), *common]) == 0
     meta = json.loads((out / "config.json").read_text())
-    assert meta["warm_start"]["from"] == str(tiny_slow_checkpoint)
+    assert Path(meta["warm_start"]["from"]).resolve() == tiny_slow_checkpoint.resolve()
     assert (
         meta["config"]["n_layers"]
         == json.loads((tiny_slow_checkpoint / "config.json").read_text())["config"]["n_layers"]
@@ -213,11 +240,9 @@ def test_trained_slow_model_is_saved_before_the_dev_step(
 
     monkeypatch.setattr(slow_training, "choose_fusion_weights", broken)
     out = tmp_path / "kept"
-    args = argparse.Namespace(
-        data_root=str(mini_flickr), epochs=None, seed=0, out=str(out), quiet=True, minutes=0.02, init="slow"
-    )
+    req = TrainRequest(data_root=str(mini_flickr), out=str(out), quiet=True, minutes=0.02, init="slow")
     with pytest.raises(RuntimeError, match="dev step failed"):
-        slow_training.train_from_args(args)
+        slow_training.train_and_save(req)
     model, meta, _ = load_model(out)
     assert meta["history"]["steps"] > 0 and model.config.fusion_weight == 0.02
 
@@ -242,10 +267,10 @@ def test_eval_slow_alone_and_rerank(tiny_slow_checkpoint, mini_flickr, capsys):
 
 def test_rerank_eval_keeps_each_rows_candidates(tiny_slow_checkpoint, mini_flickr):
     from vlsearch.data import load_dataset
+    from vlsearch.encoders.dataset_features import DatasetFeatures
+    from vlsearch.models.embed import embed_features
     from vlsearch.models.registry import load_model
     from vlsearch.search.rerank import rerank_eval, top_k
-    from vlsearch.training.fast import embed_features
-    from vlsearch.training.features import DatasetFeatures
 
     feats = DatasetFeatures.load(load_dataset(mini_flickr, "dev"), mid=True, progress=False)
     fast, _, _ = load_model("fast")

@@ -321,7 +321,6 @@ def test_video_caption_dataset_eval(tiny_fast_checkpoint, tmp_path):
     r = json.loads(out.stdout)
     assert r["n_videos"] == 2 and r["n_captions"] == 30 and r["moments"]["n_queries"] == 29
     assert set(r["aggregates"]) == {"max", "topn"} and 0 <= r["t2v"]["r1"] <= 100
-    assert r["t2v"]["r10"] == 100.0  # two videos: always within 10
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "c.json").write_text('[{"video": 3}]')

@@ -4,13 +4,15 @@ The library API is small: ``vlsearch.load(index_dir)`` returns a :class:`~vlsear
 with ``.search(text, k)``, ``.search_image(image, k)`` and ``.add(paths)``.
 """
 
-__version__ = "0.1.0"
-# Bumped whenever a checkpoint, index or feature-cache layout changes incompatibly.
-FORMAT_VERSION = 1
+from vlsearch.version import FORMAT_VERSION, __version__
+
+__all__ = ["FORMAT_VERSION", "__version__", "load"]
 
 
 def load(index_dir=None, model=None, rerank_model=None):
     """Open an index (default: the one `vlsearch demo` built) for searching."""
+    # imported here: the package root is the API's front door, above every layer (importing
+    # `vlsearch.errors` must not load torch and the search stack)
     from vlsearch.search.engine import SearchEngine
 
     return SearchEngine.open(index_dir, model=model, rerank_model=rerank_model)

@@ -4,33 +4,30 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import os
 import sys
 
-from vlsearch import __version__
+from vlsearch.commands import COMMANDS
+from vlsearch.errors import VLSearchError
+from vlsearch.settings import set_offline
+from vlsearch.version import __version__
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from vlsearch.commands import COMMANDS
-
+    """Every subcommand in COMMANDS, registered from its module; a module that fails to import is an
+    error here (a broken install shows at once, not as a subcommand that silently went missing)."""
     parser = argparse.ArgumentParser(prog="vlsearch", description="Fast, accurate text-to-image search.")
     parser.add_argument("--version", action="version", version=f"vlsearch {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     for name in COMMANDS:
-        try:
-            module = importlib.import_module(f"vlsearch.commands.{name}")
-        except ModuleNotFoundError:
-            continue
+        module = importlib.import_module(f"vlsearch.commands.{name}")
         p = module.register(sub)
         p.set_defaults(_run=module.run)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    set_offline()
     args = build_parser().parse_args(argv)
-    from vlsearch.errors import VLSearchError
 
     try:
         return int(args._run(args) or 0)

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import io
 import json
 import os
 import tempfile
 from pathlib import Path
 from typing import Any, TypeVar
 
-from vlsearch import FORMAT_VERSION, __version__
 from vlsearch.errors import VLSearchError
+from vlsearch.version import FORMAT_VERSION, __version__
 
 T = TypeVar("T")
 
@@ -48,6 +50,35 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 def atomic_write_json(path: Path, obj: Any) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+def file_sha1(path: Path) -> str:
+    """sha1 hex digest of a file's bytes, read in 1 MiB blocks (cache keys, checkpoint fingerprints)."""
+    h = hashlib.sha1()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_npz(path: Path, **arrays) -> None:
+    """A disk cache entry of numpy arrays, written atomically (np.savez into memory, then renamed)."""
+    import numpy as np  # here, not at the top: a foundation module that stays free of numpy on import
+
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def read_npz(path: Path) -> dict | None:
+    """The arrays of a cache entry written by ``write_npz``, or None when there is none yet."""
+    import numpy as np  # see write_npz
+
+    path = Path(path)
+    if not path.is_file():
+        return None
+    with np.load(path) as z:
+        return {name: z[name] for name in z.files}
 
 
 def stamp() -> dict:

@@ -9,6 +9,10 @@ class DataError(VLSearchError):
     """A dataset or image folder is missing, empty or malformed."""
 
 
+class MissingSplitError(DataError):
+    """The dataset has no such split (e.g. no dev file): trainers then skip dev evaluation, and say so."""
+
+
 class CheckpointError(VLSearchError):
     """A checkpoint is missing, corrupt, or was made by an incompatible version or config."""
 

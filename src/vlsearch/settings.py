@@ -38,16 +38,36 @@ def models_dir() -> Path:
     return home() / "models"
 
 
+def checkpoint_out(out: str | Path | None, name: str) -> Path:
+    """Where `vlsearch train --out OUT` saves model ``name``: OUT as a path when it is absolute or has a
+    folder part, else a name under the models folder; no OUT: the model's own name there."""
+    if out is None:
+        return models_dir() / name
+    path = Path(out).expanduser()
+    return path if (path.is_absolute() or len(path.parts) > 1) else models_dir() / str(out)
+
+
 def default_index_dir() -> Path:
     return home() / "indexes" / "default"
 
 
+# What every vlsearch process runs with unless the environment says otherwise: the backbones ship in
+# packages, so the Hugging Face hub is never asked (and a missing file fails at once, not after a timeout).
+OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def set_offline(env: dict | None = None) -> dict:
+    """Apply OFFLINE_ENV to ``env`` (default: this process's environment) where not already set."""
+    env = os.environ if env is None else env
+    for key, value in OFFLINE_ENV.items():
+        env.setdefault(key, value)
+    return env
+
+
 def configure_torch() -> None:
     """Offline hub access and both cores for intra-op work."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    import torch
+    set_offline()
+    import torch  # here: settings is a foundation that `vlsearch --help` imports without torch
 
     threads = int(os.environ.get("VLSEARCH_THREADS", os.cpu_count() or 1))
     if torch.get_num_threads() != threads:

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from vlsearch.errors import VLSearchError
+from vlsearch.models.registry import load_model
 from vlsearch.precision import bf16_linears
 
 # ViT-B/32 as released by OpenAI (Radford et al. 2021): 12 x 768 vision, 12 x 512 text, 77 positions.
@@ -121,8 +123,6 @@ def load_ours(
     named: str, module: str, cls_name: str, cfg_name: str, need: str = "score_texts_images", **cfg
 ) -> OurModel:
     """A named checkpoint if trained, else the architecture with random weights; None if no module."""
-    from vlsearch.errors import VLSearchError
-    from vlsearch.models.registry import load_model
 
     try:
         mod = importlib.import_module(module)

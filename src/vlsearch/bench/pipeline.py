@@ -12,6 +12,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from vlsearch.models.checkpoint import save_checkpoint
+from vlsearch.search.rerank import Reranker
+
 
 class BenchReranker:
     """``rerank_text(text, keys, fast_scores, explain) -> (fused, slow, explanations)``, as the engine calls it."""
@@ -46,27 +49,18 @@ def make_reranker(slow, extractor, work: Path) -> tuple[object | None, str]:
     """(re-ranker or None, what it is). ``slow`` is a bench.models.OurModel."""
     if not slow.available:
         return None, slow.source
-    note = ""
     try:
-        from vlsearch.search.rerank import Reranker
-    except ImportError:
-        Reranker = None
-        note = "vlsearch.search.rerank not available"
-    if Reranker is not None:
-        try:
-            if slow.source.startswith("checkpoint "):
-                path = Path(slow.source.split(" ", 1)[1])
-            else:
-                from vlsearch.models.checkpoint import save_checkpoint
-
-                path = save_checkpoint(work / "slow-random-weights", slow.model)
-            reranker = Reranker.load(path, extractor=extractor)
-            if getattr(reranker, "extractor", None) is None:
-                reranker.extractor = extractor
-            _smoke(reranker, extractor)
-            return reranker, f"vlsearch.search.rerank.Reranker ({slow.source})"
-        except Exception as e:  # noqa: BLE001 - a module being written may not work yet: fall back
-            note = f"vlsearch.search.rerank.Reranker failed ({type(e).__name__}: {e})"
+        if slow.source.startswith("checkpoint "):
+            path = Path(slow.source.split(" ", 1)[1])
+        else:
+            path = save_checkpoint(work / "slow-random-weights", slow.model)
+        reranker = Reranker.load(path, extractor=extractor)
+        if getattr(reranker, "extractor", None) is None:
+            reranker.extractor = extractor
+        _smoke(reranker, extractor)
+        return reranker, f"vlsearch.search.rerank.Reranker ({slow.source})"
+    except Exception as e:  # noqa: BLE001 - a module being written may not work yet: fall back
+        note = f"vlsearch.search.rerank.Reranker failed ({type(e).__name__}: {e})"
     reranker = BenchReranker(slow.model, extractor)
     try:
         _smoke(reranker, extractor)

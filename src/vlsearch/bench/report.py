@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from vlsearch.bench.video import markdown as video_markdown
+
 
 def _f(x, nd: int = 1, unit: str = "") -> str:
     if x is None:
@@ -203,8 +205,6 @@ def markdown(r: dict) -> str:
     for line in t["lines"]:
         out.append(f"- {line}")
     if r.get("video"):
-        from vlsearch.bench.video import markdown as video_markdown
-
         out.append(video_markdown(r["video"]))
     return "\n".join(out) + "\n"
 

@@ -10,6 +10,22 @@ import sys
 import time
 from pathlib import Path
 
+from vlsearch.bench import concepts as concept_cost
+from vlsearch.bench import gallery, hardware, photos, service, throughput, video
+from vlsearch.bench import models as M
+from vlsearch.bench.concepts import table as concept_table
+from vlsearch.bench.data import BenchData
+from vlsearch.bench.hardware import Floors
+from vlsearch.bench.pipeline import make_reranker
+from vlsearch.bench.report import markdown, plot
+from vlsearch.errors import CheckpointError
+from vlsearch.index.vectors import AUTO_THRESHOLD
+from vlsearch.models.checkpoint import save_checkpoint
+from vlsearch.models.fast import FastConfig, FastModel
+from vlsearch.models.registry import fingerprint, load_model
+from vlsearch.search.embedder import Embedder
+from vlsearch.settings import configure_torch
+
 FULL_SIZES = [1_000, 10_000, 100_000, 1_000_000]
 QUICK_SIZES = [500, 2_000]
 TARGET_FAST_MS, TARGET_RERANK_MS, TARGET_RECALL = 15.0, 100.0, 0.95
@@ -37,10 +53,6 @@ def _set_threads(threads: int) -> None:
 
 def _fast_model(name: str, work: Path):
     """(model, name to record, fingerprint, note). An untrained Fast model when none is trained (stated)."""
-    from vlsearch.errors import CheckpointError
-    from vlsearch.models.checkpoint import save_checkpoint
-    from vlsearch.models.fast import FastConfig, FastModel
-    from vlsearch.models.registry import fingerprint, load_model
 
     try:
         net, _, path = load_model(name)
@@ -157,7 +169,6 @@ def run_bench(
     serve: bool = True,
     progress: bool = True,
 ) -> dict:
-    from vlsearch.settings import configure_torch
 
     t_start = time.time()
     out = Path(out).expanduser()
@@ -177,14 +188,6 @@ def run_bench(
         mark[:] = [time.time(), msg]
         if progress:
             print(f"bench: {msg} ({time.time() - t_start:.0f} s)", file=sys.stderr, flush=True)
-
-    from vlsearch.bench import gallery, hardware, photos, service, throughput
-    from vlsearch.bench import models as M
-    from vlsearch.bench.data import BenchData
-    from vlsearch.bench.hardware import Floors
-    from vlsearch.bench.pipeline import make_reranker
-    from vlsearch.bench.report import markdown, plot
-    from vlsearch.search.embedder import Embedder
 
     sizes = sorted(sizes or (QUICK_SIZES if quick else FULL_SIZES))
     result: dict = {
@@ -218,7 +221,6 @@ def run_bench(
             f"{data.dataset.name} ({data.n_real} images, {len(data.queries)} query captions)"
         )
         log("concept channel cost")
-        from vlsearch.bench import concepts as concept_cost
 
         result["concepts"] = concept_cost.measure(
             net, embedder.extractor, data.captions(20 if quick else 100), data.grid(64)
@@ -232,7 +234,6 @@ def run_bench(
         ips = result["encoders"]["rows"]["ours_image"]["images_per_s"]
         result["embed_cost"] = {"images_per_s": ips, "hours_per_million": 1e6 / ips / 3600}
         log("video indexing: throughput, bytes per hour, peak RSS")
-        from vlsearch.bench import video
 
         result["video"] = video.run(data, embedder, work, quick, ips)
         slow = M.slow_model()
@@ -267,8 +268,6 @@ def run_bench(
         ):
             result[key] = g[key]
         if serve and g["largest"]:
-            from vlsearch.index.vectors import AUTO_THRESHOLD
-
             n = g["largest"]["n"]
             rec = {x["kind"]: x["recall_at_10_vs_exact"] for x in g["recall"] if x["n"] == n}
             fast = {x["kind"]: x["p50_ms"] for x in g["latency"] if x["n"] == n and x["pipeline"] == "fast"}
@@ -291,8 +290,6 @@ def run_bench(
     result["plot"] = str(png)
     table = markdown(result)
     if "concepts" in result:
-        from vlsearch.bench.concepts import table as concept_table
-
         table += "\n" + concept_table(result["concepts"])
     result["table"] = table
     (out / "bench.md").write_text(f"Command: `{result['meta']['command']}`\n\n" + table)

@@ -20,12 +20,13 @@ import urllib.request
 from pathlib import Path
 
 from vlsearch.bench.util import PeakRSS, rss_bytes, summarize
+from vlsearch.config import atomic_write_json
+from vlsearch.index.gallery import GalleryIndex
+from vlsearch.search.engine import SearchEngine
 
 
 def serving_folder(gallery: Path, kind: str, out: Path) -> Path:
     """An index folder over the bench gallery with ``kind`` as its vector index (files linked, not copied)."""
-    from vlsearch.config import atomic_write_json
-    from vlsearch.index.gallery import GalleryIndex
 
     out.mkdir(parents=True, exist_ok=True)
     gallery = gallery.resolve()  # symlink targets must not be relative to the caller's working directory
@@ -115,8 +116,6 @@ def service_rss(folder: Path, texts: list[str], rerank: int = 50, timeout: float
 
 def engine_rss(folder: Path, embedder, texts: list[str]) -> dict:
     """Fallback without the service: open the index in this process, query it, sample this process's RSS."""
-    from vlsearch.index.gallery import GalleryIndex
-    from vlsearch.search.engine import SearchEngine
 
     before = rss_bytes()
     with PeakRSS() as peak:

@@ -13,6 +13,8 @@ import torch
 from vlsearch.bench import models as M
 from vlsearch.bench.hardware import Floors
 from vlsearch.bench.util import count_flops, rate
+from vlsearch.encoders.image import ImageBackbone
+from vlsearch.encoders.text import TextBackbone
 from vlsearch.precision import autocast, inference_copy
 
 RERANK_K = 128  # pairs per call: one query against its top-128, as ALBEF/BLIP re-rank k = 128-256
@@ -40,8 +42,6 @@ def _row(name: str, what: str, r: dict, flops: float, floors: Floors, unit: str,
 @torch.no_grad()
 def encoders(data, fast, floors: Floors, quick: bool) -> dict:
     """data: BenchData (real images and captions); fast: the Fast model (its towers are part of ours)."""
-    from vlsearch.encoders.image import ImageBackbone
-    from vlsearch.encoders.text import TextBackbone
 
     fast = inference_copy(fast)  # as the search path's Embedder runs it
     budget = 1.0 if quick else 6.0

@@ -14,11 +14,22 @@ import time
 from pathlib import Path
 
 from vlsearch.bench.slideshow import write_caption_json, write_slideshow
+from vlsearch.data import load_dataset
+from vlsearch.data.images import ImageReport
+from vlsearch.data.video import probe
+from vlsearch.encoders.dataset_features import DatasetFeatures
+from vlsearch.encoders.features import FeatureExtractor
+from vlsearch.encoders.video import videos_frames
+from vlsearch.eval.metrics import retrieval_metrics
+from vlsearch.index.build_video import embed_videos
+from vlsearch.index.gallery import IndexConfig, write_gallery
+from vlsearch.models.embed import embed_features
+from vlsearch.models.registry import load_model
+from vlsearch.search.embedder import Embedder
 
 
 def dev_photos(data_root=None) -> list:
     """(photo path, its captions) of the Flickr8k dev split, in split order."""
-    from vlsearch.data import load_dataset
 
     ds = load_dataset(data_root, "dev")
     caps = ds.image_captions()
@@ -77,12 +88,6 @@ def _dir_bytes(path: Path) -> int:
 
 def run(data, embedder, work: Path, quick: bool, photo_images_per_s: float | None = None) -> dict:
     """All video rows. ``data``: the bench's BenchData (its dataset's photos are used)."""
-    from vlsearch.data.images import ImageReport
-    from vlsearch.encoders.features import FeatureExtractor
-    from vlsearch.encoders.video import videos_frames
-    from vlsearch.index.build_video import embed_videos
-    from vlsearch.index.gallery import IndexConfig, write_gallery
-    from vlsearch.search.embedder import Embedder
 
     work = Path(work) / "video"
     work.mkdir(parents=True, exist_ok=True)
@@ -93,7 +98,6 @@ def run(data, embedder, work: Path, quick: bool, photo_images_per_s: float | Non
         clip = work / f"clip-{i}.mp4"
         write_slideshow(photos[i : i + (2 if quick else 10)], clip, size=(640, 480), seed=i)
         clips.append(clip)
-    from vlsearch.data.video import probe
 
     seconds = sum(probe(c).duration for c in clips)
     fresh = FeatureExtractor(root=work / "cache", progress=False)
@@ -153,7 +157,6 @@ def peak_rss(work: Path, quick: bool, photos: list) -> dict:
     if out.returncode != 0:
         return {"error": out.stderr[-2000:]}
     r = json.loads(out.stdout.strip().splitlines()[-1])
-    from vlsearch.data.video import probe
 
     info = probe(clip)
     return {
@@ -192,11 +195,6 @@ def markdown(v: dict) -> str:
 def photo_baseline(n_photos: int = 50, model: str = "fast", data_root=None) -> dict:
     """Image-level recall of the first ``n_photos`` dev photos searched as photos (the reference the
     long slideshow's moment recall is held against)."""
-    from vlsearch.data import load_dataset
-    from vlsearch.eval.metrics import retrieval_metrics
-    from vlsearch.models.registry import load_model
-    from vlsearch.training.fast import embed_features
-    from vlsearch.training.features import DatasetFeatures
 
     ds = load_dataset(data_root, "dev").subset(range(n_photos))
     net, _, _ = load_model(model)

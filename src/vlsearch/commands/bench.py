@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import sys
 
+from vlsearch.errors import VLSearchError
+
+# Heavy imports (torch, faiss, FastAPI and the vlsearch layers on them) are inside the functions: `vlsearch`
+# imports every command module to build its parser, and only the command that runs should load them.
+
 
 def register(sub):
     p = sub.add_parser(
@@ -33,7 +38,6 @@ def register(sub):
 
 def run(args):
     from vlsearch.bench import run_bench
-    from vlsearch.errors import VLSearchError
 
     sizes = None
     if args.sizes:

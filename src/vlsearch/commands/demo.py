@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-import argparse
 import time
 from pathlib import Path
 
 from vlsearch.commands._common import add_quiet, fmt_metrics
+from vlsearch.settings import data_root, default_index_dir
+
+# Heavy imports (torch, faiss, FastAPI and the vlsearch layers on them) are inside the functions: `vlsearch`
+# imports every command module to build its parser, and only the command that runs should load them.
 
 EXAMPLE_QUERIES = [
     "a dog jumps over a fence",
@@ -34,7 +37,6 @@ def run(args):
     from vlsearch.index.build import build_index
     from vlsearch.models.registry import default_checkpoint
     from vlsearch.search.engine import SearchEngine
-    from vlsearch.settings import data_root, default_index_dir
 
     t0 = time.time()
     root = Path(args.data_root).expanduser() if args.data_root else data_root()
@@ -48,11 +50,10 @@ def run(args):
         print(
             f"[1/4] Fast model: training on {'Flickr8k train under ' + str(train_root) if train_root else 'the default Flickr8k data root'}"
         )
-        from vlsearch.training.fast import train_from_args
+        from vlsearch.training.common import TrainRequest
+        from vlsearch.training.fast import train_and_save
 
-        train_from_args(
-            argparse.Namespace(data_root=train_root, epochs=None, seed=0, out=None, quiet=args.quiet)
-        )
+        train_and_save(TrainRequest(data_root=train_root, quiet=args.quiet))
     dataset = load_dataset(root, "dev") if is_dataset else load_dataset(root)
     print(
         f"[2/4] Index: {dataset.n_images} images of {dataset.name}:{dataset.split} -> {default_index_dir()}"

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 from vlsearch.commands._common import add_data_args, add_model_arg, add_quiet, fmt_metrics, print_json
+from vlsearch.errors import QueryError
+
+# Heavy imports (torch, faiss, FastAPI and the vlsearch layers on them) are inside the functions: `vlsearch`
+# imports every command module to build its parser, and only the command that runs should load them.
 
 
 def register(sub):
@@ -65,8 +69,6 @@ def run(args):
             return _run_video(args)
 
     if args.images is not None and args.images < 1:
-        from vlsearch.errors import QueryError
-
         raise QueryError("--images must be at least 1")
     if args.suite:
         return run_suite_command(args)

@@ -6,6 +6,10 @@ import sys
 from pathlib import Path
 
 from vlsearch.commands._common import add_model_arg, add_quiet
+from vlsearch.settings import default_index_dir
+
+# Heavy imports (torch, faiss, FastAPI and the vlsearch layers on them) are inside the functions: `vlsearch`
+# imports every command module to build its parser, and only the command that runs should load them.
 
 
 def register(sub):
@@ -53,7 +57,6 @@ def register(sub):
 
 
 def run(args):
-    from vlsearch.settings import default_index_dir
 
     out = Path(args.out).expanduser() if args.out else default_index_dir()
     if args.add:

@@ -7,6 +7,10 @@ import time
 from pathlib import Path
 
 from vlsearch.commands._common import print_json
+from vlsearch.errors import QueryError
+
+# Heavy imports (torch, faiss, FastAPI and the vlsearch layers on them) are inside the functions: `vlsearch`
+# imports every command module to build its parser, and only the command that runs should load them.
 
 
 def register(sub):
@@ -102,7 +106,6 @@ def hit_tags(engine, text, hits) -> list:
 
 def run(args):
     import vlsearch
-    from vlsearch.errors import QueryError
 
     if args.video is not None:
         return _video_to_text(args)
@@ -179,7 +182,6 @@ def run(args):
 
 
 def _video_search(engine, args):
-    from vlsearch.errors import QueryError
 
     query = args.image if args.image else args.query
     if args.image and not Path(args.image).is_file():

@@ -7,6 +7,12 @@ import socket
 import sys
 from pathlib import Path
 
+from vlsearch.errors import CheckpointError, QueryError, VLSearchError
+from vlsearch.settings import default_index_dir
+
+# Heavy imports (torch, faiss, FastAPI and the vlsearch layers on them) are inside the functions: `vlsearch`
+# imports every command module to build its parser, and only the command that runs should load them.
+
 
 def register(sub):
     p = sub.add_parser("serve", help="serve an index over HTTP: JSON API and a web page")
@@ -92,7 +98,6 @@ def rerank_choice(args) -> tuple[str | None, str]:
 
 def open_engine(index_dir: Path, model: str | None, rerank_model: str | None):
     """Open index, dual encoder and re-ranker; anything unexpected becomes a clear error (exit 2)."""
-    from vlsearch.errors import CheckpointError, VLSearchError
     from vlsearch.search.engine import SearchEngine
 
     try:
@@ -112,7 +117,6 @@ def open_engine(index_dir: Path, model: str | None, rerank_model: str | None):
 
 
 def listen(host: str, port: int) -> socket.socket:
-    from vlsearch.errors import VLSearchError
 
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
@@ -129,7 +133,6 @@ def listen(host: str, port: int) -> socket.socket:
 
 def read_token_option(value: str | None, file: str | None, env: str, what: str) -> str | None:
     """A token from the flag (warned: argv is visible to every user), a file, or the environment."""
-    from vlsearch.errors import QueryError
     from vlsearch.serve.gate import MIN_TOKEN_LENGTH
 
     if value:
@@ -172,9 +175,6 @@ def allowed_hosts(host: str, given: list[str] | None) -> tuple[str, ...] | None:
 
 def run(args):
     import logging
-
-    from vlsearch.errors import QueryError
-    from vlsearch.settings import default_index_dir
 
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s:     %(name)s: %(message)s")
     logging.getLogger("faiss").setLevel(logging.WARNING)  # its loader logs every fallback at INFO

@@ -4,18 +4,21 @@ from __future__ import annotations
 
 import importlib
 import time
+from dataclasses import fields, replace
 from pathlib import Path
 
 from vlsearch.commands._common import add_quiet
 from vlsearch.models.registry import NAMED_MODELS, default_checkpoint
+from vlsearch.settings import checkpoint_out
+from vlsearch.training.common import TrainRequest
 
-# named model -> "module:function(args) -> checkpoint path"; order matters for `train all`.
+# named model -> "module:function(TrainRequest) -> checkpoint path"; order matters for `train all`.
 TRAINERS = {
-    "fast": "vlsearch.training.fast:train_from_args",
-    "slow": "vlsearch.training.slow:train_from_args",
-    "fast-distilled": "vlsearch.training.fast:train_distilled_from_args",
-    "deformer-joint": "vlsearch.training.deformer:train_joint_from_args",
-    "deformer": "vlsearch.training.deformer:train_decomposed_from_args",
+    "fast": "vlsearch.training.fast:train_and_save",
+    "slow": "vlsearch.training.slow:train_and_save",
+    "fast-distilled": "vlsearch.training.fast:train_distilled_and_save",
+    "deformer-joint": "vlsearch.training.deformer:train_joint_and_save",
+    "deformer": "vlsearch.training.decompose:train_decomposed_and_save",
 }
 
 
@@ -81,15 +84,19 @@ def register(sub):
 
 
 def out_path(args, name: str) -> Path:
-    if args.out is None:
-        return default_checkpoint(name)
-    out = Path(args.out).expanduser()
-    return out if (out.is_absolute() or len(out.parts) > 1) else default_checkpoint(args.out)
+    return checkpoint_out(args.out, name)
 
 
 def trainer(name: str):
+    """The trainer of a named model; imported on use: each pulls in its own model and training stack."""
     module, fn = TRAINERS[name].split(":")
     return getattr(importlib.import_module(module), fn)
+
+
+def request(args, **changes) -> TrainRequest:
+    """The typed request a trainer takes, from the parsed flags (the one place that reads them)."""
+    names = {f.name for f in fields(TrainRequest)}
+    return replace(TrainRequest(**{k: v for k, v in vars(args).items() if k in names}), **changes)
 
 
 def run(args):
@@ -97,7 +104,7 @@ def run(args):
         if args.what == "fast" and args.distill:
             args.what = "fast-distilled"
             args.out = args.out or "fast-distilled"
-        path = trainer(args.what)(args)
+        path = trainer(args.what)(request(args))
         print(f"saved {args.what} checkpoint to {path}")
         return 0
     for name in TRAINERS:
@@ -107,7 +114,6 @@ def run(args):
             print(f"{name}: already trained at {default_checkpoint(name)} (use --force to retrain)")
             continue
         t0 = time.time()
-        args.out = None
-        path = trainer(name)(args)
+        path = trainer(name)(request(args, out=None))
         print(f"{name}: saved to {path} in {(time.time() - t0) / 60:.1f} min")
     return 0

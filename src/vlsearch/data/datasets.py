@@ -12,7 +12,9 @@ from pathlib import Path
 import numpy as np
 
 from vlsearch.data.images import IMAGE_EXTENSIONS
-from vlsearch.errors import DataError
+from vlsearch.data.video import VIDEO_EXTENSIONS
+from vlsearch.errors import DataError, MissingSplitError
+from vlsearch.settings import data_root
 
 SPLIT_ALIASES = {
     "dev": "dev",
@@ -161,7 +163,7 @@ def load_flickr8k(root: str | Path, split: str = "dev") -> CaptionDataset:
         split_file = text_dir / fname
         if not split_file.is_file():
             have = sorted(p.name for p in text_dir.glob("Flickr_8k.*Images.txt"))
-            raise DataError(
+            raise MissingSplitError(
                 f"Flickr8k split {split!r} not available: {split_file} is missing (found: {have or 'none'})"
             )
         order = [ln.strip() for ln in split_file.read_text().splitlines() if ln.strip()]
@@ -180,7 +182,7 @@ def load_coco(root: str | Path, split: str = "train2017") -> CaptionDataset:
         if len(by_split) == 1 and split in SPLIT_ALIASES:
             split = next(iter(by_split))
         else:
-            raise DataError(f"COCO split {split!r} not found; available: {sorted(by_split)}")
+            raise MissingSplitError(f"COCO split {split!r} not found; available: {sorted(by_split)}")
     data = json.loads(by_split[split].read_text())
     images = sorted(data["images"], key=lambda im: im["id"])
     names = {im["id"]: im["file_name"] for im in images}
@@ -209,6 +211,8 @@ def load_karpathy(
         rel = str(Path(im.get("filepath", "")) / im["filename"]) if im.get("filepath") else im["filename"]
         order.append(rel)
         pairs += [(rel, s.get("raw") or " ".join(s.get("tokens", []))) for s in im.get("sentences", [])]
+    if not order:
+        raise MissingSplitError(f"{json_path} has no images in split {split!r}: use train, dev (val) or test")
     for sub in ("", "images", "Flicker8k_Dataset", "flickr30k-images"):
         cand = image_root / sub if sub else image_root
         if order and (cand / order[0]).is_file():
@@ -247,8 +251,6 @@ def load_folder(
         and (follow_symlinks or inside(p, folder))
     )
     if not files:
-        from vlsearch.data.video import VIDEO_EXTENSIONS
-
         if not any(p.suffix.lower() in VIDEO_EXTENSIONS for p in folder.rglob("*")):
             exts = ", ".join(sorted(IMAGE_EXTENSIONS | VIDEO_EXTENSIONS))
             raise DataError(f"no images or videos ({exts}) under {folder}")
@@ -275,7 +277,6 @@ def excluded(rel: Path, patterns) -> bool:
 
 def load_dataset(root: str | Path | None = None, split: str = "dev") -> CaptionDataset:
     """Detect the format under ``root`` (default data root): Flickr8k, COCO, Karpathy JSON, or a plain folder."""
-    from vlsearch.settings import data_root
 
     root = Path(root) if root is not None else data_root()
     if not root.exists():

@@ -20,6 +20,8 @@ from importlib import resources
 import numpy as np
 import torch
 
+from vlsearch.encoders.features import pad
+from vlsearch.encoders.text import TextBackbone, masked_mean
 from vlsearch.errors import CheckpointError
 
 CLASSES_FILE = "imagenet_classes.txt"
@@ -77,8 +79,6 @@ def logits_from_grid(grid: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
 def sentence_states(states: torch.Tensor, lengths: torch.Tensor, layers) -> torch.Tensor:
     """MiniLM sentence embeddings [B,384] (unit) from cached lower-layer token states, through the
     pretrained upper ``layers``: mean over tokens, as all-MiniLM-L6-v2 is used."""
-    from vlsearch.models.layers import masked_mean
-
     mask = torch.arange(states.shape[1])[None, :] < lengths[:, None]
     h = states.float()
     for layer in layers:
@@ -89,9 +89,6 @@ def sentence_states(states: torch.Tensor, lengths: torch.Tensor, layers) -> torc
 @torch.no_grad()
 def label_embeddings(layers, prompts: tuple[str, ...] = (PROMPT,), names_per_class: int = 1) -> torch.Tensor:
     """[1000,384] unit MiniLM embeddings of the class names, averaged over prompts x name variants."""
-    from vlsearch.encoders.features import pad
-    from vlsearch.encoders.text import TextBackbone
-
     backbone = TextBackbone()
     texts, owner = [], []
     for c, lemmas in enumerate(class_lemmas()):

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from vlsearch.config import file_sha1
 from vlsearch.data.images import ImageReport, load_image
 from vlsearch.data.photo import decode_variant
 from vlsearch.data.safe_decode import open_header
@@ -29,11 +30,7 @@ CHUNK = 512
 
 
 def file_key(path: str | Path) -> str:
-    h = hashlib.sha1()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    return file_sha1(path)
 
 
 def photo_key(path: str | Path, size: int) -> str:

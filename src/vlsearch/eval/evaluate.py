@@ -12,11 +12,15 @@ import time
 import numpy as np
 
 from vlsearch.data import load_dataset
-from vlsearch.eval.metrics import retrieval_metrics
+from vlsearch.encoders.dataset_features import DatasetFeatures
+from vlsearch.errors import DataError
+from vlsearch.eval.metrics import recall_vs_exact, retrieval_metrics
 from vlsearch.index.vectors import make_vector_index
+from vlsearch.models.embed import embed_features
+from vlsearch.models.fast import set_concepts
 from vlsearch.models.registry import load_model
 from vlsearch.search.embedder import Embedder
-from vlsearch.training.features import DatasetFeatures
+from vlsearch.search.rerank import rerank_eval, score_all_pairs
 
 
 def measure_query_cost(embedder: Embedder, image_emb: np.ndarray, captions: list[str], n: int = 20) -> dict:
@@ -44,7 +48,7 @@ def ann_metrics(image_emb: np.ndarray, text_emb: np.ndarray, caption_image: np.n
     approx.add(image_emb)
     _, rows = approx.search(text_emb, k)
     exact = np.argsort(-(text_emb @ image_emb.T), axis=1)[:, :k]
-    overlap = np.mean([len(set(a) & set(e)) / k for a, e in zip(rows, exact, strict=True)])
+    overlap = recall_vs_exact(rows, exact)
     hit_rank = np.array([list(r).index(g) if g in r else k for r, g in zip(rows, caption_image, strict=True)])
     return {
         "index": approx.kind,
@@ -71,11 +75,8 @@ def evaluate(
     if images:
         dataset = dataset.sample(images, seed)
     if not dataset.captions:
-        from vlsearch.errors import DataError
-
         raise DataError(f"{dataset.name} split {split!r} has no captions to evaluate with")
     net, meta, ckpt = load_model(model)
-    from vlsearch.models.fast import set_concepts
 
     concepts_on = set_concepts(net, concepts)
     result: dict = {
@@ -91,8 +92,6 @@ def evaluate(
     cost: dict = {}
     sim_i2t = None
     if getattr(net, "is_pair_scorer", False):
-        from vlsearch.search.rerank import score_all_pairs
-
         t0 = time.perf_counter()
         sim = score_all_pairs(net, feats, progress=progress)
         elapsed = time.perf_counter() - t0
@@ -102,7 +101,6 @@ def evaluate(
         cost["note"] = f"scored all {n_pairs} pairs; per query = all {feats.n_images} gallery images"
     else:
         embedder = Embedder(net, progress=progress)
-        from vlsearch.training.fast import embed_features
 
         img, txt = embed_features(net, feats)
         sim = txt @ img.T
@@ -111,8 +109,6 @@ def evaluate(
         if index_kind != "flat":
             result.update(ann_metrics(img, txt, caption_image, index_kind))
         if rerank:
-            from vlsearch.search.rerank import rerank_eval
-
             sim, sim_i2t, rerank_cost = rerank_eval(
                 rerank_model or "slow", feats, sim, rerank, progress=progress
             )

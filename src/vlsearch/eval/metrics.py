@@ -49,3 +49,10 @@ def retrieval_metrics(sim: np.ndarray, caption_image: np.ndarray, sim_i2t: np.nd
     i2t = recalls(i2t_ranks(sim if sim_i2t is None else sim_i2t, caption_image))
     rsum = sum(t2i.values()) + sum(i2t.values())
     return {"t2i": t2i, "i2t": i2t, "rsum": rsum, "mean_recall": rsum / 6}
+
+
+def recall_vs_exact(approx_rows: np.ndarray, exact_rows: np.ndarray) -> float:
+    """Mean share of each query's exact top-k (rows [Q,k]) that an approximate index also returned
+    (recall@k against exact search: 1.0 = the index lost nothing)."""
+    k = np.asarray(exact_rows).shape[1]
+    return float(np.mean([len(set(a) & set(e)) / k for a, e in zip(approx_rows, exact_rows, strict=True)]))

@@ -14,10 +14,10 @@ from vlsearch.data.images import ImageReport
 from vlsearch.data.video import SamplingConfig
 from vlsearch.data.video_dataset import load_video_captions
 from vlsearch.encoders.video import videos_frames
-from vlsearch.eval.metrics import retrieval_metrics
+from vlsearch.eval.metrics import recalls, retrieval_metrics, t2i_ranks
 from vlsearch.models.registry import load_model, resolve_checkpoint
 from vlsearch.search.embedder import Embedder
-from vlsearch.search.rerank import place_candidates
+from vlsearch.search.rerank import Reranker, place_candidates
 from vlsearch.search.video import (
     AGGREGATES,
     DEFAULT_AGGREGATE,
@@ -141,8 +141,6 @@ def rerank_videos(
     captions ``queries`` (Fast alone is reported on the same captions, for the comparison)."""
     from tqdm import tqdm
 
-    from vlsearch.search.rerank import Reranker
-
     rr = Reranker.load(resolve_checkpoint(rerank_model), extractor=embedder.extractor)
     keys = np.array([k for f in frames for k in f.frame_keys])
     w = float(rr.model.config.fusion_weight)
@@ -164,7 +162,6 @@ def rerank_videos(
         fused[c] = f
         pairs += int(np.minimum(RERANK_FRAMES, layout.count[cand[c]]).sum())
     elapsed = time.perf_counter() - t0
-    from vlsearch.eval.metrics import recalls, t2i_ranks
 
     reranked = place_candidates(video_sim, cand, fused)
     return {

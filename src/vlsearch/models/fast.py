@@ -13,7 +13,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vlsearch.models.layers import image_tower, masked_mean, mean_max_pool, minilm_upper_layers
+from vlsearch.encoders import concepts as C
+from vlsearch.encoders.concepts import concept_distribution, logits_from_grid, sentence_states
+from vlsearch.encoders.image import ImageBackbone
+from vlsearch.errors import CheckpointError, VLSearchError
+from vlsearch.models.layers import (
+    TransformerLayer,
+    image_tower,
+    masked_mean,
+    mean_max_pool,
+    minilm_upper_layers,
+)
 
 
 @dataclass
@@ -47,7 +57,9 @@ class FastModel(nn.Module):
         self.use_concepts = True  # runtime switch (an index built with --no-concepts turns it off)
         if config.concept_input:
             if self.concept is None:
-                raise ValueError("concept_input needs concepts=True")
+                raise CheckpointError(
+                    "FastConfig: concept_input needs concepts=True (the tower's input includes the concept vector)"
+                )
             pooled += config.text_dim
         self.image_norm, self.image_mlp, self.image_skip = image_tower(
             pooled, config.image_hidden, config.embed_dim
@@ -55,8 +67,6 @@ class FastModel(nn.Module):
         if init_from_pretrained:
             self.text_layers = minilm_upper_layers(config.text_split_layer, config.text_layers)
         else:
-            from vlsearch.models.layers import TransformerLayer
-
             self.text_layers = nn.ModuleList(
                 TransformerLayer(config.text_dim) for _ in range(config.text_layers)
             )
@@ -72,6 +82,11 @@ class FastModel(nn.Module):
     @property
     def concepts_active(self) -> bool:
         return self.concept is not None and self.config.concept_weight > 0 and self.use_concepts
+
+    @property
+    def embed_dim(self) -> int:
+        """The DualEncoder contract's width (models/contracts.py): what encode_image returns."""
+        return self.output_dim
 
     @property
     def output_dim(self) -> int:
@@ -130,14 +145,10 @@ class ConceptChannel(nn.Module):
 
     def __init__(self, config: FastConfig, init_from_pretrained: bool = True):
         super().__init__()
-        from vlsearch.encoders import concepts as C
-
         self.config = config
         if init_from_pretrained:
             self.query_layers = minilm_upper_layers(config.text_split_layer, 6 - config.text_split_layer)
         else:
-            from vlsearch.models.layers import TransformerLayer
-
             self.query_layers = nn.ModuleList(
                 TransformerLayer(config.text_dim) for _ in range(6 - config.text_split_layer)
             )
@@ -146,8 +157,6 @@ class ConceptChannel(nn.Module):
         self.register_buffer("head_bias", torch.zeros(C.N_CLASSES))
         self.register_buffer("labels", torch.zeros(C.N_CLASSES, config.text_dim))
         if init_from_pretrained:
-            from vlsearch.encoders.image import ImageBackbone
-
             config.concept_classes_sha256 = C.CLASSES_SHA256
             w, b = C.classifier_head(ImageBackbone().net)
             self.head_weight.copy_(w)
@@ -158,18 +167,14 @@ class ConceptChannel(nn.Module):
 
     @torch.no_grad()
     def set_prompts(self, kind: str) -> None:
-        from vlsearch.encoders import concepts as C
-
         if kind not in ("single", "ensemble"):
-            raise ValueError(f"concept_prompts must be 'single' or 'ensemble', not {kind!r}")
+            raise VLSearchError(f"concept_prompts must be 'single' or 'ensemble', not {kind!r}")
         prompts, names = ((C.PROMPT,), 1) if kind == "single" else (C.PROMPTS, 2)
         self.labels.copy_(C.label_embeddings(self.query_layers, prompts, names))
         self.config.concept_prompts = kind
 
     def probs(self, grid: torch.Tensor) -> torch.Tensor:
         """[B,49,1280] -> class probabilities [B,1000] (fp32, whatever autocast is in force)."""
-        from vlsearch.encoders.concepts import concept_distribution, logits_from_grid
-
         with torch.autocast("cpu", enabled=False):
             logits = logits_from_grid(grid, self.head_weight, self.head_bias)
             return concept_distribution(logits, self.config.concept_temperature, self.config.concept_topk)
@@ -179,6 +184,4 @@ class ConceptChannel(nn.Module):
             return F.normalize(self.probs(grid) @ self.labels, dim=-1)
 
     def text(self, states: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        from vlsearch.encoders.concepts import sentence_states
-
         return sentence_states(states, lengths, self.query_layers).float()

@@ -12,6 +12,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vlsearch.encoders.text import load_minilm, masked_mean
+
+__all__ = [
+    "Attention",
+    "TransformerLayer",
+    "image_tower",
+    "masked_mean",
+    "mean_max_pool",
+    "minilm_upper_layers",
+]
+
 
 class Attention(nn.Module):
     def __init__(self, dim: int, heads: int, kv_dim: int | None = None):
@@ -97,8 +108,6 @@ class TransformerLayer(nn.Module):
 
 def minilm_upper_layers(split_layer: int, n_layers: int, cross_dim: int | None = None) -> nn.ModuleList:
     """Layers split_layer .. split_layer+n_layers-1 of MiniLM as TransformerLayers (beyond its depth: fresh)."""
-    from vlsearch.encoders.text import load_minilm
-
     bert, _ = load_minilm()
     cfg = bert.config
     layers = nn.ModuleList()
@@ -121,8 +130,3 @@ def image_tower(in_dim: int, hidden: int, out_dim: int) -> tuple[nn.LayerNorm, n
     with x = norm(pooled). The deformer builds its own from here too, so a Fast checkpoint fits it."""
     mlp = nn.Sequential(nn.Linear(in_dim, hidden), nn.GELU(), nn.Linear(hidden, out_dim))
     return nn.LayerNorm(in_dim), mlp, nn.Linear(in_dim, out_dim, bias=False)
-
-
-def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    m = mask.to(x.dtype).unsqueeze(-1)
-    return (x * m).sum(1) / m.sum(1).clamp_min(1.0)

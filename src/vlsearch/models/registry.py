@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 from pathlib import Path
 
+from vlsearch.config import file_sha1
 from vlsearch.errors import CheckpointError
 from vlsearch.models.checkpoint import WEIGHTS, load_checkpoint, read_meta
 from vlsearch.settings import models_dir
@@ -65,8 +65,4 @@ def load_model(name_or_path: str | Path):
 
 def fingerprint(path: Path) -> str:
     """A short hash of a checkpoint's weights: indexes record it to detect a model swap."""
-    h = hashlib.sha1()
-    with open(Path(path) / WEIGHTS, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()[:16]
+    return file_sha1(Path(path) / WEIGHTS)[:16]

@@ -92,13 +92,6 @@ class Embedder:
         out = self.extractor.encode_image_arrays([arr])
         return self._image(out["grid"], out["mid"])[0]
 
-    def image_tokens(self, image) -> dict[str, np.ndarray]:
-        try:
-            arr = load_image(image, self.extractor.image_config.image_size)
-        except ValueError as e:
-            raise QueryError(str(e)) from e
-        return {k: v[0] for k, v in self.extractor.encode_image_arrays([arr]).items()}
-
     def embed_texts(self, texts: list[str], cached: bool = True, batch: int = 1024) -> np.ndarray:
         """Captions (cached: dataset text) or queries (uncached) -> [N, D]."""
         if not texts:

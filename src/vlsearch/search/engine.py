@@ -3,76 +3,30 @@
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from vlsearch.errors import IndexError_, QueryError
+from vlsearch.index.build import add_to_index
 from vlsearch.index.gallery import GalleryIndex
 from vlsearch.index.photos import PhotoFilter, search_filtered
 from vlsearch.models.fast import set_concepts
 from vlsearch.models.registry import fingerprint, load_model, resolve_checkpoint
 from vlsearch.search import queries as Q
+from vlsearch.search import video_engine
 from vlsearch.search.embedder import Embedder, check_query
+from vlsearch.search.rerank import Reranker
+from vlsearch.search.results import (  # noqa: F401 - re-exported: callers import them from here
+    MAX_DEPTH,
+    MAX_K,
+    MAX_RERANK,
+    CaptionHit,
+    Hit,
+    SearchResult,
+    check_k,
+)
 from vlsearch.settings import default_index_dir
-
-MAX_K = 1000
-MAX_RERANK = 200
-MAX_DEPTH = 10_000  # how deep paging reaches
-
-
-@dataclass
-class Hit:
-    row: int
-    id: str
-    path: str
-    score: float
-    fast_score: float | None = None
-    slow_score: float | None = None
-    kind: str = "image"  # or "video": then id/path are the video's, and the best moment is given
-    t_start: float | None = None
-    t_end: float | None = None
-    t_frame: float | None = None  # the moment's best frame (its thumbnail)
-    taken: float | None = None  # capture time, unix seconds (EXIF, else file mtime)
-    folder: str | None = None
-    camera: str | None = None
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        if self.kind == "image":
-            for key in ("kind", "t_start", "t_end", "t_frame"):
-                d.pop(key)
-        return d
-
-
-@dataclass
-class CaptionHit:
-    row: int
-    text: str
-    image_row: int
-    score: float
-
-
-@dataclass
-class SearchResult:
-    hits: list
-    timings_ms: dict = field(default_factory=dict)
-    explanations: list | None = None
-    offset: int = 0
-    next_offset: int | None = None  # None: this was the last page
-    next_cursor: str | None = None
-    n_matching: int | None = None  # images passing the filters (all images when unfiltered)
-
-
-def check_k(k, limit: int = MAX_K, name: str = "k") -> int:
-    try:
-        k = int(k)
-    except (TypeError, ValueError) as e:
-        raise QueryError(f"{name} must be a whole number") from e
-    if k < 1 or k > limit:
-        raise QueryError(f"{name} must be between 1 and {limit}, not {k}")
-    return k
 
 
 class SearchEngine:
@@ -97,8 +51,6 @@ class SearchEngine:
             )
         reranker = None
         if rerank_model:
-            from vlsearch.search.rerank import Reranker
-
             reranker = Reranker.load(resolve_checkpoint(rerank_model), extractor=None)
         set_concepts(net, getattr(index.config, "concepts", True))  # as the index was built
         engine = cls(index, Embedder(net, progress=progress), reranker)
@@ -173,8 +125,6 @@ class SearchEngine:
                     "filters, date sort, paging, min-score and compound queries do not yet apply to an index"
                     " that holds videos; search it with a plain query"
                 )
-            from vlsearch.search import video_engine
-
             return video_engine.search(self, text, k, rerank=rerank, explain=explain)
         t0 = time.perf_counter()
         q = self.embed_terms(terms)
@@ -268,8 +218,6 @@ class SearchEngine:
         """Image-to-image; ``captions_for_image`` gives image-to-text."""
         k = check_k(k)
         if self.has_videos:
-            from vlsearch.search import video_engine
-
             return video_engine.search(self, image, k, by_image=True)
         t0 = time.perf_counter()
         q = self.embedder.embed_image(image)
@@ -298,8 +246,6 @@ class SearchEngine:
         return SearchResult(hits, {"total": (time.perf_counter() - t0) * 1e3})
 
     def add(self, paths) -> int:
-        from vlsearch.index.build import add_to_index
-
         n, report = add_to_index(self.index.path, paths, progress=False)
         self.refresh()
         return n
@@ -311,24 +257,16 @@ class SearchEngine:
     # -- videos (vlsearch.search.video_engine) --------------------------------------------------------------
     @property
     def has_videos(self) -> bool:
-        from vlsearch.search.video_engine import layout
-
-        return layout(self).n_videos > 0
+        return video_engine.layout(self).n_videos > 0
 
     def search_videos(self, query, k: int = 10, rerank: int = 0, aggregate: str | None = None):
         """Text (or, with an image/path, image) to video: videos only, each with its best moment."""
-        from vlsearch.search import video_engine
-
         return video_engine.search_videos(self, query, k, rerank=rerank, aggregate=aggregate)
 
     def search_moments(self, query, k: int = 10, by_image: bool = False):
         """Moments across all videos (temporal localisation), by text or by a photo."""
-        from vlsearch.search import video_engine
-
         return video_engine.search_moments(self, query, k, by_image=by_image)
 
     def captions_for_video(self, video_id: str, k: int = 5):
         """Video-to-text: the index's captions that match a video."""
-        from vlsearch.search import video_engine
-
         return video_engine.captions_for_video(self, video_id, k)

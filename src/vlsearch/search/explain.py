@@ -7,7 +7,6 @@ map row-major over the image's 14x14 grid and summing to 1.
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
@@ -104,7 +103,3 @@ def write_explanations(out_dir: str | Path, hits, explanations) -> list[Path]:
         atomic_write_bytes(out_dir / f"{stem}.png", png)
         written.append(out_dir / f"{stem}.png")
     return written
-
-
-def load_explanation(path: str | Path) -> dict:
-    return json.loads(Path(path).read_text())

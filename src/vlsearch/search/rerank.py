@@ -478,17 +478,3 @@ class Reranker:
             side = self.model.config.mid_side
             explanations = [word_maps(tokens, maps[i].numpy(), side) for i in range(len(keys))]
         return fused, slow, explanations
-
-    @torch.no_grad()
-    def rerank_image(self, key: str, texts: list[str], fast_scores):
-        """Image-to-text: (fused [K], slow [K]) for one cached image and its K candidate captions."""
-        fast_scores = np.asarray(fast_scores, dtype=np.float32)
-        if not texts:
-            return fast_scores.copy(), np.zeros(0, np.float32)
-        fx = self._need_extractor()
-        states, lengths, _ = fx.encode_texts(list(texts))
-        kv = self.image_kv([key])
-        with autocast():
-            tstate = self.model.text_state(torch.from_numpy(states), torch.from_numpy(lengths))
-            slow = self.model.score_block(tstate, kv)[:, 0].float().numpy()
-        return fast_scores + self.model.config.fusion_weight_i2t * slow, slow

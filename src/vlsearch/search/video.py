@@ -15,6 +15,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from vlsearch.errors import QueryError
+from vlsearch.index.videos import read_videos
+
 AGGREGATES = ("max", "topn")
 DEFAULT_AGGREGATE = "max"  # measured better on the slideshow gallery (README, Video search)
 TOP_N = 3
@@ -35,7 +38,6 @@ class VideoLayout:
 
     @classmethod
     def of_index(cls, index) -> VideoLayout:
-        from vlsearch.index.videos import read_videos
 
         videos = read_videos(index)
         n = len(index.images)
@@ -85,7 +87,7 @@ def aggregate(scores: np.ndarray, how: str = DEFAULT_AGGREGATE, n: int = TOP_N) 
     if how == "topn":
         s = np.sort(smooth(scores))[::-1]
         return float(s[: min(n, len(s))].mean())
-    raise ValueError(f"unknown aggregate {how!r}: use one of {AGGREGATES}")
+    raise QueryError(f"unknown aggregate {how!r}: use one of {AGGREGATES}")
 
 
 def aggregate_matrix(sim: np.ndarray, first, count, how: str = DEFAULT_AGGREGATE) -> np.ndarray:

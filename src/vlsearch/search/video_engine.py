@@ -14,6 +14,7 @@ import numpy as np
 
 from vlsearch.errors import QueryError
 from vlsearch.search.embedder import check_query
+from vlsearch.search.results import MAX_RERANK, CaptionHit, Hit, SearchResult, check_k
 from vlsearch.search.video import (
     AGGREGATES,
     DEFAULT_AGGREGATE,
@@ -62,8 +63,6 @@ def _check_aggregate(how: str | None) -> str:
 
 
 def _video_hit(engine, lay, v: int, scores: np.ndarray, score: float, fast=None, slow=None, row=None):
-    from vlsearch.search.engine import Hit
-
     rows = lay.rows(v)
     m = best_moment(lay, v, scores[rows])
     if row is not None and row != m.row:  # the Slow model preferred another frame: its span
@@ -96,8 +95,6 @@ def _slow_rows(engine, text: str):
 
 
 def search_videos(engine, query, k: int = 10, rerank: int = 0, aggregate: str | None = None, by_image=None):
-    from vlsearch.search.engine import MAX_RERANK, SearchResult, check_k
-
     k = check_k(k)
     how = _check_aggregate(aggregate)
     by_image = (not isinstance(query, str)) if by_image is None else by_image
@@ -133,8 +130,6 @@ def search_videos(engine, query, k: int = 10, rerank: int = 0, aggregate: str | 
 
 
 def search_moments(engine, query, k: int = 10, by_image: bool = False):
-    from vlsearch.search.engine import Hit, SearchResult, check_k
-
     k = check_k(k)
     lay = layout(engine)
     t0 = time.perf_counter()
@@ -160,8 +155,6 @@ def search_moments(engine, query, k: int = 10, by_image: bool = False):
 def search(engine, query, k: int, rerank: int = 0, explain: bool = False, by_image: bool = False):
     """Photos and videos ranked together (a video by its max moment score, so it is on the photos'
     scale; one hit per video). Re-ranking rescores photos and videos' best frames alike."""
-    from vlsearch.search.engine import Hit, SearchResult
-
     lay = layout(engine)
     t0 = time.perf_counter()
     q = _query_vector(engine, query, by_image)
@@ -207,8 +200,6 @@ def search(engine, query, k: int, rerank: int = 0, explain: bool = False, by_ima
 
 def captions_for_video(engine, video_id: str, k: int = 5, aggregate: str | None = None):
     """Video-to-text: each caption of the index scored against the video's moments, aggregated."""
-    from vlsearch.search.engine import CaptionHit, SearchResult, check_k
-
     k = check_k(k)
     lay = layout(engine)
     if video_id not in lay.ids:

@@ -10,9 +10,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from vlsearch.encoders.dataset_features import DatasetFeatures
 from vlsearch.eval.metrics import retrieval_metrics
 from vlsearch.models.fast import ConceptChannel, FastModel
-from vlsearch.training.features import DatasetFeatures
 
 WEIGHTS = (0.0, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.7, 1.0)
 

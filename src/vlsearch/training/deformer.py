@@ -6,7 +6,7 @@
    negative captions, both by softmax cross-entropy over the joint model's scores. Multi-task: the same
    weights also run on each modality alone and those pooled embeddings get a symmetric InfoNCE, so the
    shared weights support both modes from the start.
-2. ``train_decomposed`` (named model ``deformer``): the joint checkpoint, switched to ``mode="decomposed"``,
+2. ``train_decomposed`` (named model ``deformer``; in training/decompose.py): the joint checkpoint, switched to ``mode="decomposed"``,
    is fine-tuned on a *small* target subset of train (``--subset``, default 0.2) with the bi-modal
    hard-negative contrastive loss: each image/caption embedding is contrasted with the other modality's
    embeddings *and* with its own modality's (bi-modal negatives), in batches grouped from mutually
@@ -18,8 +18,6 @@ budgets runs out first.
 
 from __future__ import annotations
 
-import copy
-import math
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -29,12 +27,26 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from vlsearch.eval.metrics import retrieval_metrics
+from vlsearch.encoders.dataset_features import DatasetFeatures
+from vlsearch.errors import VLSearchError
+from vlsearch.models.checkpoint import save_checkpoint
 from vlsearch.models.deformer import DeformerConfig, DeformerModel
+from vlsearch.models.registry import load_model
 from vlsearch.precision import autocast
-from vlsearch.training import apply_overrides
-from vlsearch.training.features import DatasetFeatures
+from vlsearch.settings import checkpoint_out
+from vlsearch.training.common import (
+    TrainRequest,
+    apply_overrides,
+    captions_of_images,
+    dev_metrics,
+    hflip,
+    load_dev,
+    load_split,
+    optimizer_step,
+    warmup_cosine,
+)
 from vlsearch.training.losses import candidate_kl, info_nce
+from vlsearch.training.mining import mine_hard_negatives
 
 
 @dataclass
@@ -76,42 +88,9 @@ class JointTrainConfig:
     bf16: bool = True
 
 
-@dataclass
-class DecomposeTrainConfig:
-    subset: float = 0.2  # fraction of the train images (with their captions) used to fine-tune
-    epochs: int = 30
-    minutes: float = 10.0
-    batch_size: int = 128
-    group: int = 4  # images per group of mutually confusable images in a batch
-    intra_weight: float = 1.0  # weight of the same-modality (bi-modal) negatives in the denominators
-    # + distill_weight * KL(joint || decomposed) over each of ``distill_queries`` captions' lists of
-    # ``distill_list`` images (its own and the most confusable ones): the decomposition learns to rank
-    # like the joint model it came from. 0 = the paper's contrastive-only decomposition. On dev, with the
-    # term, fine-tuning lost less (last epoch at 20 %: 47.93 mean recall against 47.49 without; the two
-    # runs decomposed different joint models, see docs/deformer.md).
-    distill_weight: float = 1.0
-    distill_queries: int = 16
-    distill_list: int = 8
-    distill_temperature: float = 1.0
-    lr: float = 2e-4
-    layer_lr: float = 2e-5
-    weight_decay: float = 0.05
-    warmup_steps: int = 20
-    flip: bool = True
-    feature_dropout: float = 0.1
-    seed: int = 0
-    bf16: bool = True
-
-
 # -- helpers ---------------------------------------------------------------------------------------------
 def _progress(step: int, total: int, t0: float, budget_s: float) -> float:
     return max(step / max(1, total), (time.time() - t0) / max(1e-9, budget_s))
-
-
-def _lr_factor(step: int, warmup: int, progress: float) -> float:
-    if step < warmup:
-        return (step + 1) / warmup
-    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
 # parameters that come pretrained: MiniLM's layers, and with a Fast warm start its towers too
@@ -151,20 +130,10 @@ def _image_inputs(feats: DatasetFeatures, rows, flip: bool, dropout: float, gen:
     grid = feats.grid[rows].float()
     mid = feats.mid[rows].float() if use_mid else None
     if flip and torch.rand((), generator=gen) < 0.5:
-        B, _, C = grid.shape
-        grid = grid.view(B, 7, 7, C).flip(2).reshape(B, 49, C)
-        if mid is not None:
-            mid = mid.view(B, 14, 14, -1).flip(2).reshape(B, 196, -1)
+        grid, mid = hflip(grid), hflip(mid)
     if dropout:
         grid = F.dropout(grid, dropout)
     return grid, mid
-
-
-def captions_of_images(caption_image: torch.Tensor, n_images: int) -> list[list[int]]:
-    out: list[list[int]] = [[] for _ in range(n_images)]
-    for c, i in enumerate(caption_image.tolist()):
-        out[i].append(c)
-    return out
 
 
 @torch.no_grad()
@@ -188,8 +157,7 @@ def embed_decomposed(model: DeformerModel, feats: DatasetFeatures, batch: int = 
 
 
 def decomposed_metrics(model: DeformerModel, feats: DatasetFeatures) -> dict:
-    img, txt = embed_decomposed(model, feats)
-    return retrieval_metrics(txt @ img.T, feats.caption_image.numpy())
+    return dev_metrics(model, feats, embed_decomposed)
 
 
 def _fmt(m: dict) -> str:
@@ -198,11 +166,7 @@ def _fmt(m: dict) -> str:
 
 def fast_hard_negatives(fast, feats: DatasetFeatures, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Hard negatives of a trained dual encoder (a model, or a name such as ``fast``) on these features."""
-    from vlsearch.training.mining import mine_hard_negatives
-
     if isinstance(fast, str):
-        from vlsearch.models.registry import load_model
-
         fast = load_model(fast)[0]
     return mine_hard_negatives(fast, feats, k)
 
@@ -230,7 +194,9 @@ def train_joint(
     rng = np.random.default_rng(tc.seed)
     if tc.init_from == "fast":
         if fast is None:
-            raise ValueError("init_from='fast' needs the trained Fast model")
+            raise VLSearchError(
+                "init_from='fast' needs the trained Fast model: train it first (`vlsearch train fast-distilled`)"
+            )
         aligned = config.aligned_with_fast(fast.config)
         if aligned != config:
             log("warm start from the Fast model: text layers, embed_dim and image tower follow its config")
@@ -239,7 +205,7 @@ def train_joint(
     if tc.init_from == "fast":
         model.init_from_fast(fast)
     elif tc.init_from != "minilm":
-        raise ValueError(f"init_from must be 'minilm' or 'fast', not {tc.init_from!r}")
+        raise VLSearchError(f"init_from must be 'minilm' or 'fast', not {tc.init_from!r}")
     warm = FROM_FAST if tc.init_from == "fast" else PRETRAINED
     frozen = tc.init_from == "fast" and tc.freeze_streams
     if frozen:
@@ -270,7 +236,7 @@ def train_joint(
             if frac >= 1.0:
                 done = True
                 break
-            _set_lr(opt, _lr_factor(step, tc.warmup_steps, frac))
+            _set_lr(opt, warmup_cosine(step, tc.warmup_steps, frac))
             imgs = torch.from_numpy(order[s * tc.batch_size : (s + 1) * tc.batch_size])
             caps = torch.tensor([caps_of[i][rng.integers(len(caps_of[i]))] for i in imgs.tolist()])
             # ITM lists: caption -> [own image, hard images.., random images..]; image -> [own caption, ..]
@@ -308,10 +274,7 @@ def train_joint(
                     if teacher is not None and tc.teacher_weight:
                         wanted = teacher_list_logits(model, teacher, train, t_rows, i_rows, q)
                         loss = loss + tc.teacher_weight * candidate_kl(logits, wanted.view(2 * q, n_list))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
-            opt.step()
+            optimizer_step(model, opt, loss)
             step += 1
             history["loss"].append(float(loss.detach()))
             bar.update(1)
@@ -364,217 +327,16 @@ def teacher_list_logits(model: DeformerModel, teacher, train: DatasetFeatures, t
     return model.scale.detach().float() * (cosine + w * scores)
 
 
-# -- stage 2: decomposition ------------------------------------------------------------------------------
-def subset_features(feats: DatasetFeatures, fraction: float, seed: int = 0) -> DatasetFeatures:
-    """A seeded random ``fraction`` of the images with all their captions (tensors only)."""
-    if not 0 < fraction <= 1:
-        from vlsearch.errors import VLSearchError
-
-        raise VLSearchError(f"--subset must be a fraction in (0, 1], not {fraction}")
-    n = feats.n_images
-    keep = np.sort(np.random.default_rng(seed).permutation(n)[: max(2, round(fraction * n))])
-    new = torch.full((n,), -1, dtype=torch.long)
-    new[torch.from_numpy(keep)] = torch.arange(len(keep))
-    cap_new = new[feats.caption_image]
-    caps = torch.nonzero(cap_new >= 0).squeeze(1)
-    keep_t = torch.from_numpy(keep)
-    return DatasetFeatures(
-        feats.dataset,
-        feats.grid[keep_t],
-        None if feats.mid is None else feats.mid[keep_t],
-        feats.states[caps],
-        feats.lengths[caps],
-        feats.token_ids[caps],
-        cap_new[caps],
-    )
-
-
-def bimodal_contrastive(
-    im: torch.Tensor, tx: torch.Tensor, scale: torch.Tensor, same: torch.Tensor, intra_weight: float = 1.0
-) -> torch.Tensor:
-    """Bi-modal contrastive loss over B (image, caption) rows.
-
-    Every embedding of the 2B is an anchor whose positive is its pair in the other modality; its negatives
-    are the other modality's rows (as InfoNCE) *and* its own modality's other rows (bi-modal negatives,
-    weighted by ``intra_weight`` in the denominator). ``same`` [B,B] marks rows of the same image, which are
-    never negatives.
-    """
-    cross = scale * im @ tx.t()  # [B,B]
-    ii = scale * im @ im.t()
-    tt = scale * tx @ tx.t()
-    eye = torch.eye(len(im), dtype=torch.bool)
-    off = same & ~eye
-    neg_inf = float("-inf")
-    log_w = math.log(intra_weight) if intra_weight > 0 else neg_inf
-    target = torch.arange(len(im))
-    losses = []
-    for c, intra in ((cross, ii), (cross.t(), tt)):
-        c = c.masked_fill(off, neg_inf)
-        intra = (intra + log_w).masked_fill(same, neg_inf)
-        losses.append(F.cross_entropy(torch.cat([c, intra], 1), target))
-    return 0.5 * (losses[0] + losses[1])
-
-
-def _grouped_batches(
-    neighbours: np.ndarray, pool: np.ndarray, batch: int, group: int, rng
-) -> list[np.ndarray]:
-    """Batches of unique images made of groups: an anchor and its ``group - 1`` most confusable images."""
-    anchors = rng.permutation(pool)
-    batches, cur, used = [], [], set()
-    for a in anchors:
-        if a in used:
-            continue
-        members = [a] + [int(n) for n in neighbours[a] if n not in used and n not in cur][: group - 1]
-        for m in members:
-            if m not in cur:
-                cur.append(m)
-        used.update(members)
-        if len(cur) >= batch:
-            batches.append(np.array(cur[:batch]))
-            cur = cur[batch:]
-    return batches
-
-
-def _image_neighbours(img: np.ndarray, k: int) -> np.ndarray:
-    sim = torch.from_numpy(img) @ torch.from_numpy(img).T
-    sim.fill_diagonal_(float("-inf"))
-    return sim.topk(min(k, len(img) - 1), dim=1).indices.numpy()
-
-
-def _distill_lists(model, joint, target, imgs, caps, tx, neighbours, tc) -> torch.Tensor:
-    """KL(joint || decomposed) over the first captions' image lists (own image + nearest neighbours)."""
-    q = min(tc.distill_queries, len(imgs))
-    n = min(tc.distill_list, neighbours.shape[1] + 1)
-    own = imgs[:q]
-    lists = torch.cat([own[:, None], torch.from_numpy(neighbours[own.numpy(), : n - 1])], 1)  # [q, n]
-    flat = lists.reshape(-1)
-    grid = target.grid[flat].float()
-    mid = target.mid[flat].float() if model.config.use_mid else None
-    rows = caps[:q].repeat_interleave(n)
-    with torch.no_grad(), autocast(tc.bf16):
-        teacher = joint.joint_logits_bucketed(
-            joint.image_tokens(grid, mid), target.states[rows], target.lengths[rows]
-        ).view(q, n)
-    with autocast(tc.bf16):
-        e_img = model.encode_image(grid, mid).float().view(q, n, -1)
-    student = model.scale * (tx[:q, None, :] * e_img).sum(-1)
-    T = tc.distill_temperature
-    kl = F.kl_div(
-        F.log_softmax(student / T, -1),
-        F.log_softmax(teacher.float() / T, -1),
-        log_target=True,
-        reduction="batchmean",
-    )
-    return kl * T * T
-
-
-def train_decomposed(
-    joint: DeformerModel,
-    target: DatasetFeatures,
-    tc: DecomposeTrainConfig | None = None,
-    dev: DatasetFeatures | None = None,
-    progress: bool = True,
-    log=print,
-) -> tuple[DeformerModel, dict]:
-    """Fine-tune a copy of ``joint`` in decomposed mode on ``target`` (the small subset)."""
-    tc = tc or DecomposeTrainConfig()
-    torch.manual_seed(tc.seed)
-    gen = torch.Generator().manual_seed(tc.seed)
-    rng = np.random.default_rng(tc.seed)
-    joint = joint.eval()
-    model = copy.deepcopy(joint).set_mode("decomposed").requires_grad_(True)
-    opt = _optimizer(model, tc.lr, tc.layer_lr, tc.weight_decay, FROM_FAST)
-    caps_of = captions_of_images(target.caption_image, target.n_images)
-    pool = np.array([i for i, c in enumerate(caps_of) if c])
-    steps_per_epoch = max(1, len(pool) // tc.batch_size)
-    total = steps_per_epoch * tc.epochs
-    budget = 60 * tc.minutes
-    history: dict = {"loss": [], "dev": []}
-    best = None  # (dev mean recall, epoch, weights): the decomposition keeps its best dev state
-    if dev is not None:
-        m = decomposed_metrics(model, dev)
-        history["dev"].append({"epoch": 0, **m})
-        best = (m["mean_recall"], 0, copy.deepcopy(model.state_dict()))
-        log(f"decomposed before fine-tuning: dev {_fmt(m)}")
-    bar = tqdm(
-        total=total, desc="decompose deformer", disable=not progress, file=sys.stderr, dynamic_ncols=True
-    )
-    t0 = time.time()
-    step, done = 0, False
-    for epoch in range(tc.epochs):
-        img_emb, _ = embed_decomposed(model, target)  # hard negatives: re-mined by the model itself
-        neighbours = _image_neighbours(img_emb, max(2 * tc.group, tc.distill_list))
-        model.train()
-        for imgs in _grouped_batches(neighbours, pool, tc.batch_size, tc.group, rng):
-            frac = _progress(step, total, t0, budget)
-            if frac >= 1.0:
-                done = True
-                break
-            _set_lr(opt, _lr_factor(step, tc.warmup_steps, frac))
-            imgs = torch.from_numpy(imgs)
-            caps = torch.tensor([caps_of[i][rng.integers(len(caps_of[i]))] for i in imgs.tolist()])
-            grid, mid = _image_inputs(target, imgs, tc.flip, tc.feature_dropout, gen, model.config.use_mid)
-            with autocast(tc.bf16):
-                im = model.encode_image(grid, mid)
-                tx = model.encode_text(target.states[caps], target.lengths[caps])
-            same = imgs[:, None] == imgs[None, :]
-            loss = bimodal_contrastive(im.float(), tx.float(), model.scale, same, tc.intra_weight)
-            if tc.distill_weight:
-                loss = loss + tc.distill_weight * _distill_lists(
-                    model, joint, target, imgs, caps, tx.float(), neighbours, tc
-                )
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
-            opt.step()
-            step += 1
-            history["loss"].append(float(loss.detach()))
-            bar.update(1)
-            bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
-        if dev is not None and (done or epoch == tc.epochs - 1 or (epoch + 1) % max(1, tc.epochs // 4) == 0):
-            m = decomposed_metrics(model, dev)
-            history["dev"].append({"epoch": epoch + 1, "step": step, **m})
-            log(f"epoch {epoch + 1} step {step}: dev {_fmt(m)} ({time.time() - t0:.0f}s)")
-            if m["mean_recall"] > best[0]:
-                best = (m["mean_recall"], epoch + 1, copy.deepcopy(model.state_dict()))
-        if done:
-            break
-    bar.close()
-    if best is not None:
-        model.load_state_dict(best[2])
-        history["best_epoch"] = best[1]
-        log(f"kept the best dev state: epoch {best[1]} (mean recall {best[0]:.2f})")
-    history["steps"] = step
-    history["train_seconds"] = time.time() - t0
-    return model.eval(), history
-
-
 # -- CLI entry points (`vlsearch train deformer-joint`, `vlsearch train deformer`) -----------------------
-def _load(args, mid: bool):
-    from vlsearch.data import load_dataset
-
-    progress = not args.quiet
-    train = DatasetFeatures.load(load_dataset(args.data_root, "train"), mid=mid, progress=progress)
-    try:
-        dev = DatasetFeatures.load(load_dataset(args.data_root, "dev"), mid=mid, progress=progress)
-    except Exception:
-        dev = None
-    return train, dev
-
-
-def train_joint_from_args(args, extra: dict | None = None, config: DeformerConfig | None = None):
+def train_joint_and_save(req: TrainRequest, extra: dict | None = None, config: DeformerConfig | None = None):
     """`vlsearch train deformer-joint`: the early-interaction model on Flickr8k train."""
-    from vlsearch.commands.train import out_path
-    from vlsearch.models.checkpoint import save_checkpoint
-
-    tc = apply_overrides(JointTrainConfig(seed=args.seed), args, extra)
-    if getattr(args, "teacher", None) is not None:
-        tc.teacher = "" if args.teacher.lower() in ("", "none") else args.teacher
+    tc = apply_overrides(JointTrainConfig(seed=req.seed), req, extra)
+    if req.teacher is not None:
+        tc.teacher = "" if req.teacher.lower() in ("", "none") else req.teacher
     config = config or DeformerConfig()
-    log = (lambda *a, **k: None) if args.quiet else print
-    train, dev = _load(args, config.use_mid or bool(tc.teacher))
-    from vlsearch.models.registry import load_model
-
+    log = req.log
+    mid = config.use_mid or bool(tc.teacher)
+    train, dev = load_split(req, "train", mid), load_dev(req, mid)
     teacher, teacher_path = load_model(tc.teacher)[::2] if tc.teacher else (None, None)
 
     t0 = time.time()
@@ -584,53 +346,15 @@ def train_joint_from_args(args, extra: dict | None = None, config: DeformerConfi
         f"mined {hard[0].shape[1]} hard negatives per caption with {tc.fast_model!r} ({time.time() - t0:.0f}s)"
     )
     model, history = train_joint(
-        train, hard, config, tc, dev=dev, progress=not args.quiet, log=log, fast=fast, teacher=teacher
+        train, hard, config, tc, dev=dev, progress=req.progress, log=log, fast=fast, teacher=teacher
     )
     meta = {
         "train": asdict(tc),
         "fast": str(fast_path),
         "teacher": None if teacher_path is None else str(teacher_path),
-        "data_root": str(args.data_root or "default"),
+        "data_root": str(req.data_root or "default"),
         "dev": history["dev"][-1:] or None,
         "steps": history["steps"],
         "train_seconds": history["train_seconds"],
     }
-    return save_checkpoint(out_path(args, "deformer-joint"), model, meta)
-
-
-def train_decomposed_from_args(args, extra: dict | None = None, joint: str | None = None):
-    """`vlsearch train deformer [--subset F]`: decompose the trained ``deformer-joint`` on a train subset."""
-    from vlsearch.commands.train import out_path
-    from vlsearch.models.checkpoint import save_checkpoint
-    from vlsearch.models.registry import load_model
-
-    tc = apply_overrides(DecomposeTrainConfig(seed=args.seed), args, extra)
-    if getattr(args, "subset", None):
-        tc.subset = args.subset
-    if getattr(args, "distill_weight", None) is not None:
-        tc.distill_weight = args.distill_weight
-    if getattr(args, "distill_temperature", None) is not None:
-        tc.distill_temperature = args.distill_temperature
-    joint_name = joint or getattr(args, "joint", None) or "deformer-joint"
-    net, _, joint_path = load_model(joint_name)
-    if not isinstance(net, DeformerModel):
-        from vlsearch.errors import CheckpointError
-
-        raise CheckpointError(f"{joint_name!r} is a {net.model_type!r} model, not a deformer")
-    log = (lambda *a, **k: None) if args.quiet else print
-    train, dev = _load(args, net.config.use_mid)
-    target = subset_features(train, tc.subset, tc.seed)
-    log(f"decomposing on {target.n_images} images / {len(target.states)} captions ({tc.subset:.0%} of train)")
-    model, history = train_decomposed(net, target, tc, dev=dev, progress=not args.quiet, log=log)
-    meta = {
-        "train": asdict(tc),
-        "joint": str(joint_path),
-        "data_root": str(args.data_root or "default"),
-        "subset_images": target.n_images,
-        "dev": [d for d in history["dev"] if d["epoch"] == history.get("best_epoch")] or None,
-        "best_epoch": history.get("best_epoch"),
-        "dev_history": history["dev"],  # every evaluated epoch: what the fine-tuning did, kept or not
-        "steps": history["steps"],
-        "train_seconds": history["train_seconds"],
-    }
-    return save_checkpoint(out_path(args, "deformer"), model, meta)
+    return save_checkpoint(checkpoint_out(req.out, "deformer-joint"), model, meta)

@@ -3,20 +3,36 @@ from a Slow teacher (Miech et al. 2021, Sec. 3.3)."""
 
 from __future__ import annotations
 
-import math
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from vlsearch.eval.metrics import retrieval_metrics
+from vlsearch.encoders.dataset_features import DatasetFeatures
+from vlsearch.models.checkpoint import save_checkpoint
+from vlsearch.models.embed import embed_features  # noqa: F401 - also importable from here, as before
 from vlsearch.models.fast import FastConfig, FastModel
+from vlsearch.models.registry import load_model
 from vlsearch.precision import autocast
-from vlsearch.training import apply_overrides
-from vlsearch.training.features import DatasetFeatures
+from vlsearch.settings import checkpoint_out
+from vlsearch.training.common import (
+    TrainRequest,
+    apply_overrides,
+    captions_of_images,
+    dev_metrics,
+    hflip,
+    load_dev,
+    load_split,
+    map_side,
+    optimizer_step,
+    warmup_cosine,
+)
+from vlsearch.training.concepts import attach_concepts, choose_concept_weight
+from vlsearch.training.distill import distillation_teacher
 from vlsearch.training.losses import info_nce
 
 
@@ -44,40 +60,20 @@ class FastTrainConfig:
 
 
 def augment_grid(grid: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """Feature-level augmentation of [B,49,C] 7x7 grids: random horizontal flip and random crop window."""
+    """Feature-level augmentation of [B,side*side,C] grids: random horizontal flip and a random square
+    crop window of side-2 .. side cells (5..7 on the 7x7 grid)."""
     B, _, C = grid.shape
-    g = grid.view(B, 7, 7, C)
+    side = map_side(grid)
     if torch.rand((), generator=gen) < 0.5:
-        g = g.flip(2)
-    size = int(torch.randint(5, 8, (), generator=gen))
-    y0, x0 = (int(torch.randint(0, 8 - size, (), generator=gen)) for _ in range(2))
+        grid = hflip(grid)
+    g = grid.reshape(B, side, side, C)
+    size = int(torch.randint(side - 2, side + 1, (), generator=gen))
+    y0, x0 = (int(torch.randint(0, side + 1 - size, (), generator=gen)) for _ in range(2))
     return g[:, y0 : y0 + size, x0 : x0 + size].reshape(B, -1, C)
 
 
 def _lr_lambda(total: int, warmup: int):
-    def f(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
-
-    return f
-
-
-def embed_features(
-    model: FastModel, feats: DatasetFeatures, batch: int = 1024
-) -> tuple[np.ndarray, np.ndarray]:
-    model.eval()
-    with torch.no_grad(), autocast():
-        img = torch.cat(
-            [model.encode_image(feats.grid[s : s + batch]).float() for s in range(0, feats.n_images, batch)]
-        )
-        txt = torch.cat(
-            [
-                model.encode_text(feats.states[s : s + batch], feats.lengths[s : s + batch]).float()
-                for s in range(0, len(feats.states), batch)
-            ]
-        )
-    return img.numpy(), txt.numpy()
+    return lambda step: warmup_cosine(step, warmup, step - warmup, max(1, total - warmup))
 
 
 def train_fast(
@@ -103,9 +99,7 @@ def train_fast(
         [{"params": other, "lr": tc.lr}, {"params": text_params, "lr": tc.text_lr}],
         weight_decay=tc.weight_decay,
     )
-    captions_of = [[] for _ in range(train.n_images)]
-    for c, i in enumerate(train.caption_image.tolist()):
-        captions_of[i].append(c)
+    captions_of = captions_of_images(train.caption_image, train.n_images)
     has_caps = np.array([len(c) > 0 for c in captions_of])
     image_pool = np.flatnonzero(has_caps)
     steps_per_epoch = len(image_pool) // tc.batch_size
@@ -137,10 +131,7 @@ def train_fast(
                 loss = loss + tc.distill_weight * teacher.loss(
                     model, train, imgs, caps, im, tx, tc.distill_temperature
                 )
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
-            opt.step()
+            optimizer_step(model, opt, loss)
             sched.step()
             history["loss"].append(float(loss.detach()))
             bar.update(1)
@@ -150,8 +141,7 @@ def train_fast(
             and (epoch + 1) % max(1, tc.epochs // 5) == 0
             or (dev is not None and epoch == tc.epochs - 1)
         ):
-            img, txt = embed_features(model, dev)
-            m = retrieval_metrics(txt @ img.T, dev.caption_image.numpy())
+            m = dev_metrics(model, dev)
             history["dev"].append({"epoch": epoch + 1, **m})
             log(
                 f"epoch {epoch + 1}: dev t2i R@1 {m['t2i']['r1']:.1f} i2t R@1 {m['i2t']['r1']:.1f} rsum {m['rsum']:.1f} ({time.time() - t0:.0f}s)"
@@ -161,57 +151,40 @@ def train_fast(
     return model.eval(), history
 
 
-def train_from_args(args, teacher=None, extra: dict | None = None):
+def train_and_save(req: TrainRequest, teacher=None, extra: dict | None = None) -> Path:
     """`vlsearch train fast`: train on Flickr8k train, report dev, save the checkpoint."""
-    from dataclasses import asdict
-
-    from vlsearch.commands.train import out_path
-    from vlsearch.data import load_dataset
-    from vlsearch.models.checkpoint import save_checkpoint
-
-    tc = apply_overrides(FastTrainConfig(seed=args.seed), args, extra)
-    if getattr(args, "no_concepts", False):
+    tc = apply_overrides(FastTrainConfig(seed=req.seed), req, extra)
+    if req.no_concepts:
         tc.concepts = False
-    if getattr(args, "concept_input", False):
+    if req.concept_input:
         tc.concept_input = True
-    progress = not args.quiet
-    try:
-        dev = DatasetFeatures.load(load_dataset(args.data_root, "dev"), progress=progress)
-    except Exception:
-        dev = None
+    progress = req.progress
+    dev = load_dev(req)
     name = "fast-distilled" if teacher is not None else "fast"
-    init = getattr(args, "init", None)
-    if init:  # reuse a trained Fast model's weights: only the concept channel is (re)calibrated
-        from vlsearch.models.registry import load_model
-
-        model, init_meta, _ = load_model(init)
+    if req.init:  # reuse a trained Fast model's weights: only the concept channel is (re)calibrated
+        model, init_meta, _ = load_model(req.init)
         history = {"dev": init_meta.get("dev") or [], "train_seconds": init_meta.get("train_seconds")}
         keep = {k: getattr(tc, k) for k in FastTrainConfig.__dataclass_fields__ if k.startswith("concept")}
         tc = FastTrainConfig(**{**init_meta.get("train", {}), **keep})
     else:
-        train = DatasetFeatures.load(load_dataset(args.data_root, "train"), progress=progress)
+        train = load_split(req, "train")
         config = FastConfig(concepts=tc.concept_input, concept_input=tc.concept_input)
         model, history = train_fast(train, config, tc, dev=dev, teacher=teacher, progress=progress)
     meta = {
         "train": asdict(tc),
-        "data_root": str(args.data_root or "default"),
+        "data_root": str(req.data_root or "default"),
         "dev": history["dev"][-1:] if history["dev"] else None,
         "train_seconds": history["train_seconds"],
     }
     if tc.concepts and dev is not None:
-        from vlsearch.training.concepts import attach_concepts, choose_concept_weight
-
         attach_concepts(model, tc.concept_prompts, tc.concept_temperature, tc.concept_topk)
         meta["concepts"] = choose_concept_weight(model, dev, log=print if progress else lambda *_: None)
-        if init:
-            meta["concepts"]["fast_weights_from"] = str(init)
-    return save_checkpoint(out_path(args, name), model, meta)
+        if req.init:
+            meta["concepts"]["fast_weights_from"] = str(req.init)
+    return save_checkpoint(checkpoint_out(req.out, name), model, meta)
 
 
-def train_distilled_from_args(args):
+def train_distilled_and_save(req: TrainRequest) -> Path:
     """`vlsearch train fast --distill SLOW`: the same recipe plus KL to the Slow model's in-batch scores."""
-    from vlsearch.training.slow import distillation_teacher
-
-    teacher_name = getattr(args, "distill", None) or "slow"
-    teacher, settings = distillation_teacher(teacher_name, args)
-    return train_from_args(args, teacher=teacher, extra=settings)
+    teacher, settings = distillation_teacher(req.distill or "slow", req)
+    return train_and_save(req, teacher=teacher, extra=settings)

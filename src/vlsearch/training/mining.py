@@ -7,8 +7,15 @@ the distillation cache (fixed candidate sets); the deformer trainer may use them
 
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 import torch
+
+from vlsearch.config import read_npz, write_npz
+from vlsearch.models.embed import embed_features
+from vlsearch.models.registry import fingerprint, load_model
+from vlsearch.settings import home
 
 
 def mine_from_embeddings(
@@ -51,16 +58,12 @@ def mine_hard_negatives(model, feats, k: int = 31) -> tuple[np.ndarray, np.ndarr
     Returns (neg_images_per_caption [M,k] image rows, neg_captions_per_image [N,k] caption rows), each
     row sorted from the most to the least confusable.
     """
-    from vlsearch.training.fast import embed_features
-
     img, txt = embed_features(model, feats)
     return mine_from_embeddings(img, txt, feats.caption_image.numpy(), k)
 
 
 def features_fingerprint(feats) -> str:
     """A short hash of what a DatasetFeatures holds (image files and captions, in order)."""
-    import hashlib
-
     h = hashlib.sha1()
     for p in feats.dataset.image_paths:
         h.update(str(p).rsplit("/", 1)[-1].encode() + b"\0")
@@ -74,20 +77,13 @@ def cached_fast_candidates(fast_name_or_path, feats, k: int, progress: bool = Fa
     cached on disk under $VLSEARCH_HOME/mining keyed by the Fast checkpoint's weights and the data.
 
     Returns {"neg_img" [M,k], "neg_cap" [N,k], "image_emb" [N,D], "text_emb" [M,D], "scale": float}."""
-    from vlsearch.config import atomic_write_bytes
-    from vlsearch.models.registry import fingerprint, load_model
-    from vlsearch.settings import home
-
     model, _, path = load_model(fast_name_or_path)
     key = f"{fingerprint(path)}-{features_fingerprint(feats)}-k{k}"
     cache = home() / "mining" / f"{key}.npz"
-    if cache.is_file():
-        with np.load(cache) as z:
-            out = {name: z[name] for name in z.files}
+    out = read_npz(cache)
+    if out is not None:
         out["scale"] = float(out["scale"])
         return out
-    from vlsearch.training.fast import embed_features
-
     img, txt = embed_features(model, feats)
     neg_img, neg_cap = mine_from_embeddings(img, txt, feats.caption_image.numpy(), k)
     out = {
@@ -97,10 +93,6 @@ def cached_fast_candidates(fast_name_or_path, feats, k: int, progress: bool = Fa
         "text_emb": txt.astype(np.float32),
         "scale": np.float32(float(model.scale.detach())),
     }
-    import io
-
-    buf = io.BytesIO()
-    np.savez(buf, **out)
-    atomic_write_bytes(cache, buf.getvalue())
+    write_npz(cache, **out)
     out["scale"] = float(out["scale"])
     return out

@@ -11,21 +11,43 @@ the group's captions of other images (the other captions of the same image are l
 
 from __future__ import annotations
 
-import math
 import sys
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from vlsearch.encoders.dataset_features import DatasetFeatures
+from vlsearch.errors import CheckpointError
+from vlsearch.eval.metrics import i2t_ranks, recalls, retrieval_metrics, t2i_ranks
+from vlsearch.models.checkpoint import save_checkpoint
+from vlsearch.models.embed import embed_features
+from vlsearch.models.registry import load_model
 from vlsearch.models.slow import SlowConfig, SlowModel
 from vlsearch.precision import autocast
-from vlsearch.training import apply_overrides
-from vlsearch.training.features import DatasetFeatures
-from vlsearch.training.losses import candidate_kl
+from vlsearch.search.rerank import fused_matrices, rerank_candidates
+from vlsearch.settings import checkpoint_out
+from vlsearch.training.common import (
+    TrainRequest,
+    apply_overrides,
+    captions_of_images,
+    hflip,
+    load_dev,
+    load_split,
+    optimizer_step,
+    warmup_cosine,
+)
+from vlsearch.training.distill import (  # noqa: F401 - moved to training/distill.py, still importable here
+    DistillConfig,
+    SlowTeacher,
+    distillation_teacher,
+    teacher_logits,
+)
+from vlsearch.training.mining import cached_fast_candidates
 
 
 @dataclass
@@ -67,9 +89,7 @@ class GroupSampler:
 
     def __init__(self, feats: DatasetFeatures, neg_img: np.ndarray, tc: SlowTrainConfig, rng):
         self.caption_image = feats.caption_image.numpy()
-        self.captions_of = [[] for _ in range(feats.n_images)]
-        for c, i in enumerate(self.caption_image.tolist()):
-            self.captions_of[i].append(c)
+        self.captions_of = captions_of_images(self.caption_image, feats.n_images)
         self.pool = np.flatnonzero([len(c) > 0 for c in self.captions_of])
         self.neg_img = neg_img[:, : tc.mine_k]
         self.tc, self.rng = tc, rng
@@ -105,11 +125,6 @@ class GroupSampler:
         captions = np.array([c for i in images for c in self.captions_of[i]])
         where = {int(i): n for n, i in enumerate(images)}
         return images, captions, np.array([where[int(self.caption_image[c])] for c in captions])
-
-
-def _flip(x: torch.Tensor, side: int) -> torch.Tensor:
-    B, n, C = x.shape
-    return x.view(B, side, side, C).flip(2).reshape(B, n, C)
 
 
 def train_slow(
@@ -154,7 +169,7 @@ def train_slow(
         if elapsed >= budget or sampler.epochs_done >= tc.max_epochs or (max_steps and step >= max_steps):
             break
         frac = elapsed / budget if not max_steps else step / max_steps
-        factor = min(1.0, (step + 1) / tc.warmup_steps) * 0.5 * (1 + math.cos(math.pi * min(1.0, frac)))
+        factor = warmup_cosine(step, tc.warmup_steps, frac)
         for g, lr in zip(opt.param_groups, base, strict=True):
             g["lr"] = lr * factor
         loss = 0.0
@@ -164,8 +179,7 @@ def train_slow(
             mid = train.mid[imgs]
             grid = train.grid[imgs] if config.use_grid else None
             if tc.flip and rng.random() < 0.5:
-                mid = _flip(mid, config.mid_side)
-                grid = _flip(grid, config.grid_side) if grid is not None else None
+                mid, grid = hflip(mid), hflip(grid)
             # captions sorted by length and scored in buckets: each bucket pads only to its own longest
             order = np.argsort(train.lengths[torch.from_numpy(captions)].numpy(), kind="stable")
             captions, cap_img = captions[order], cap_img[order]
@@ -180,10 +194,7 @@ def train_slow(
                 scores = torch.cat(parts)
             loss = loss + group_loss(scores.float(), torch.from_numpy(cap_img), tc.i2t_weight)
         loss = loss / tc.groups_per_step
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
-        opt.step()
+        optimizer_step(model, opt, loss)
         step += 1
         value = float(loss.detach())
         history["loss"].append(value)
@@ -206,11 +217,6 @@ def choose_fusion_weights(
 ):
     """Pick w (fused = fast cosine + w * slow) per direction on dev at re-ranking depth K, maximising that
     direction's R@1+R@5+R@10. Returns (w_t2i, w_i2t, report)."""
-    from vlsearch.eval.metrics import i2t_ranks, recalls, retrieval_metrics, t2i_ranks
-    from vlsearch.models.registry import load_model
-    from vlsearch.search.rerank import fused_matrices, rerank_candidates
-    from vlsearch.training.fast import embed_features
-
     fast, _, _ = load_model(fast_name)
     img, txt = embed_features(fast, dev)
     sim = txt @ img.T
@@ -238,28 +244,21 @@ def choose_fusion_weights(
     return w_t2i, w_i2t, report
 
 
-def train_from_args(args):
+def train_and_save(req: TrainRequest) -> Path:
     """`vlsearch train slow`: mine Fast hard negatives on Flickr8k train, train (default 20 min), choose
     the fusion weights on dev, save the named model `slow`."""
-    from vlsearch.commands.train import out_path
-    from vlsearch.data import load_dataset
-    from vlsearch.models.checkpoint import save_checkpoint
-    from vlsearch.training.mining import cached_fast_candidates
-
-    tc = apply_overrides(SlowTrainConfig(seed=args.seed), args, epochs_field="max_epochs")
-    progress = not args.quiet
-    log = (lambda *a, **k: None) if args.quiet else (lambda m: print(m, file=sys.stderr))
-    train = DatasetFeatures.load(load_dataset(args.data_root, "train"), mid=True, progress=progress)
-    fast_name = getattr(args, "fast_model", None) or "fast"
+    tc = apply_overrides(SlowTrainConfig(seed=req.seed), req, epochs_field="max_epochs")
+    progress, log = req.progress, req.log
+    train = load_split(req, "train", mid=True)
+    fast_name = req.fast_model or "fast"
     mined = cached_fast_candidates(fast_name, train, tc.mine_k, progress)
     config, init, previous = SlowConfig(), None, None
-    if getattr(args, "init", None):  # warm start: `vlsearch train slow --init CHECKPOINT`
-        from vlsearch.errors import CheckpointError
-        from vlsearch.models.registry import load_model
-
-        init, previous, init_path = load_model(args.init)
+    if req.init:  # warm start: `vlsearch train slow --init CHECKPOINT`
+        init, previous, init_path = load_model(req.init)
         if not isinstance(init, SlowModel):
-            raise CheckpointError(f"--init {args.init}: a {init.model_type!r} model, not a Slow model")
+            raise CheckpointError(
+                f"--init {req.init}: a {init.model_type!r} model, not a Slow model: give a Slow checkpoint"
+            )
         config = init.config
     model, history = train_slow(train, mined["neg_img"], config, tc, progress=progress, log=log, init=init)
     log(
@@ -268,7 +267,7 @@ def train_from_args(args):
     del train
     meta = {
         "train": asdict(tc),
-        "data_root": str(args.data_root or "default"),
+        "data_root": str(req.data_root or "default"),
         "history": {k: v for k, v in history.items() if k != "loss"},
     }
     if previous is not None:
@@ -280,15 +279,11 @@ def train_from_args(args):
         }
     meta["loss_last"] = float(np.mean(history["loss"][-50:])) if history["loss"] else None
     meta["fast_model"] = str(fast_name)
-    out = out_path(args, "slow")
+    out = checkpoint_out(req.out, "slow")
     # saved before the dev step with a neutral fusion weight: a long run is never lost to what follows
     model.config.fusion_weight = model.config.fusion_weight_i2t = 0.02
     saved = save_checkpoint(out, model, meta)
-    try:
-        dev = DatasetFeatures.load(load_dataset(args.data_root, "dev"), mid=True, progress=progress)
-    except Exception as e:  # no dev split: keep a neutral fusion weight
-        log(f"no dev split to choose the fusion weight on ({e}); using w = 0.02")
-        dev = None
+    dev = load_dev(req, mid=True)  # None: no dev split, the neutral fusion weight stays (said on stderr)
     if dev is not None and len(dev.states):
         w_t2i, w_i2t, report = choose_fusion_weights(model, dev, fast_name, tc.fusion_k, progress)
         model.config.fusion_weight, model.config.fusion_weight_i2t = w_t2i, w_i2t
@@ -302,141 +297,3 @@ def train_from_args(args):
         )
         saved = save_checkpoint(out, model, meta)  # again, with the fusion weights chosen on dev
     return saved
-
-
-# -- distillation -------------------------------------------------------------------------------------------
-@dataclass
-class DistillConfig:
-    k: int = 7  # candidates per train caption: its image + the Fast top-k wrong images
-    target: str = "fused"  # "fused" (fast + w * slow, in the Fast logit scale) or "slow" (the Slow score)
-    captions_per_step: int = 96  # batch captions that get the KL term (all get InfoNCE)
-    captions_per_image: int = 1  # train captions with teacher scores (fixed, seeded); others: InfoNCE only
-    weight: float = 1.0
-    temperature: float = 1.0
-
-
-class SlowTeacher:
-    """Precomputed teacher logits over fixed candidates; ``loss`` is the train_fast hook.
-
-    The student's scores over the same candidates use its image tower on the un-augmented grids; the
-    mean+max pooling has no parameters, so the pooled grids are computed once and only the MLP runs per
-    step."""
-
-    def __init__(
-        self, candidates: torch.Tensor, logits: torch.Tensor, captions_per_step: int = 128, seed: int = 0
-    ):
-        self.candidates, self.logits = candidates.long(), logits.float()
-        self.captions_per_step = captions_per_step
-        self.gen = torch.Generator().manual_seed(seed)
-        self._pooled: torch.Tensor | None = None
-
-    def _image_emb(self, model, train, rows: torch.Tensor) -> torch.Tensor:
-        if not all(hasattr(model, a) for a in ("pool_image", "image_norm", "image_mlp", "image_skip")):
-            return model.encode_image(train.grid[rows])
-        if self._pooled is None or len(self._pooled) != len(train.grid):
-            with torch.no_grad():
-                self._pooled = torch.cat(
-                    [model.pool_image(train.grid[s : s + 512]) for s in range(0, len(train.grid), 512)]
-                )
-        x = model.image_norm(self._pooled[rows])
-        return F.normalize(model.image_mlp(x) + model.image_skip(x), dim=-1)
-
-    def loss(self, model, train, imgs, caps, image_emb, text_emb, temperature) -> torch.Tensor:
-        rows = torch.nonzero(self.candidates[caps, 0] >= 0).flatten()  # captions the teacher scored
-        if len(rows) == 0:
-            return text_emb.sum() * 0.0
-        if self.captions_per_step and len(rows) > self.captions_per_step:
-            rows = rows[torch.randperm(len(rows), generator=self.gen)[: self.captions_per_step]]
-        cand = self.candidates[caps[rows]]  # [B, C]
-        uniq, inv = torch.unique(cand, return_inverse=True)
-        with autocast():
-            emb = self._image_emb(model, train, uniq)
-        emb = emb.float()[inv]  # [B, C, D]
-        student = model.scale * (text_emb[rows][:, None, :] * emb).sum(-1)
-        return candidate_kl(student, self.logits[caps[rows]], temperature)
-
-
-def teacher_logits(slow_name, train: DatasetFeatures, dc: DistillConfig, fast_name="fast", progress=True):
-    """Candidates [M, 1+k] (each train caption's image first, then the Fast top-k wrong images) and their
-    Slow scores, cached under $VLSEARCH_HOME/distill keyed by the Slow and Fast fingerprints. Returns
-    (candidates, slow_scores, fast_cosines, fast_scale)."""
-    import io
-
-    from vlsearch.config import atomic_write_bytes
-    from vlsearch.models.registry import fingerprint, load_model
-    from vlsearch.search.rerank import score_pairs_grouped
-    from vlsearch.settings import home
-    from vlsearch.training.mining import cached_fast_candidates, features_fingerprint
-
-    slow, _, slow_path = load_model(slow_name)
-    _, _, fast_path = load_model(fast_name)
-    key = (
-        f"{fingerprint(slow_path)}-{fingerprint(fast_path)}-{features_fingerprint(train)}"
-        f"-k{dc.k}-c{dc.captions_per_image}"
-    )
-    cache = home() / "distill" / f"{key}.npz"
-    if cache.is_file():
-        with np.load(cache) as z:
-            return z["candidates"], z["slow"], z["fast"], float(z["scale"])
-    mined = cached_fast_candidates(fast_name, train, max(dc.k, 31), progress)
-    ci = train.caption_image.numpy()
-    cand = np.concatenate([ci[:, None], mined["neg_img"][:, : dc.k]], axis=1)
-    M = len(cand)
-    # a fixed, seeded subset of each image's captions gets teacher scores; the others are marked -1
-    rng = np.random.default_rng(0)
-    keep = np.zeros(M, dtype=bool)
-    by_image = np.argsort(ci, kind="stable")
-    for caps in np.split(by_image, np.flatnonzero(np.diff(ci[by_image])) + 1):
-        keep[rng.permutation(caps)[: dc.captions_per_image]] = True
-    rows = np.flatnonzero(keep)
-    slow_scores = np.zeros(cand.shape, dtype=np.float32)
-    slow_scores[rows] = score_pairs_grouped(
-        slow,
-        train.states,
-        train.lengths,
-        train.mid,
-        train.grid if slow.config.use_grid else None,
-        np.repeat(rows, cand.shape[1]),
-        cand[rows].ravel(),
-        progress,
-        "distill: slow teacher scores",
-    ).reshape(len(rows), cand.shape[1])
-    cand[~keep] = -1
-    fast_cos = np.einsum("md,mkd->mk", mined["text_emb"], mined["image_emb"][np.maximum(cand, 0)])
-    buf = io.BytesIO()
-    np.savez(
-        buf,
-        candidates=cand,
-        slow=slow_scores,
-        fast=fast_cos.astype(np.float32),
-        scale=np.float32(mined["scale"]),
-    )
-    atomic_write_bytes(cache, buf.getvalue())
-    return cand, slow_scores, fast_cos, float(mined["scale"])
-
-
-def distillation_teacher(name, args):
-    """(teacher, FastTrainConfig overrides) for `vlsearch train fast --distill NAME`."""
-    from vlsearch.data import load_dataset
-    from vlsearch.models.registry import load_model
-
-    dc = DistillConfig()
-    train = DatasetFeatures.load(load_dataset(args.data_root, "train"), mid=True, progress=not args.quiet)
-    slow, meta, _ = load_model(name)
-    fast_name = meta.get("fast_model", "fast")
-    cand, slow_scores, fast_cos, scale = teacher_logits(name, train, dc, fast_name, progress=not args.quiet)
-    if dc.target == "fused":
-        logits = scale * (fast_cos + slow.config.fusion_weight * slow_scores)
-    else:
-        logits = slow_scores
-    teacher = SlowTeacher(
-        torch.from_numpy(cand), torch.from_numpy(np.asarray(logits)), dc.captions_per_step, args.seed
-    )
-    weight = getattr(args, "distill_weight", None)
-    temperature = getattr(args, "distill_temperature", None)
-    settings = {
-        "distill_weight": dc.weight if weight is None else weight,
-        "distill_temperature": dc.temperature if temperature is None else temperature,
-        "distill_teacher": str(name),
-    }
-    return teacher, settings

@@ -1,0 +1,58 @@
+"""What the search stack may assume of a model, as typing Protocols (checked structurally, no base class).
+
+* ``DualEncoder``: images and texts each into one space of unit vectors, apart, so a gallery is embedded
+  once and indexed (Fast, fast-distilled, the decomposed deformer). Image inputs come as
+  ``(grid, mid)`` everywhere: ``grid`` [B,49,1280] (the 7x7 map) first, ``mid`` [B,196,C] (14x14) second.
+* ``PairScorer``: a model that scores a (text, image) pair jointly (Slow, deformer-joint). It splits the
+  work by what repeats: ``image_state`` once per image (cached by the re-ranker across queries),
+  ``text_state`` once per text, then ``score`` for a block of T texts x N images. One re-ranker, one
+  bench row and one eval path serve any pair scorer through these three calls.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+
+
+@runtime_checkable
+class DualEncoder(Protocol):
+    @property
+    def embed_dim(self) -> int:
+        """Width of what encode_image and encode_text return (the index's vector size)."""
+        ...
+
+    def encode_image(self, grid: torch.Tensor, mid: torch.Tensor | None = None) -> torch.Tensor:
+        """[B, embed_dim] unit vectors."""
+        ...
+
+    def encode_text(self, states: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """Cached MiniLM token states [B,L,384] and lengths [B] -> [B, embed_dim] unit vectors."""
+        ...
+
+
+@runtime_checkable
+class PairScorer(Protocol):
+    is_pair_scorer: bool  # True
+
+    def image_state(self, grid: torch.Tensor, mid: torch.Tensor | None = None) -> Any:
+        """What the model computes from N images alone (the re-ranker caches it per image)."""
+        ...
+
+    def text_state(self, states: torch.Tensor, lengths: torch.Tensor) -> Any:
+        """What the model computes from T texts alone."""
+        ...
+
+    def score(self, text_state: Any, image_state: Any) -> torch.Tensor:
+        """[T, N] matching scores of every text against every image of the block."""
+        ...
+
+
+def is_dual_encoder(model) -> bool:
+    """A model the index can embed with (a pair scorer in joint mode is not one)."""
+    return isinstance(model, DualEncoder) and not getattr(model, "is_pair_scorer", False)
+
+
+def is_pair_scorer(model) -> bool:
+    return bool(getattr(model, "is_pair_scorer", False)) and isinstance(model, PairScorer)

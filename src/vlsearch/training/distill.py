@@ -1,0 +1,143 @@
+"""Distilling the Fast model from a Slow teacher (Miech et al. 2021, Sec. 3.3): the teacher's scores over
+fixed Fast candidates, cached on disk, and the extra loss term ``train_fast`` adds with them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from vlsearch.config import read_npz, write_npz
+from vlsearch.encoders.dataset_features import DatasetFeatures
+from vlsearch.models.registry import fingerprint, load_model
+from vlsearch.precision import autocast
+from vlsearch.search.rerank import score_pairs_grouped
+from vlsearch.settings import home
+from vlsearch.training.common import TrainRequest, load_split
+from vlsearch.training.losses import candidate_kl
+from vlsearch.training.mining import cached_fast_candidates, features_fingerprint
+
+
+@dataclass
+class DistillConfig:
+    k: int = 7  # candidates per train caption: its image + the Fast top-k wrong images
+    target: str = "fused"  # "fused" (fast + w * slow, in the Fast logit scale) or "slow" (the Slow score)
+    captions_per_step: int = 96  # batch captions that get the KL term (all get InfoNCE)
+    captions_per_image: int = 1  # train captions with teacher scores (fixed, seeded); others: InfoNCE only
+    weight: float = 1.0
+    temperature: float = 1.0
+
+
+class SlowTeacher:
+    """Precomputed teacher logits over fixed candidates; ``loss`` is the train_fast hook.
+
+    The student's scores over the same candidates use its image tower on the un-augmented grids; the
+    mean+max pooling has no parameters, so the pooled grids are computed once and only the MLP runs per
+    step."""
+
+    def __init__(
+        self, candidates: torch.Tensor, logits: torch.Tensor, captions_per_step: int = 128, seed: int = 0
+    ):
+        self.candidates, self.logits = candidates.long(), logits.float()
+        self.captions_per_step = captions_per_step
+        self.gen = torch.Generator().manual_seed(seed)
+        self._pooled: torch.Tensor | None = None
+
+    def _image_emb(self, model, train, rows: torch.Tensor) -> torch.Tensor:
+        if not all(hasattr(model, a) for a in ("pool_image", "image_norm", "image_mlp", "image_skip")):
+            return model.encode_image(train.grid[rows])
+        if self._pooled is None or len(self._pooled) != len(train.grid):
+            with torch.no_grad():
+                self._pooled = torch.cat(
+                    [model.pool_image(train.grid[s : s + 512]) for s in range(0, len(train.grid), 512)]
+                )
+        x = model.image_norm(self._pooled[rows])
+        return F.normalize(model.image_mlp(x) + model.image_skip(x), dim=-1)
+
+    def loss(self, model, train, imgs, caps, image_emb, text_emb, temperature) -> torch.Tensor:
+        rows = torch.nonzero(self.candidates[caps, 0] >= 0).flatten()  # captions the teacher scored
+        if len(rows) == 0:
+            return text_emb.sum() * 0.0
+        if self.captions_per_step and len(rows) > self.captions_per_step:
+            rows = rows[torch.randperm(len(rows), generator=self.gen)[: self.captions_per_step]]
+        cand = self.candidates[caps[rows]]  # [B, C]
+        uniq, inv = torch.unique(cand, return_inverse=True)
+        with autocast():
+            emb = self._image_emb(model, train, uniq)
+        emb = emb.float()[inv]  # [B, C, D]
+        student = model.scale * (text_emb[rows][:, None, :] * emb).sum(-1)
+        return candidate_kl(student, self.logits[caps[rows]], temperature)
+
+
+def teacher_logits(slow_name, train: DatasetFeatures, dc: DistillConfig, fast_name="fast", progress=True):
+    """Candidates [M, 1+k] (each train caption's image first, then the Fast top-k wrong images) and their
+    Slow scores, cached under $VLSEARCH_HOME/distill keyed by the Slow and Fast fingerprints. Returns
+    (candidates, slow_scores, fast_cosines, fast_scale)."""
+    slow, _, slow_path = load_model(slow_name)
+    _, _, fast_path = load_model(fast_name)
+    key = (
+        f"{fingerprint(slow_path)}-{fingerprint(fast_path)}-{features_fingerprint(train)}"
+        f"-k{dc.k}-c{dc.captions_per_image}"
+    )
+    cache = home() / "distill" / f"{key}.npz"
+    z = read_npz(cache)
+    if z is not None:
+        return z["candidates"], z["slow"], z["fast"], float(z["scale"])
+    mined = cached_fast_candidates(fast_name, train, max(dc.k, 31), progress)
+    ci = train.caption_image.numpy()
+    cand = np.concatenate([ci[:, None], mined["neg_img"][:, : dc.k]], axis=1)
+    M = len(cand)
+    # a fixed, seeded subset of each image's captions gets teacher scores; the others are marked -1
+    rng = np.random.default_rng(0)
+    keep = np.zeros(M, dtype=bool)
+    by_image = np.argsort(ci, kind="stable")
+    for caps in np.split(by_image, np.flatnonzero(np.diff(ci[by_image])) + 1):
+        keep[rng.permutation(caps)[: dc.captions_per_image]] = True
+    rows = np.flatnonzero(keep)
+    slow_scores = np.zeros(cand.shape, dtype=np.float32)
+    slow_scores[rows] = score_pairs_grouped(
+        slow,
+        train.states,
+        train.lengths,
+        train.mid,
+        train.grid if slow.config.use_grid else None,
+        np.repeat(rows, cand.shape[1]),
+        cand[rows].ravel(),
+        progress,
+        "distill: slow teacher scores",
+    ).reshape(len(rows), cand.shape[1])
+    cand[~keep] = -1
+    fast_cos = np.einsum("md,mkd->mk", mined["text_emb"], mined["image_emb"][np.maximum(cand, 0)])
+    write_npz(
+        cache,
+        candidates=cand,
+        slow=slow_scores,
+        fast=fast_cos.astype(np.float32),
+        scale=np.float32(mined["scale"]),
+    )
+    return cand, slow_scores, fast_cos, float(mined["scale"])
+
+
+def distillation_teacher(name, req: TrainRequest):
+    """(teacher, FastTrainConfig overrides) for `vlsearch train fast --distill NAME`."""
+    dc = DistillConfig()
+    train = load_split(req, "train", mid=True)
+    slow, meta, _ = load_model(name)
+    fast_name = meta.get("fast_model", "fast")
+    cand, slow_scores, fast_cos, scale = teacher_logits(name, train, dc, fast_name, progress=req.progress)
+    if dc.target == "fused":
+        logits = scale * (fast_cos + slow.config.fusion_weight * slow_scores)
+    else:
+        logits = slow_scores
+    teacher = SlowTeacher(
+        torch.from_numpy(cand), torch.from_numpy(np.asarray(logits)), dc.captions_per_step, req.seed
+    )
+    weight, temperature = req.distill_weight, req.distill_temperature
+    settings = {
+        "distill_weight": dc.weight if weight is None else weight,
+        "distill_temperature": dc.temperature if temperature is None else temperature,
+        "distill_teacher": str(name),
+    }
+    return teacher, settings
