@@ -133,6 +133,8 @@ def train_slow(
     config = model.config
     fresh, pretrained = [], []
     for name, p in model.named_parameters():
+        if not p.requires_grad:  # the frozen Fast prior
+            continue
         is_pretrained = name.startswith("layers.") and ".cross_attn." not in name
         (pretrained if is_pretrained else fresh).append(p)
     opt = torch.optim.AdamW(
@@ -182,7 +184,7 @@ def train_slow(
         loss = loss / tc.groups_per_step
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 5.0)
         opt.step()
         step += 1
         value = float(loss.detach())
@@ -261,6 +263,13 @@ def train_from_args(args):
         if not isinstance(init, SlowModel):
             raise CheckpointError(f"--init {args.init}: a {init.model_type!r} model, not a Slow model")
         config = init.config
+    elif not getattr(args, "no_fast_prior", False):  # default: start from the Fast model's ranking
+        from vlsearch.models.registry import load_model
+
+        fast, _, _ = load_model(fast_name)
+        config = SlowConfig(fast_prior=asdict(fast.config))
+        init = SlowModel(config)
+        init.set_prior(fast)
     model, history = train_slow(train, mined["neg_img"], config, tc, progress=progress, log=log, init=init)
     log(
         f"trained {history['steps']} steps ({history['epochs']:.2f} epochs) in {history['train_seconds'] / 60:.1f} min"
