@@ -67,9 +67,6 @@ def test_search_filters_and_cursor_paging(server):
         assert c.get("/healthz").status_code == 200
 
 
-@pytest.mark.skip(
-    reason="the second page never arrives after merging photos into main (no page error); open, see the session-5 note"
-)
 def test_page_filters_dates_and_infinite_scroll(page, server):  # noqa: F811 - fixture
     page.goto(server.url + "/")
     page.fill("#q", "people outside")

@@ -161,6 +161,8 @@ async function runSearch(text) {
         `; round trip ${ms(data.clientMs)} ms)`,
     ]);
     render(data.results);
+    // the observer only reports changes: if the first page leaves the end in view, fetch on at once
+    if (state.nextCursor && nearBottom()) loadMore();
   } catch (e) {
     if (e.name === "AbortError") return;
     if (seq !== state.seq) return;
@@ -194,8 +196,9 @@ async function loadMore() {
   }
 }
 
+// The sentinel, not #more: a hidden element's box is all zeros, so it would always look "near".
 function nearBottom() {
-  return $("more").getBoundingClientRect().top < window.innerHeight + 400;
+  return $("more-sentinel").getBoundingClientRect().top < window.innerHeight + 400;
 }
 
 // ---- search by image ------------------------------------------------------------------------------
@@ -486,6 +489,10 @@ function init() {
   new IntersectionObserver((entries) => {
     if (entries.some((en) => en.isIntersecting)) loadMore();
   }, { rootMargin: "400px" }).observe($("more-sentinel"));
+  // and on scroll, for a sentinel that never left the viewport margin (images still loading)
+  window.addEventListener("scroll", () => {
+    if (state.nextCursor && !state.loadingMore && nearBottom()) loadMore();
+  }, { passive: true });
   $("pick").addEventListener("click", () => $("file").click());
   $("file").addEventListener("change", (e) => {
     const f = e.target.files && e.target.files[0];
