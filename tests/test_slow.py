@@ -55,6 +55,45 @@ def test_block_pairs_and_forward_agree():
     assert torch.allclose(short[0], block[1], atol=1e-4)
 
 
+def test_fast_prior_starts_as_fast_and_carries_through_every_path(tiny_fast_checkpoint):
+    """A Slow model with a Fast prior scores exactly prior_scale x Fast cosine before training (its head's
+    last layer is zero), in blocks, pairs and through the helpers that split and stack states; once the
+    head has weights, the cross-attention changes the ranking."""
+    from dataclasses import asdict
+
+    from vlsearch.models.registry import load_model
+    from vlsearch.models.slow import SlowConfig, SlowModel
+    from vlsearch.search.rerank import all_text_states, slice_kv, subset_text
+
+    fast, _, _ = load_model(tiny_fast_checkpoint)
+    torch.manual_seed(0)
+    model = SlowModel(SlowConfig(fast_prior=asdict(fast.config)), init_from_pretrained=False)
+    model.set_prior(fast)
+    model.eval()
+    T, N, L = 3, 5, 9
+    states, lengths = torch.randn(T, L, 384), torch.tensor([9, 5, 7])
+    mid, grid = torch.randn(N, 196, 112), torch.randn(N, 49, 1280)
+    with torch.no_grad():
+        text, kv = model.text_state(states, lengths), model.image_kv(mid, grid)
+        assert len(kv) == len(model.layers) + 1
+        want = fast.scale * fast.encode_text(states, lengths) @ fast.encode_image(grid).t()
+        block = model.score_block(text, kv)
+        assert torch.allclose(block, want, atol=1e-4)
+        ti, ii = torch.arange(T).repeat_interleave(N), torch.arange(N).repeat(T)
+        assert torch.allclose(model.score_pairs(text, kv, ti, ii), block.flatten(), atol=1e-4)
+        rows = torch.tensor([2, 0])
+        sub = model.score_block(subset_text(text, rows), slice_kv(kv, slice(1, 4)))
+        assert torch.allclose(sub, block[rows][:, 1:4], atol=1e-4)
+        stacked = all_text_states(model, states, lengths)
+        assert torch.allclose(model.score_block(stacked, kv), block, atol=1e-4)
+        torch.nn.init.normal_(model.head[-1].weight, std=0.5)
+        moved = model.score_block(text, kv)
+    assert not torch.allclose(moved, block, atol=1e-3)
+    assert all(not p.requires_grad for p in model.prior.parameters())
+    model.train()
+    assert not model.prior.training
+
+
 def test_pair_scores_are_fp32_after_a_bf16_body():
     """The scoring head runs in fp32 on the inference copy: scores over 300 images are nearly all
     distinct (a bf16 logit would give ~130 values and ties would decide rankings)."""

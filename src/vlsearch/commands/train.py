@@ -78,6 +78,11 @@ def register(sub):
         action="store_true",
         help="fast: the image tower also takes the concept vector as input (trained with it)",
     )
+    p.add_argument(
+        "--no-fast-prior",
+        action="store_true",
+        help="slow: no frozen Fast towers inside the model (its score is the cross-attention head alone)",
+    )
     p.add_argument("--force", action="store_true", help="retrain even when the checkpoint exists (train all)")
     add_quiet(p)
     return p

@@ -16,6 +16,13 @@ Layout, chosen for pair throughput on CPU (docs/slow.md):
 - the image side (tokens and each layer's cross-attention keys/values, ``image_kv``) never depends on the
   text: computed once per image and reused by every text scored against it. ``score_block`` scores all
   texts x images without copying per pair; ``score_pairs`` takes arbitrary pairs. bf16 autocast.
+
+A Fast prior (``SlowConfig.fast_prior``, the default for `vlsearch train slow`): the model carries a frozen
+copy of the trained Fast towers, and its score is ``prior_scale * fast_cosine + ITM head``, with the head's
+last layer starting at zero. Training starts from Fast's ranking and learns what cross-attention adds on
+Fast's own hard negatives (Miech et al. initialise nothing from Fast; this is the "initialise from the Fast
+towers" lever of issue 12, measured in the README). The prior's image vector is part of the image state,
+so every consumer of ``image_kv`` (the re-ranker's per-image cache, training, eval) carries it unchanged.
 """
 
 from __future__ import annotations
@@ -26,10 +33,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from vlsearch.models.fast import FastConfig, FastModel
 from vlsearch.models.layers import Attention, TransformerLayer, minilm_upper_layers
 from vlsearch.precision import autocast, fp32_head, run_fp32
 
-# Images' cross-attention keys/values for every fusion layer: [(k, v)] each [N, heads, Lk, head_dim].
+# Images' cross-attention keys/values for every fusion layer: [(k, v)] each [N, heads, Lk, head_dim]; with a
+# Fast prior one more pair at the end, (e, e) with e the prior's image vectors [N, D]. Every entry has the
+# images on dim 0, so a cache may slice and concatenate entries without knowing which is which.
 ImageKV = list[tuple[torch.Tensor, torch.Tensor]]
 
 
@@ -41,6 +51,7 @@ class TextState:
     h: torch.Tensor
     mask: torch.Tensor
     q: torch.Tensor
+    prior: torch.Tensor | None = None  # the Fast prior's text vectors [T, D] (unit), with a prior
 
 
 @dataclass
@@ -59,6 +70,8 @@ class SlowConfig:
     # fused = fast_cosine + fusion_weight * slow_score; chosen on dev after training (per direction)
     fusion_weight: float = 0.0
     fusion_weight_i2t: float = 0.0
+    # the FastConfig (as a dict) of a frozen Fast model inside this one; its cosine is part of the score
+    fast_prior: dict | None = None
 
     @property
     def n_image_tokens(self) -> int:
@@ -104,6 +117,27 @@ class SlowModel(nn.Module):
             for layer in self.layers:
                 layer.cross_attn = Attention(D, c.cross_heads, kv_dim=D)
         self.head = fp32_head(nn.Sequential(nn.Linear(D, D), nn.Tanh(), nn.Linear(D, 1)))
+        self.prior: FastModel | None = None
+        if c.fast_prior is not None:
+            self.prior = FastModel(FastConfig(**c.fast_prior), init_from_pretrained=False)
+            self.prior.requires_grad_(False)
+            self.prior_scale = nn.Parameter(torch.tensor(20.0))
+            nn.init.zeros_(self.head[-1].weight)  # starts as Fast's ranking; a checkpoint overwrites it
+            nn.init.zeros_(self.head[-1].bias)
+
+    def set_prior(self, fast: FastModel) -> None:
+        """Copy a trained Fast model's weights into the prior, and start from its logit scale."""
+        if self.prior is None:
+            raise ValueError("this Slow model has no Fast prior (SlowConfig.fast_prior is None)")
+        self.prior.load_state_dict(fast.state_dict())
+        with torch.no_grad():
+            self.prior_scale.fill_(float(fast.scale))
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.prior is not None:
+            self.prior.eval()  # frozen: no dropout, whatever the rest does
+        return self
 
     # -- image side: computed once per image -------------------------------------------------------------
     def image_tokens(self, mid: torch.Tensor, grid: torch.Tensor | None = None) -> torch.Tensor:
@@ -122,7 +156,8 @@ class SlowModel(nn.Module):
         return self.image_norm(x)
 
     def image_kv(self, mid: torch.Tensor, grid: torch.Tensor | None = None) -> ImageKV:
-        """Each fusion layer's cross-attention keys and values for these images: [(k, v)] [N,H,Lk,hd]."""
+        """Each fusion layer's cross-attention keys and values for these images: [(k, v)] [N,H,Lk,hd]
+        (then the prior's image vectors, with a Fast prior)."""
         tokens = self.image_tokens(mid, grid)
         N, Lk, _ = tokens.shape
         out = []
@@ -131,7 +166,20 @@ class SlowModel(nn.Module):
             k = ca.k(tokens).view(N, Lk, ca.heads, ca.head_dim).transpose(1, 2)
             v = ca.v(tokens).view(N, Lk, ca.heads, ca.head_dim).transpose(1, 2)
             out.append((k, v))
+        if self.prior is not None:
+            with torch.no_grad():
+                e = self.prior.encode_image(grid).float()
+            out.append((e, e))
         return out
+
+    def _prior_scores(self, text: TextState, kv: ImageKV, text_index=None, image_index=None):
+        """prior_scale x Fast cosine: for the block [T, NI], or for the pairs [P]; 0 without a prior."""
+        if self.prior is None:
+            return 0.0
+        t, e = text.prior, kv[len(self.layers)][0]
+        if text_index is None:
+            return self.prior_scale * (t @ e.t())
+        return self.prior_scale * (t.index_select(0, text_index) * e.index_select(0, image_index)).sum(-1)
 
     # -- text side: computed once per text ---------------------------------------------------------------
     def text_state(self, states: torch.Tensor, lengths: torch.Tensor) -> TextState:
@@ -144,7 +192,11 @@ class SlowModel(nn.Module):
         h = first.feed_forward(h)
         ca = first.cross_attn
         q = ca.q(h).view(T, L, ca.heads, ca.head_dim).transpose(1, 2)
-        return TextState(h, mask, q)
+        prior = None
+        if self.prior is not None:
+            with torch.no_grad():
+                prior = self.prior.encode_text(states, lengths).float()
+        return TextState(h, mask, q, prior)
 
     # -- pairs ----------------------------------------------------------------------------------------------
     def score_block(
@@ -162,6 +214,7 @@ class SlowModel(nn.Module):
         h0 = text.h[None].expand(NI, *text.h.shape).reshape(NI * T, L, -1)
         mask = text.mask[None].expand(NI, T, L).reshape(NI * T, L)
         scores = self._upper(h0, ctx, mask, kv, block=(NI, T)).view(NI, T).t()
+        scores = scores + self._prior_scores(text, kv)
         return (scores, maps) if keep_weights else scores
 
     def score_pairs(
@@ -179,6 +232,7 @@ class SlowModel(nn.Module):
         maps = w.float().mean(1) if keep_weights else None
         h0, mask = text.h.index_select(0, text_index), text.mask.index_select(0, text_index)
         scores = self._upper(h0, ctx, mask, kv, image_index=image_index)
+        scores = scores + self._prior_scores(text, kv, text_index, image_index)
         return (scores, maps) if keep_weights else scores
 
     def _upper(self, h0, ctx, mask, kv, block=None, image_index=None) -> torch.Tensor:

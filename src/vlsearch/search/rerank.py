@@ -100,7 +100,10 @@ def subset_text(text: TextState, rows: torch.Tensor, round_to: int = 1) -> TextS
     mask = text.mask.index_select(0, rows)
     L = max(1, int(mask.sum(1).max()))
     L = min(text.mask.shape[1], -(-L // round_to) * round_to)
-    return TextState(text.h.index_select(0, rows)[:, :L], mask[:, :L], text.q.index_select(0, rows)[:, :, :L])
+    prior = None if text.prior is None else text.prior.index_select(0, rows)
+    return TextState(
+        text.h.index_select(0, rows)[:, :L], mask[:, :L], text.q.index_select(0, rows)[:, :, :L], prior
+    )
 
 
 def slice_kv(kv: ImageKV, rows) -> ImageKV:
@@ -157,6 +160,8 @@ def all_text_states(model: SlowModel, states, lengths, rows: np.ndarray | None =
     h = torch.zeros(T, L, c.text_dim, dtype=compute_dtype())
     q = torch.zeros(T, heads, L, c.text_dim // heads, dtype=compute_dtype())
     mask = torch.zeros(T, L, dtype=torch.bool)
+    fast = getattr(model, "prior", None)
+    prior = None if fast is None else torch.zeros(T, fast.output_dim)
     order = np.argsort(lengths[torch.as_tensor(rows)].numpy(), kind="stable")
     with autocast():
         for s in range(0, T, 512):
@@ -164,7 +169,9 @@ def all_text_states(model: SlowModel, states, lengths, rows: np.ndarray | None =
             part = _text_states(model, states, lengths, rows[order[s : s + 512]])
             n = part.mask.shape[1]
             h[pos, :n], q[pos, :, :n], mask[pos, :n] = part.h.to(h.dtype), part.q.to(q.dtype), part.mask
-    return TextState(h, mask, q)
+            if prior is not None:
+                prior[pos] = part.prior
+    return TextState(h, mask, q, prior)
 
 
 @torch.no_grad()
@@ -422,7 +429,7 @@ class Reranker:
                 torch.cat([self._kv[key][j][0] for key in keys]),
                 torch.cat([self._kv[key][j][1] for key in keys]),
             )
-            for j in range(len(self.model.layers))
+            for j in range(len(self._kv[keys[0]]) if keys else 0)  # fusion layers (+ the Fast prior)
         ]
         while len(self._kv) > self.cache_images:
             self._kv.popitem(last=False)

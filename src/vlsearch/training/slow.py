@@ -148,6 +148,8 @@ def train_slow(
     config = model.config
     fresh, pretrained = [], []
     for name, p in model.named_parameters():
+        if not p.requires_grad:  # the frozen Fast prior
+            continue
         is_pretrained = name.startswith("layers.") and ".cross_attn." not in name
         (pretrained if is_pretrained else fresh).append(p)
     opt = torch.optim.AdamW(
@@ -260,6 +262,11 @@ def train_and_save(req: TrainRequest) -> Path:
                 f"--init {req.init}: a {init.model_type!r} model, not a Slow model: give a Slow checkpoint"
             )
         config = init.config
+    elif not req.no_fast_prior:  # default: start from the Fast model's ranking
+        fast, _, _ = load_model(fast_name)
+        config = SlowConfig(fast_prior=asdict(fast.config))
+        init = SlowModel(config)
+        init.set_prior(fast)
     model, history = train_slow(train, mined["neg_img"], config, tc, progress=progress, log=log, init=init)
     log(
         f"trained {history['steps']} steps ({history['epochs']:.2f} epochs) in {history['train_seconds'] / 60:.1f} min"
