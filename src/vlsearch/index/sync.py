@@ -25,7 +25,7 @@ import numpy as np
 from vlsearch.data import ImageReport
 from vlsearch.encoders.features import photo_key
 from vlsearch.errors import IndexError_
-from vlsearch.index.gallery import GalleryIndex, ImageRecord, read_records
+from vlsearch.index.gallery import GalleryIndex, ImageRecord
 
 
 @dataclass
@@ -83,12 +83,6 @@ def folder_photos(folder: Path, exclude=()) -> dict[str, str]:
     return images_to_add(Path(folder), exclude)
 
 
-def index_rows(index) -> list[tuple[int, ImageRecord]]:
-    if hasattr(index, "shards"):
-        return index.rows_and_records()
-    return list(enumerate(read_records(index)))
-
-
 def make_plan(index, folder: Path, image_size: int, exclude=(), cache: KeyCache | None = None) -> SyncPlan:
     cache = cache or KeyCache()
     files = folder_photos(folder, exclude)
@@ -96,7 +90,7 @@ def make_plan(index, folder: Path, image_size: int, exclude=(), cache: KeyCache 
     with ThreadPoolExecutor(max_workers=4) as pool:  # sha1 releases the GIL
         keys = list(pool.map(lambda p: cache.key(p, image_size), paths))
     plan = SyncPlan()
-    live = index_rows(index)
+    live = index.rows_and_records()
     if any(r.kind != "image" for _, r in live):
         raise IndexError_(f"the index at {index.path} holds videos: --sync applies to photo indexes for now")
     by_path = {r.path: (row, r) for row, r in live}
@@ -141,7 +135,7 @@ def sync_folder(
     index_dir, folder = Path(index_dir), Path(folder)
     if not (index_dir / "config.json").is_file():
         plan = SyncPlan(add=[(i, p, "") for p, i in folder_photos(folder, exclude).items()])
-        if not dry_run:
+        if not dry_run and plan.add:  # an empty folder: no index yet
             build_index(index_dir, folder, progress=progress, exclude=list(exclude))
         return plan
     index = GalleryIndex.open(index_dir)
