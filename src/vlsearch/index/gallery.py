@@ -259,7 +259,9 @@ def write_gallery(
         config.kind = vi.kind
         vi.add(embeddings)
         vi.write(tmp / "images.faiss")
+        fault_point("faiss written")
         np.save(tmp / "embeddings.npy", embeddings.astype(np.float16))
+        fault_point("embeddings written")
         db = sqlite3.connect(tmp / "meta.sqlite")
         db.execute(
             "CREATE TABLE images (row INTEGER PRIMARY KEY, id TEXT, path TEXT, key TEXT,"
@@ -286,6 +288,7 @@ def write_gallery(
             config.n_captions = len(captions)
         db.commit()
         db.close()
+        fault_point("metadata written")
         atomic_write_json(tmp / "config.json", {**stamp(), "config": asdict(config)})
         fsync_tree(tmp)  # durable before it becomes visible
         fault_point("gallery written")

@@ -128,9 +128,8 @@ def sync_folder(
     cache: KeyCache | None = None,
 ) -> SyncPlan:
     """Make the index at ``index_dir`` match ``folder`` (build it when there is none); returns the plan."""
-    from vlsearch.index.build import build_index, checked_model, photos_of
+    from vlsearch.index.build import build_index
     from vlsearch.index.update import sync_write
-    from vlsearch.search.embedder import Embedder
 
     index_dir, folder = Path(index_dir), Path(folder)
     if not (index_dir / "config.json").is_file():
@@ -138,13 +137,25 @@ def sync_folder(
         if not dry_run and plan.add:  # an empty folder: no index yet
             build_index(index_dir, folder, progress=progress, exclude=list(exclude))
         return plan
+    plan, write = prepare_sync(index_dir, folder, dry_run, progress, exclude, cache)
+    if write is not None:
+        sync_write(index_dir, *write)
+    return plan
+
+
+def prepare_sync(index_dir: Path, folder: Path, dry_run=False, progress=True, exclude=(), cache=None):
+    """The plan, and what its write needs (records, embeddings, photo metadata, ids to remove), or None
+    when there is nothing to write. All model work happens here, before the write lock is taken."""
+    from vlsearch.index.build import checked_model, photos_of
+    from vlsearch.search.embedder import Embedder
+
     index = GalleryIndex.open(index_dir)
     try:
         net = checked_model(index)
         embedder = Embedder(net, progress=progress)
         plan = make_plan(index, folder, embedder.extractor.image_config.image_size, exclude, cache)
         if dry_run or not plan:
-            return plan
+            return plan, None
         records: list[ImageRecord] = []
         parts: list[np.ndarray] = []
         todo = plan.add + plan.change
@@ -162,5 +173,4 @@ def sync_folder(
     finally:
         index.close()
     emb = np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
-    sync_write(index_dir, records, emb, photos_of(records), plan.remove)
-    return plan
+    return plan, (records, emb, photos_of(records), list(plan.remove))
