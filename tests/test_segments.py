@@ -184,3 +184,47 @@ def test_rebuild_over_a_segmented_index(plain, mini_flickr, tmp_path):
     build_index(plain, mini_flickr, "dev", progress=False)  # a rebuild swaps the whole folder
     assert len(GalleryIndex.open(plain).images) == 40
     assert len(live_state(plain)) == 40
+
+
+def test_delete_route_and_compaction_under_a_running_service(plain, mini_flickr, tmp_path):
+    """DELETE /images/{id} needs the write token; the removed image leaves results at once; the service
+    keeps answering while another process compacts, and picks up the compacted index."""
+    from tests.test_serve import start_server
+
+    s = start_server(plain, write_token="s3cret-token")
+    try:
+        with s.client() as c:
+            top = c.get("/search", params={"q": "a dog", "k": 3}).json()["results"]
+            victim = top[0]["id"]
+            assert c.delete(f"/images/{victim}").status_code == 401
+            auth = {"Authorization": "Bearer s3cret-token"}
+            assert c.delete("/images/no-such.jpg", headers=auth).status_code == 404
+            r = c.delete(f"/images/{victim}", headers=auth)
+            assert r.status_code == 200 and r.json() == {"removed": [victim], "n_images": 39}
+            after = c.get("/search", params={"q": "a dog", "k": 40}).json()["results"]
+            assert victim not in {h["id"] for h in after} and len(after) == 39
+            assert c.get(f"/images/{victim}").status_code == 404  # the page hides a card whose image 404s
+            assert c.get("/healthz").json()["index"]["n_images"] == 39
+            want = [h["id"] for h in after[:10]]
+            # an add lands as a segment, then another process compacts while searches go on
+            new = _folder(tmp_path, "new", _train(mini_flickr, 4))
+            assert main(["index", "--add", str(new), "--out", str(plain), "--quiet"]) == 0
+            done = threading.Event()
+            answers = []
+
+            def search_loop():
+                while not done.is_set():
+                    answers.append(c.get("/search", params={"q": "a dog", "k": 5}).status_code)
+
+            t = threading.Thread(target=search_loop)
+            t.start()
+            assert main(["index", "--compact", str(plain)]) == 0
+            done.set()
+            t.join()
+            assert answers and set(answers) == {200}
+            h = c.get("/healthz").json()["index"]
+            assert h["n_images"] == 43
+            ids = [x["id"] for x in c.get("/search", params={"q": "a dog", "k": 43}).json()["results"]]
+            assert victim not in ids and [i for i in ids if i in want] == want
+    finally:
+        s.stop()
