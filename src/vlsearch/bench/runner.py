@@ -266,6 +266,12 @@ def run_bench(
             "billion_ivfpq",
         ):
             result[key] = g[key]
+        log("segmented index: add 1,000, delete one, 20 segments vs compacted")
+        from vlsearch.bench import segments
+
+        result["segments"] = segments.run(
+            data, (embedder, model_name, fp), work, max(sizes), quick, progress=progress
+        )
         if serve and g["largest"]:
             from vlsearch.index.vectors import AUTO_THRESHOLD
 
@@ -294,6 +300,10 @@ def run_bench(
         from vlsearch.bench.concepts import table as concept_table
 
         table += "\n" + concept_table(result["concepts"])
+    if "segments" in result:
+        from vlsearch.bench.segments import table as segments_table
+
+        table += "\n" + segments_table(result["segments"])
     result["table"] = table
     (out / "bench.md").write_text(f"Command: `{result['meta']['command']}`\n\n" + table)
     (out / "bench.json").write_text(json.dumps(result, indent=2, default=_json_default) + "\n")

@@ -152,7 +152,10 @@ def add_to_index(
         return 0, report
     from vlsearch.index.update import add_records
 
-    return add_records(index_dir, new, emb, photos_of(new)), report
+    # the segment is written through this module's name, so tests can hold a writer inside it
+    return add_records(
+        index_dir, new, emb, photos_of(new), write=lambda *a, **k: write_gallery(*a, **k)
+    ), report
 
 
 def _needs_rewrite(index) -> bool:

@@ -188,7 +188,7 @@ class SegmentedIndex:
         return len(self._embeddings)
 
     def is_live(self, row: int) -> bool:
-        return 0 <= row < self.n_rows and not (len(self.dead) and np.isin(row, self.dead))
+        return 0 <= row < self.n_rows and not (len(self.dead) and bool(np.isin(row, self.dead)))
 
     # -- rows <-> segments --------------------------------------------------------------------------------
     def _split(self, rows, offsets: list[int]) -> tuple[np.ndarray, np.ndarray]:
@@ -205,8 +205,9 @@ class SegmentedIndex:
                 out[i] = rec
         return out  # type: ignore[return-value]
 
-    def record(self, row: int) -> ImageRecord:
-        return self.records([row])[0]
+    def record(self, row: int) -> ImageRecord | None:
+        """The record of a live row; None for a deleted one (GET /images/ROW then answers 404)."""
+        return self.records([row])[0] if self.is_live(int(row)) else None
 
     def row_of_id(self, image_id: str) -> int | None:
         """The live row of an id (the newest segment first: a re-added id lives there)."""

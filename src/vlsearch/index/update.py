@@ -198,6 +198,7 @@ def add_records(
     emb: np.ndarray,
     photos: list[PhotoMeta] | None = None,
     skip_paths: bool = True,
+    write=write_gallery,
 ) -> int:
     """Add embedded images as one new segment; with ``skip_paths``, paths already live (another writer
     added them meanwhile) are left out. Returns the number added."""
@@ -213,7 +214,7 @@ def add_records(
             return None
         recs = [records[i] for i in keep]
         phs = [photos[i] for i in keep] if photos is not None else None
-        name = write_segment(path, m, recs, np.asarray(emb, np.float32)[keep], phs)
+        name = write_segment(path, m, recs, np.asarray(emb, np.float32)[keep], phs, write)
         added[0] = len(recs)
         return with_tombstones(m, {}, [name], len(recs))
 
