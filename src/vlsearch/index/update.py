@@ -117,10 +117,12 @@ def _with_counts(manifest: Manifest, d_images: int, d_captions: int = 0) -> dict
     return cfg
 
 
-def write_segment(path: Path, manifest: Manifest, records: list[ImageRecord], emb: np.ndarray, photos) -> str:
+def write_segment(
+    path: Path, manifest: Manifest, records: list[ImageRecord], emb: np.ndarray, photos, write=write_gallery
+) -> str:
     """One new immutable segment (unlisted until the manifest names it); returns its name."""
     name = new_segment_name()
-    write_gallery(path / name, _segment_config(manifest), records, emb, photos=photos)
+    write(path / name, _segment_config(manifest), records, emb, photos=photos)
     fault_point("segment written")
     return name
 
@@ -245,8 +247,10 @@ def compact(path: str | Path, kind: str = "auto") -> dict:
         index.close()
         raise IndexError_(f"the index at {path} was rebuilt meanwhile; run `--compact` again")
     snap = index.manifest
-    rows = index.live_rows()
-    recs = index.records(rows)
+    pairs = index.rows_and_records()  # whole-table reads: no million-parameter queries
+    rows = np.asarray([r for r, _ in pairs], np.int64)
+    recs = [rec for _, rec in pairs]
+    del pairs
     emb = np.asarray(index.embeddings[rows], np.float32) if len(rows) else np.zeros((0, index.config.dim))
     photos_all = read_photos(index)
     photos = [photos_all[r] or PhotoMeta() for r in rows.tolist()]
