@@ -8,6 +8,7 @@ removed what the killed one left behind."""
 
 from __future__ import annotations
 
+import itertools
 import os
 import random
 import shutil
@@ -153,9 +154,16 @@ def test_kills_at_every_durable_step_and_at_random_moments(scene):
     assert len(after["compact"]) == len(before)
     rng = random.Random(15)
     trials = [(op, n, None) for op in OPS for n in range(1, 40)]  # every step, until one runs through
-    trials += [(op, None, rng.uniform(0, took[op])) for op in OPS for _ in range(14)]
     kills, done_steps = 0, set()
-    for i, (op, step, delay) in enumerate(trials):
+
+    def more():  # random moments, round the four writes, until 50 kills in all (at most 200 tries)
+        for i in range(200):
+            if kills >= 50 and i >= 16:
+                return
+            op = OPS[i % 4]
+            yield op, None, rng.uniform(0, 0.8 * took[op])
+
+    for i, (op, step, delay) in enumerate(itertools.chain(trials, more())):
         if step is not None and op in done_steps:
             continue
         ix = root / f"t{i}"
