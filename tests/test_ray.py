@@ -61,7 +61,7 @@ def test_ray_index_matches_single_process(tiny_fast_checkpoint, mini_flickr, tmp
     assert (tmp_path / "worker-home" / "features").is_dir()  # features were computed by the workers
     single, sharded = GalleryIndex.open(single_dir), GalleryIndex.open(sharded_dir)
     assert isinstance(sharded, ShardedIndex) and len(sharded.shards) == 3
-    assert json.loads((sharded_dir / "config.json").read_text())["layout"] == "sharded"
+    assert json.loads((sharded_dir / "config.json").read_text())["layout"] == "segments"
     assert sharded.config.n_images == single.config.n_images == 40
     assert sharded.config.n_captions == single.config.n_captions == 200
     assert sharded.config.model_fingerprint == single.config.model_fingerprint

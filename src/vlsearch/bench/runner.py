@@ -267,6 +267,12 @@ def run_bench(
             "billion_ivfpq",
         ):
             result[key] = g[key]
+        log("segmented index: add 1,000, delete one, 20 segments vs compacted")
+        from vlsearch.bench import segments
+
+        result["segments"] = segments.run(
+            data, (embedder, model_name, fp), work, max(sizes), quick, progress=progress
+        )
         if serve and g["largest"]:
             n = g["largest"]["n"]
             rec = {x["kind"]: x["recall_at_10_vs_exact"] for x in g["recall"] if x["n"] == n}
@@ -291,6 +297,10 @@ def run_bench(
     table = markdown(result)
     if "concepts" in result:
         table += "\n" + concept_table(result["concepts"])
+    if "segments" in result:
+        from vlsearch.bench.segments import table as segments_table
+
+        table += "\n" + segments_table(result["segments"])
     result["table"] = table
     (out / "bench.md").write_text(f"Command: `{result['meta']['command']}`\n\n" + table)
     (out / "bench.json").write_text(json.dumps(result, indent=2, default=_json_default) + "\n")

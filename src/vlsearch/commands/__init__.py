@@ -1,3 +1,3 @@
 """One module per CLI subcommand: each has ``register(subparsers)`` and ``run(args)``."""
 
-COMMANDS = ["demo", "train", "index", "search", "eval", "serve", "bench"]
+COMMANDS = ["demo", "train", "index", "watch", "search", "eval", "serve", "bench"]

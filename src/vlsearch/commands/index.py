@@ -52,6 +52,24 @@ def register(sub):
         action="store_true",
         help="leave the model's ImageNet concept channel out (smaller vectors, less work per query)",
     )
+    p.add_argument(
+        "--sync",
+        metavar="FOLDER",
+        default=None,
+        help="make the index --out match FOLDER: add new files, re-embed changed ones, remove deleted ones",
+    )
+    p.add_argument("--dry-run", action="store_true", help="with --sync: print the plan, change nothing")
+    p.add_argument(
+        "--remove", nargs="+", metavar="ID", default=None, help="delete these image ids from --out"
+    )
+    p.add_argument(
+        "--compact",
+        nargs="?",
+        const=True,
+        default=None,
+        metavar="INDEX",
+        help="merge the segments of INDEX (or --out) and drop deleted rows",
+    )
     add_quiet(p)
     return p
 
@@ -59,6 +77,10 @@ def register(sub):
 def run(args):
 
     out = Path(args.out).expanduser() if args.out else default_index_dir()
+    if args.sync or args.remove or args.compact:
+        from vlsearch.commands._segments import run_segment_command
+
+        return run_segment_command(args, out)
     if args.add:
         from vlsearch.index.build import add_to_index
 

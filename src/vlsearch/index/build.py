@@ -131,20 +131,53 @@ def add_to_index(
 ) -> tuple[int, ImageReport]:
     """Add images (a folder or a list of files) to an index without re-embedding what it holds.
 
-    New images are embedded first; then, under the index's write lock, the index is read again, what
-    another writer added meanwhile is skipped, and the vector index is rebuilt from the stored embeddings
-    and swapped in atomically: O(N) per call.
+    New images are embedded first, then written as one new segment (O(new), index/update.py); paths
+    another writer added meanwhile are skipped. A plain index becomes segmented on its first add, except
+    one holding videos or written before photo metadata: that one is rewritten whole (O(N)), as before.
     """
     index = GalleryIndex.open(index_dir)
-    if getattr(index, "is_sharded", False):  # a sharded index grows by a new shard
-        return index.add_images(items, progress=progress)
-    have = {r.path for r in read_records(index)}
+    segmented = hasattr(index, "shards")
+    if segmented:
+        have = {r.path for r in index.all_records()}
+    else:
+        have = {r.path for r in read_records(index)}
     net = checked_model(index)
+    legacy = not segmented and _needs_rewrite(index)
     index.close()
-    from vlsearch.index.build_video import embed_videos, find_videos
-    from vlsearch.index.videos import read_videos
+    from vlsearch.index.build_video import find_videos
 
     new_videos = {p: i for p, i in find_videos(items).items() if p not in have}
+    if legacy or (new_videos and not segmented):
+        return _rewrite_with(index_dir, net, items, have, new_videos, progress, exclude)
+    if new_videos:
+        raise IndexError_(
+            f"the index at {index_dir} is segmented: adding videos to it is not supported yet; "
+            "rebuild it with `vlsearch index` over the folder"
+        )
+    new, emb, report = embed_new_images(net, _photos_only(items), have, progress, exclude)
+    if not new:
+        return 0, report
+    from vlsearch.index.update import add_records
+
+    # the segment is written through this module's name, so tests can hold a writer inside it
+    return add_records(
+        index_dir, new, emb, photos_of(new), write=lambda *a, **k: write_gallery(*a, **k)
+    ), report
+
+
+def _needs_rewrite(index) -> bool:
+    """A plain index that cannot simply become a segment: it holds videos, or has no photo metadata."""
+    from vlsearch.index.photos import has_photos
+    from vlsearch.index.videos import read_videos
+
+    return bool(read_videos(index)) or not has_photos(index._db)
+
+
+def _rewrite_with(index_dir, net, items, have, new_videos, progress, exclude) -> tuple[int, ImageReport]:
+    """The whole-index rewrite of a plain index (videos, or an index from before photo metadata)."""
+    from vlsearch.index.build_video import embed_videos
+    from vlsearch.index.videos import read_videos
+
     new_video_records: list = []
     new, emb, report = embed_new_images(net, _photos_only(items), have, progress, exclude)
     if new_videos:
@@ -155,6 +188,11 @@ def add_to_index(
         return 0, report
     with write_lock(index_dir):
         index = GalleryIndex.open(index_dir)
+        if hasattr(index, "shards"):  # another writer made it segmented meanwhile
+            index.close()
+            from vlsearch.index.update import add_records
+
+            return add_records(index_dir, new, emb, photos_of(new)), report
         existing = read_records(index)
         new, emb = not_yet_in(new, emb, {r.path for r in existing})
         if new:

@@ -1,10 +1,11 @@
-"""`vlsearch index --ray`: gallery features and embeddings computed by Ray actors, written as a sharded index.
+"""`vlsearch index --ray`: gallery features and embeddings computed by Ray actors, written as a segmented
+index whose segments (one per shard) the workers write in parallel.
 
 The driver lists the gallery (a dataset split or any folder of images), cuts it into contiguous shards and
 hands them to actors, one model copy per actor (by default one actor per machine, using all its cores).
 Each actor computes backbone features (through its machine's feature cache), the dual encoder's
 embeddings and caption embeddings, and writes its shard as a normal gallery index folder. The driver then
-writes the top-level ``config.json`` that makes the folder one sharded index (see ``index/sharded.py``),
+writes the manifest (``config.json``) that makes the folder one segmented index (see ``index/manifest.py``),
 and swaps the finished folder in atomically. Images and the output folder must be reachable under the
 same paths from every machine (shared storage); the model weights travel through Ray's object store.
 See docs/scaling.md for running it on a multi-machine cluster.
@@ -18,6 +19,7 @@ import shutil
 import sys
 import tempfile
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +28,8 @@ from tqdm import tqdm
 from vlsearch.data import CaptionDataset, ImageReport, load_dataset
 from vlsearch.errors import DataError, VLSearchError
 from vlsearch.index.gallery import IndexConfig, swap_in
-from vlsearch.index.sharded import shard_name, write_sharded_config
+from vlsearch.index.manifest import LAYOUT, Manifest, fsync_dir, write_manifest
+from vlsearch.index.sharded import shard_name
 
 # Environment passed on to the workers when the driver has it set.
 FORWARDED_ENV = ("VLSEARCH_HOME", "VLSEARCH_DATA", "HF_HOME", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
@@ -233,14 +236,16 @@ def build_index_ray(
             model_type=meta["model_type"],
             model_fingerprint=fingerprint(ckpt),
             dim=results[0]["dim"],
-            kind="sharded",
+            kind=LAYOUT,
             image_backbone=results[0]["image_backbone"],
             text_backbone=results[0]["text_backbone"],
             n_images=sum(r["n_images"] for r in results),
             n_captions=sum(r["n_captions"] for r in results),
             source=source_desc,
         )
-        write_sharded_config(tmp, config, names)
+        for name in names:
+            fsync_dir(tmp / name)
+        write_manifest(tmp, Manifest(asdict(config), names, {}, 1))
         swap_in(tmp, out)
         tmp = None
         if report:

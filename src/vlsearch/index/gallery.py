@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import os
 import shutil
 import sqlite3
 import tempfile
@@ -33,6 +34,7 @@ from vlsearch.config import atomic_write_json, check_stamp, from_dict, stamp
 from vlsearch.data.metadata import PhotoMeta
 from vlsearch.errors import IndexError_
 from vlsearch.index import photos as P
+from vlsearch.index.manifest import fault_point, fsync_dir, fsync_tree, is_segmented
 from vlsearch.index.vectors import VectorIndex, make_vector_index, read_vector_index
 
 
@@ -125,17 +127,34 @@ class GalleryIndex:
     # -- reading --------------------------------------------------------------------------------------------
     @classmethod
     def open(cls, path: str | Path) -> GalleryIndex:
+        """Open an index; a writer replacing the manifest while this reads it (compaction removing
+        segments, a plain index converted) makes it read again, up to a few times."""
         path = Path(path)
+        if not path.exists():
+            from vlsearch.index.manifest import recover_swap
+
+            recover_swap(path)  # a swap killed between its two renames (systems without renameat2)
+        for attempt in range(5):
+            before = _stat_key(path / "config.json")
+            try:
+                return cls._open_once(path)
+            except IndexError_:
+                if attempt == 4 or _stat_key(path / "config.json") == before:
+                    raise
+        raise AssertionError("unreachable")
+
+    @classmethod
+    def _open_once(cls, path: Path) -> GalleryIndex:
         cfg = path / "config.json"
         if not cfg.is_file():
             raise IndexError_(f"no index at {path}: build one with `vlsearch index`")
         try:
             meta = json.loads(cfg.read_text())
             check_stamp(meta, "index", path, IndexError_)
-            if meta.get("layout") == "sharded":  # a folder of gallery shards searched as one
-                from vlsearch.index.sharded import ShardedIndex
+            if is_segmented(meta):  # immutable segments + a manifest (index/segments.py)
+                from vlsearch.index.segments import SegmentedIndex
 
-                return ShardedIndex.open(path, meta)
+                return SegmentedIndex.open(path, meta)
             config = from_dict(IndexConfig, meta["config"])
             images = read_vector_index(path / "images.faiss", config.kind)
             captions = (
@@ -202,8 +221,23 @@ class GalleryIndex:
     def all_keys(self) -> list[str]:
         return [k for (k,) in self._db.execute("SELECT key FROM images ORDER BY row")]
 
+    def all_records(self) -> list[ImageRecord]:
+        """The live records in row order (as ``SegmentedIndex.all_records``: here every row is live)."""
+        return read_records(self)
+
+    def rows_and_records(self) -> list[tuple[int, ImageRecord]]:
+        return list(enumerate(read_records(self)))
+
     def close(self) -> None:
         self._db.close()
+
+
+def _stat_key(path: Path):
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return (st.st_ino, st.st_mtime_ns, st.st_size)
 
 
 def write_gallery(
@@ -219,7 +253,7 @@ def write_gallery(
     """Build a complete index folder in a temp folder and swap it in atomically."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.building-", dir=path.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.building-{os.getpid()}-", dir=path.parent))
     try:
         embeddings = np.asarray(embeddings, dtype=np.float32)
         config.n_images, config.dim = len(records), embeddings.shape[1]
@@ -227,7 +261,9 @@ def write_gallery(
         config.kind = vi.kind
         vi.add(embeddings)
         vi.write(tmp / "images.faiss")
+        fault_point("faiss written")
         np.save(tmp / "embeddings.npy", embeddings.astype(np.float16))
+        fault_point("embeddings written")
         db = sqlite3.connect(tmp / "meta.sqlite")
         db.execute(
             "CREATE TABLE images (row INTEGER PRIMARY KEY, id TEXT, path TEXT, key TEXT,"
@@ -254,7 +290,10 @@ def write_gallery(
             config.n_captions = len(captions)
         db.commit()
         db.close()
+        fault_point("metadata written")
         atomic_write_json(tmp / "config.json", {**stamp(), "config": asdict(config)})
+        fsync_tree(tmp)  # durable before it becomes visible
+        fault_point("gallery written")
         swap_in(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -278,22 +317,49 @@ def write_lock(path: str | Path) -> Iterator[None]:
 
 
 def swap_in(new: Path, path: Path) -> None:
-    """Replace ``path`` by the complete folder ``new`` (two renames; the old one is removed after)."""
+    """Replace ``path`` by the complete folder ``new``: one atomic exchange where the system has it
+    (renameat2), else two renames (a kill between them is undone by ``manifest.recover_swap``)."""
+    if path.exists() and _exchange(new, path):
+        fault_point("folders exchanged")
+        fsync_dir(path.parent)
+        shutil.rmtree(new, ignore_errors=True)  # now the old folder
+        return
     old = path.with_name(f".{path.name}.old-{int(time.time() * 1e6)}")
     if path.exists():
         path.rename(old)
+        fault_point("old folder aside")
     new.rename(path)
+    fsync_dir(path.parent)
     shutil.rmtree(old, ignore_errors=True)
 
 
+def _exchange(a: Path, b: Path) -> bool:
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return fn(at_fdcwd, os.fsencode(str(a)), at_fdcwd, os.fsencode(str(b)), rename_exchange) == 0
+
+
 def read_captions(index: GalleryIndex) -> list[tuple[str, int]]:
+    if hasattr(index, "shards"):  # segmented: captions of every segment, image rows made global
+        return index.caption_rows(range(len(index.captions))) if index.captions is not None else []
     return [(t, i) for t, i in index._db.execute("SELECT text, image_row FROM captions ORDER BY row")]
 
 
 def read_photos(index: GalleryIndex) -> list[PhotoMeta | None]:
+    if hasattr(index, "shards"):
+        return [m for s in index.shards for m in read_photos(s)]
     return P.all_photos(index._db, index.config.n_images)
 
 
 def read_records(index: GalleryIndex) -> list[ImageRecord]:
+    """Every row's record in row order (a segmented index: deleted rows too, see ``all_records``)."""
+    if hasattr(index, "shards"):
+        return [r for s in index.shards for r in read_records(s)]
     q = f"SELECT {index._columns} FROM images ORDER BY row"
     return [ImageRecord(*rest) for _, *rest in index._db.execute(q)]

@@ -38,8 +38,10 @@ def write_videos(db: sqlite3.Connection, videos: list[VideoRecord]) -> None:
 
 
 def _has_table(index) -> bool:
-    db = getattr(index, "_db", None)  # a sharded (Ray-built) index holds photos only
-    return db is not None and (
+    db = getattr(index, "_db", None)  # a segmented index holds photos only (index/update.py)
+    if db is None:
+        return False
+    return (
         db.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='videos'").fetchone() is not None
     )
 

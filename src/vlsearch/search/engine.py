@@ -59,9 +59,10 @@ class SearchEngine:
         return engine
 
     # -- freshness: an index rewritten on disk (vlsearch index --add, POST /images) is picked up ----------
-    def _config_mtime(self) -> float:
+    def _config_mtime(self):
         try:
-            return (self.index.path / "config.json").stat().st_mtime
+            st = (self.index.path / "config.json").stat()  # the manifest: replaced by every write
+            return (st.st_ino, st.st_mtime_ns)
         except OSError:
             return 0.0
 
@@ -249,6 +250,14 @@ class SearchEngine:
         n, report = add_to_index(self.index.path, paths, progress=False)
         self.refresh()
         return n
+
+    def remove(self, ids) -> list[str]:
+        """Delete images by id (tombstones in the index's manifest); returns the ids that were there."""
+        from vlsearch.index.update import remove_ids
+
+        removed = remove_ids(self.index.path, [ids] if isinstance(ids, str) else list(ids))
+        self.refresh()
+        return removed
 
     @property
     def path(self) -> Path:

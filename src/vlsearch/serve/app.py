@@ -616,6 +616,13 @@ class Service:
                 )
             return {"added": added, "n_images": len(index.images), "images": out}
 
+    def remove_images(self, ids: list[str]) -> list[str]:
+        """Delete by id (tombstones in the index manifest); the engine sees it at once."""
+        with self._write_lock:
+            removed = self.engine.remove(ids)
+            self.refresh()
+            return removed
+
     def health(self, authorised: bool = False) -> dict:
         """Paths (of the index, in problems) only for a caller with a token."""
         cfg = self.engine.index.config
@@ -956,6 +963,22 @@ def create_app(engine: SearchEngine, settings: ServeSettings | None = None, rera
             raise ApiError(status, f"{len(bad)} of {len(uploads)} upload(s) are not readable images", bad)
         result, _ = await service.pool.run(service.add_images, uploads, heavy=True)
         return JSONResponse(result, status_code=201)
+
+    @app.delete(
+        "/images/{image_id:path}",
+        summary="Remove an image from the index, by id (needs 'Authorization: Bearer TOKEN')",
+        responses=ERRORS,
+    )
+    async def remove_image(request: Request, image_id: str = FPath(..., description="an image id")):
+        denied = check_write(settings.write_token, request.headers.get("authorization"))
+        if denied is not None:
+            return denied
+        if len(image_id) > MAX_ID_CHARS or "\x00" in image_id:
+            raise ApiError(404, "no such image in the index", image_id[:200])
+        removed, _ = await service.pool.run(service.remove_images, [image_id], heavy=True)
+        if not removed:
+            raise ApiError(404, "no such image in the index", image_id[:200])
+        return {"removed": removed, "n_images": len(service.engine.index.images)}
 
     from vlsearch.serve import videos
 

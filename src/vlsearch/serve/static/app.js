@@ -311,6 +311,11 @@ function card(hit, i) {
   img.addEventListener("load", () => {
     if (state.word != null) drawHeat(heat, img, hit.explanation, state.word);
   });
+  // a result removed from the index (DELETE /images/ID, a sync) has no image any more: hide it
+  img.addEventListener("error", () => {
+    fig.hidden = true;
+  });
+  fig.dataset.id = hit.id;
   const cap = document.createElement("figcaption");
   const score = document.createElement("span");
   score.className = "score";
@@ -548,3 +553,10 @@ function init() {
 }
 
 document.addEventListener("DOMContentLoaded", init);
+
+// Hide the results of removed images at once (called after a DELETE /images/ID from this page).
+window.vlsRemoved = (id) => {
+  document.querySelectorAll("#grid .card").forEach((fig) => {
+    if (fig.dataset.id === id) fig.hidden = true;
+  });
+};
