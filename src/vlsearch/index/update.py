@@ -218,10 +218,29 @@ def add_records(
         phs = [photos[i] for i in keep] if photos is not None else None
         name = write_segment(path, m, recs, np.asarray(emb, np.float32)[keep], phs, write)
         added[0] = len(recs)
-        return with_tombstones(m, {}, [name], len(recs))
+        return with_tombstones(with_roots(m, recs), {}, [name], len(recs))
 
     commit(path, change)
     return added[0]
+
+
+def with_roots(manifest: Manifest, records: list[ImageRecord]) -> Manifest:
+    """The folders of added files join the index's roots (the service serves files inside them only)."""
+    roots = list(manifest.config.get("roots") or [])
+    if not roots:  # an index from before roots: the service applies its symlink rule alone
+        return manifest
+    new = {
+        str(Path(r.path).parent)
+        for r in records
+        if not any(Path(r.path).is_relative_to(Path(root)) for root in roots)
+    }
+    if not new:
+        return manifest
+    return Manifest({**manifest.config, "roots": sorted(set(roots) | new)}, *_rest(manifest))
+
+
+def _rest(manifest: Manifest) -> tuple:
+    return manifest.segments, manifest.tombstones, manifest.generation
 
 
 def live_paths(path: Path, manifest: Manifest) -> set[str]:
