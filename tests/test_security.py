@@ -109,27 +109,35 @@ def mutate(data: bytes, rng: random.Random) -> bytes:
     return bytes(b)
 
 
-def test_fuzzed_images_decode_or_fail_cleanly_in_time(no_subprocess):
+def test_fuzzed_images_decode_or_fail_cleanly_in_time(no_subprocess, private):
     """1,000 mutations of real JPEG, PNG and WebP photos through the upload decoder: each one is an
-    image or a QueryError (a 4xx), never anything else, and each ends within its time limit."""
+    image or a QueryError (a 4xx), never anything else, and each ends within its time limit. Every fifth
+    one also goes to the live server's POST /search/image: a 200 or a JSON 4xx, never a 5xx."""
     from vlsearch.data.safe_decode import DECODE_TIMEOUT_S
     from vlsearch.errors import QueryError
     from vlsearch.serve.app import decode_upload
 
     rng = random.Random(0)
     seeds = [encoded(f, p) for p in photos(2) for f in ("JPEG", "PNG", "WEBP")]
-    slowest, outcomes = 0.0, {"ok": 0, "refused": 0}
-    for i in range(1000):
-        data = mutate(seeds[i % len(seeds)], rng)
-        t0 = time.monotonic()
-        try:
-            decode_upload(data)
-            outcomes["ok"] += 1
-        except QueryError:
-            outcomes["refused"] += 1
-        slowest = max(slowest, time.monotonic() - t0)
+    slowest, outcomes, statuses = 0.0, {"ok": 0, "refused": 0}, {}
+    with private.client(headers={"Authorization": f"Bearer {TOKEN}"}) as c:
+        for i in range(1000):
+            data = mutate(seeds[i % len(seeds)], rng)
+            t0 = time.monotonic()
+            try:
+                decode_upload(data)
+                outcomes["ok"] += 1
+            except QueryError:
+                outcomes["refused"] += 1
+            slowest = max(slowest, time.monotonic() - t0)
+            if i % 5 == 0:
+                r = c.post("/search/image", params={"k": 1, "captions": 0}, files={"file": ("f", data)})
+                statuses[r.status_code] = statuses.get(r.status_code, 0) + 1
+                assert r.status_code == 200 or set(r.json()) == {"error", "detail"}, r.text[:200]
     assert slowest < DECODE_TIMEOUT_S + 0.5, slowest
     assert outcomes["refused"] > 100 and not no_subprocess, outcomes
+    assert sum(statuses.values()) == 200 and all(code < 500 for code in statuses), statuses
+    assert statuses.get(200, 0) > 20 and any(400 <= code < 500 for code in statuses), statuses
 
 
 # -- the live service ------------------------------------------------------------------------------------
