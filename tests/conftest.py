@@ -29,6 +29,18 @@ SHARED_CACHES = ("features", "mining", "distill")
 NAMED_FIXTURES = {"tiny_fast_checkpoint": "fast", "slow_checkpoint": "slow", "tiny_slow_checkpoint": "slow"}
 
 
+def link_photo(src, dst) -> None:
+    """A real file at ``dst`` with ``src``'s bytes: a hard link where the filesystem allows, else a copy.
+    Not a symlink: folders skip symlinks that leave them (issue 13), as a user's index would."""
+    import os
+    import shutil
+
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def session_home(tmp_path_factory):
     """The home session- and module-scoped fixtures build in (named models, indexes). Each test then gets
@@ -65,7 +77,7 @@ def _home(session_home, request, tmp_path_factory, monkeypatch):
 
 @pytest.fixture(scope="session")
 def mini_flickr(tmp_path_factory):
-    """A real Flickr8k-layout folder with 60 train and 40 dev photos (symlinked), and no test split file."""
+    """A real Flickr8k-layout folder with 60 train and 40 dev photos (hard links or copies), and no test split file."""
     need_data()
     root = tmp_path_factory.mktemp("mini-flickr") / "flickr8k"
     (root / "Flicker8k_Dataset").mkdir(parents=True)
@@ -74,7 +86,7 @@ def mini_flickr(tmp_path_factory):
     train = (text / "Flickr_8k.trainImages.txt").read_text().split()[:60]
     dev = (text / "Flickr_8k.devImages.txt").read_text().split()[:40]
     for name in train + dev:
-        (root / "Flicker8k_Dataset" / name).symlink_to(FLICKR / "Flicker8k_Dataset" / name)
+        link_photo(FLICKR / "Flicker8k_Dataset" / name, root / "Flicker8k_Dataset" / name)
     keep = set(train + dev)
     lines = [ln for ln in (text / "Flickr8k.token.txt").read_text().splitlines() if ln.split("#")[0] in keep]
     (root / "Flickr8k_text" / "Flickr8k.token.txt").write_text("\n".join(lines) + "\n")

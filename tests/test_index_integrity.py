@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import FLICKR
+from tests.conftest import FLICKR, link_photo
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL_CHUNKS = (
@@ -34,7 +34,7 @@ def photo_folder(tmp_path: Path, n: int, skip: int) -> Path:
     folder = tmp_path / f"photos-{n}"
     folder.mkdir()
     for name in names:
-        (folder / name).symlink_to(FLICKR / "Flicker8k_Dataset" / name)
+        link_photo(FLICKR / "Flicker8k_Dataset" / name, folder / name)
     return folder
 
 

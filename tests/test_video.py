@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import FLICKR, need_data
+from tests.conftest import FLICKR, link_photo, need_data
 
 PHOTOS = FLICKR / "Flicker8k_Dataset"
 
@@ -162,10 +162,10 @@ def mixed_index(tiny_fast_checkpoint, clips, tmp_path_factory):
     folder = tmp_path_factory.mktemp("mixed") / "media"
     folder.mkdir()
     for p in photos(3, 20):
-        (folder / p.name).symlink_to(p)
+        link_photo(p, folder / p.name)
     (folder / "clips").mkdir()
     for key in ("a", "b"):
-        (folder / "clips" / f"{key}.mp4").symlink_to(clips[key][0])
+        link_photo(clips[key][0], folder / "clips" / f"{key}.mp4")
     bad_files(folder / "bad")
     out = folder.parent / "idx"
     path, report = build_index(out, folder, progress=False)

@@ -9,6 +9,7 @@ import time
 import httpx
 import pytest
 
+from tests.conftest import link_photo
 from tests.test_browser import browser, until  # noqa: F401, F811 - browser is a fixture
 from tests.test_serve import start_server
 from tests.test_video import photos
@@ -23,7 +24,7 @@ def video_index(tiny_fast_checkpoint, tmp_path_factory):
     folder = tmp_path_factory.mktemp("vserve") / "media"
     folder.mkdir()
     for p in photos(2, 50):
-        (folder / p.name).symlink_to(p)
+        link_photo(p, folder / p.name)
     spans = {
         "show.mp4": write_slideshow(photos(3, 60), folder / "show.mp4", holds=[3.0, 3.0, 3.0]),
         "show.webm": write_slideshow(photos(3, 63), folder / "show.webm", holds=[3.0, 3.0, 3.0]),

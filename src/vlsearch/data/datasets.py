@@ -5,6 +5,7 @@ from __future__ import annotations
 import fnmatch
 import json
 import os
+import sys
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -241,15 +242,22 @@ def load_folder(
     folder = Path(folder)
     if not folder.is_dir():
         raise DataError(f"not a folder: {folder}")
-    files = sorted(
+    candidates = sorted(
         p
         for p in folder.rglob("*")
         if p.suffix.lower() in IMAGE_EXTENSIONS
         and not any(skipped_name(part) for part in p.relative_to(folder).parts)
         and not excluded(p.relative_to(folder), exclude)
         and p.is_file()
-        and (follow_symlinks or inside(p, folder))
     )
+    files = [p for p in candidates if follow_symlinks or inside(p, folder)]
+    if len(files) < len(candidates):
+        n = len(candidates) - len(files)
+        print(
+            f"warning: left out {n} symlink(s) under {folder} whose target lies outside it "
+            "(index them with --follow-symlinks)",
+            file=sys.stderr,
+        )
     if not files:
         if not any(p.suffix.lower() in VIDEO_EXTENSIONS for p in folder.rglob("*")):
             exts = ", ".join(sorted(IMAGE_EXTENSIONS | VIDEO_EXTENSIONS))
