@@ -456,6 +456,10 @@ def test_load_script_small_run(rerank_server):
             "48",
             "--recovery-requests",
             "16",
+            "--slow-clients",
+            "200",
+            "--slow-requests",
+            "16",
             "--max-seconds",
             "60",
             "--json",
@@ -468,7 +472,9 @@ def test_load_script_small_run(rerank_server):
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     report = json.loads(out.stdout)
     phases = {p["phase"]: p for p in report["phases"]}
-    assert set(phases) == {"fast", "rerank", "overload", "recovery"}
+    assert set(phases) == {"fast", "rerank", "overload", "slow-baseline", "slow", "recovery"}
+    slow = phases["slow"]
+    assert slow["ok"] == 16 and slow["slow_sockets"]["opened"] == 200 and slow["p50_vs_without"] < 3
     rerank = phases["rerank"]
     assert rerank["ok"] == 12 and rerank["server_errors"] == rerank["lost"] == rerank["shed"] == 0
     fast = phases["fast"]
