@@ -308,3 +308,9 @@ def gallery_root(dataset: CaptionDataset, source: str | Path | None = None) -> s
         return str(Path(source).resolve())
     parents = {str(Path(p).parent) for p in dataset.image_paths}
     return os.path.commonpath(sorted(parents)) if parents else ""
+
+
+def widen_roots(roots: list[str], paths) -> list[str]:
+    """An index's roots after adding files at ``paths``: the folder of each one outside them joins."""
+    outside = {str(Path(p).parent) for p in paths if not any(Path(p).is_relative_to(Path(r)) for r in roots)}
+    return sorted(set(roots) | outside)

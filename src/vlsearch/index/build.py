@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from vlsearch.data import CaptionDataset, ImageReport, load_dataset, load_folder
-from vlsearch.data.datasets import gallery_root
+from vlsearch.data.datasets import gallery_root, widen_roots
 from vlsearch.data.images import IMAGE_EXTENSIONS
 from vlsearch.data.metadata import PhotoMeta, read_metadata
 from vlsearch.errors import DataError, IndexError_
@@ -205,7 +205,7 @@ def _rewrite_with(index_dir, net, items, have, new_videos, progress, exclude) ->
             )
             config = index.config
             if config.roots:  # the new files' folders are served too
-                config.roots = sorted(set(config.roots) | added_roots(items))
+                config.roots = widen_roots(config.roots, [r.path for r in new])
             old = read_photos(index)  # an index from before the photos table: read its files now
             old = [m or read_metadata(r.path, r.id) for m, r in zip(old, existing, strict=True)]
             videos = read_videos(index) + video_layout(new, len(existing), new_video_records)
@@ -223,14 +223,6 @@ def _rewrite_with(index_dir, net, items, have, new_videos, progress, exclude) ->
         else:
             index.close()
     return len(new), report
-
-
-def added_roots(items) -> set[str]:
-    """The folder added, or the folders of the files added."""
-    if isinstance(items, str | Path):
-        p = Path(items)
-        return {str(p.resolve() if p.is_dir() else p.resolve().parent)}
-    return {str(Path(it).resolve().parent) for it in items}
 
 
 def _photos_only(items):

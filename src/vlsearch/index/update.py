@@ -13,11 +13,12 @@ import os
 import shutil
 import sqlite3
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
 
+from vlsearch.data.datasets import widen_roots
 from vlsearch.data.metadata import PhotoMeta
 from vlsearch.errors import IndexError_
 from vlsearch.index.gallery import (
@@ -229,18 +230,8 @@ def with_roots(manifest: Manifest, records: list[ImageRecord]) -> Manifest:
     roots = list(manifest.config.get("roots") or [])
     if not roots:  # an index from before roots: the service applies its symlink rule alone
         return manifest
-    new = {
-        str(Path(r.path).parent)
-        for r in records
-        if not any(Path(r.path).is_relative_to(Path(root)) for root in roots)
-    }
-    if not new:
-        return manifest
-    return Manifest({**manifest.config, "roots": sorted(set(roots) | new)}, *_rest(manifest))
-
-
-def _rest(manifest: Manifest) -> tuple:
-    return manifest.segments, manifest.tombstones, manifest.generation
+    config = {**manifest.config, "roots": widen_roots(roots, [r.path for r in records])}
+    return replace(manifest, config=config)
 
 
 def live_paths(path: Path, manifest: Manifest) -> set[str]:

@@ -48,6 +48,7 @@ class SearchResult:
     hits: list
     timings_ms: dict = field(default_factory=dict)
     explanations: list | None = None
+    concept_tags: list | None = None  # per hit, the ImageNet concepts behind it (the service, why=1)
     offset: int = 0
     next_offset: int | None = None  # None: this was the last page
     next_cursor: str | None = None

@@ -507,9 +507,10 @@ class Service:
         self.engine.search_image(Image.new("RGB", (64, 64), (120, 120, 120)), 1)
 
     # model work (runs on a pool thread)
-    def text_search(self, text: str, k: int, rerank: int, explain: bool, **options):
+    def text_search(self, text: str, k: int, rerank: int, explain: bool, why: bool = False, **options):
         """Explanations cost ~200 floats per word per result: the engine ranks without them, and only
-        the first MAX_EXPLAINED results are explained (the same pairs, so the same maps)."""
+        the first MAX_EXPLAINED results are explained (the same pairs, so the same maps). With ``why``
+        the concept tags are made in the same pool job (``result.concept_tags``)."""
         self.refresh()
         result = self.guarded(
             lambda: _retry_borrowed(lambda: self.engine.search(text, k, rerank=rerank, **options))
@@ -523,6 +524,7 @@ class Service:
             )
             result.explanations = [_cap_words(m) for m in maps] + [None] * (len(result.hits) - len(top))
         self.unscored += sum(1 for h in result.hits if rerank and not np.isfinite(h.slow_score))
+        result.concept_tags = self.concept_tags(text, result.hits) if why else None
         return result
 
     def concept_tags(self, text: str, hits) -> list:
@@ -844,11 +846,11 @@ def create_app(engine: SearchEngine, settings: ServeSettings | None = None, rera
             raise ApiError(400, "re-ranking is not available on this server", settings.rerank_note)
         options = make_search_options(after, before, folder, camera, near, sort, offset, cursor, min_score)
         result, wait_ms = await service.pool.run(
-            functools.partial(service.text_search, text, k, rerank, explain, **options), heavy=bool(rerank)
+            functools.partial(service.text_search, text, k, rerank, explain, why, **options),
+            heavy=bool(rerank),
         )
-        tags = (await service.pool.run(service.concept_tags, text, result.hits))[0] if why else None
         return await run_in_threadpool(
-            _search_body, service, result, text, k, rerank, explain, wait_ms, t0, tags
+            _search_body, service, result, text, k, rerank, explain, wait_ms, t0, result.concept_tags
         )
 
     @app.post(
