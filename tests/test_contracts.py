@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from tests.test_deformer import fake_inputs as inputs
-from vlsearch.models.contracts import DualEncoder, PairScorer, is_dual_encoder, is_pair_scorer
+from vlsearch.models.contracts import DualEncoder, PairScorer, States, is_dual_encoder, is_pair_scorer
 from vlsearch.models.deformer import DeformerConfig, DeformerModel
 from vlsearch.models.fast import FastConfig, FastModel
 from vlsearch.models.slow import SlowConfig, SlowModel
@@ -59,32 +59,39 @@ def test_decomposed_deformer_is_a_dual_encoder_and_joint_is_not():
 
 def check_pair_scorer(model, grid, mid, states, lengths) -> None:
     """image_state once per image, text_state once per text, score for the block: the block equals
-    each pair scored alone, and does not depend on which other images share the block."""
+    each pair scored alone, and does not depend on which other images share the block. States select
+    rows and stack back (what the re-ranker's per-image cache and length-sorted text chunks rely on)."""
     assert isinstance(model, PairScorer) and is_pair_scorer(model)
+    assert hasattr(model.config, "fusion_weight") and hasattr(model.config, "fusion_weight_i2t")
     with torch.no_grad():
-        block = model.score(model.text_state(states, lengths), model.image_state(grid, mid)).float()
+        text, image = model.text_state(states, lengths), model.image_state(grid, mid)
+        assert isinstance(text, States) and isinstance(image, States)
+        assert len(text) == len(states) and len(image) == len(grid)
+        block = model.score(text, image).float()
         assert block.shape == (len(states), len(grid)) and torch.isfinite(block).all()
         for t in range(len(states)):
-            text = model.text_state(states[t : t + 1], lengths[t : t + 1])
+            one_text = model.text_state(states[t : t + 1], lengths[t : t + 1])
             for n in range(len(grid)):
-                one = model.score(text, model.image_state(grid[n : n + 1], mid[n : n + 1])).float()
+                one = model.score(one_text, model.image_state(grid[n : n + 1], mid[n : n + 1])).float()
                 assert torch.allclose(one[0, 0], block[t, n], atol=1e-3), (t, n)
+        rows = torch.tensor([2, 0])
+        picked = model.score(text.rows(rows), image.rows(slice(1, 3))).float()
+        assert torch.allclose(picked, block[rows][:, 1:3], atol=1e-3)
+        # texts computed apart at their own lengths, stacked: padding changes nothing
+        parts = [
+            model.text_state(states[i : i + 1, : int(lengths[i])], lengths[i : i + 1])
+            for i in range(len(states))
+        ]
+        images = [image.rows(slice(i, i + 1)) for i in range(len(image))]
+        joined = model.score(type(parts[0]).stack(parts), type(images[0]).stack(images)).float()
+        assert torch.allclose(joined, block, atol=1e-3)
 
 
-PAIR_SCORERS_PENDING = pytest.mark.xfail(
-    strict=True,
-    reason="Slow and deformer-joint get image_state/text_state/score with the one-Reranker change "
-    "(issue 14, the lead's part); remove this mark then",
-)
-
-
-@PAIR_SCORERS_PENDING
 def test_slow_is_a_pair_scorer():
     torch.manual_seed(0)
     check_pair_scorer(SlowModel(SlowConfig(n_layers=1), init_from_pretrained=False).eval(), *inputs())
 
 
-@PAIR_SCORERS_PENDING
 def test_joint_deformer_is_a_pair_scorer():
     check_pair_scorer(deformer("joint"), *inputs())
 
@@ -92,21 +99,37 @@ def test_joint_deformer_is_a_pair_scorer():
 def test_the_pair_scorer_check_passes_a_conforming_model_and_fails_a_broken_one():
     """The conformance check itself can fail: a scorer whose block mixes up texts is caught."""
 
+    class Rows:
+        def __init__(self, x):
+            self.x = x
+
+        def __len__(self):
+            return len(self.x)
+
+        def rows(self, idx):
+            return Rows(self.x[idx])
+
+        @classmethod
+        def stack(cls, parts):
+            return cls(torch.cat([p.x for p in parts]))
+
     class Dot:
         is_pair_scorer = True
+        config = type("Config", (), {"fusion_weight": 1.0, "fusion_weight_i2t": 1.0})()
 
         def image_state(self, grid, mid=None):
-            return grid.mean(1)[:, :8]
+            return Rows(grid.mean(1)[:, :8])
 
         def text_state(self, states, lengths):
-            return states.mean(1)[:, :8]
+            mask = (torch.arange(states.shape[1])[None] < lengths[:, None]).float()[..., None]
+            return Rows((states * mask).sum(1)[:, :8])
 
         def score(self, text_state, image_state):
-            return text_state @ image_state.T
+            return text_state.x @ image_state.x.T
 
     class Shuffled(Dot):
         def score(self, text_state, image_state):
-            return (text_state @ image_state.T).flip(0)
+            return (text_state.x @ image_state.x.T).flip(0)
 
     check_pair_scorer(Dot(), *inputs())
     with pytest.raises(AssertionError):

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from vlsearch.cli import main
-from vlsearch.errors import CheckpointError
+from vlsearch.errors import CheckpointError, QueryError
 from vlsearch.models.deformer import DeformerConfig, DeformerModel
 from vlsearch.precision import autocast
 from vlsearch.training.common import TrainRequest
@@ -167,12 +167,12 @@ def test_joint_score_is_invariant_to_padding():
         alone = model.score_pairs(grid[i : i + 1], mid[i : i + 1], states[i : i + 1, :L], lengths[i : i + 1])
         assert torch.allclose(alone, a[i : i + 1], atol=1e-5)
     # the all-pairs entry point (bf16) agrees with aligned pairs, and pair lists index into it
-    full = model.score_texts_images(padded, lengths, mid, grid)
+    full = model.score_texts_images(padded, lengths, grid, mid)
     assert full.shape == (4, 4)
     assert torch.allclose(full.diagonal(), a, atol=0.1 * a.abs().max() + 0.1)
     ti, ii = torch.tensor([0, 3, 2]), torch.tensor([1, 1, 0])
     assert torch.allclose(
-        model.score_texts_images(padded, lengths, mid, grid, ti, ii), full[ti, ii], atol=1e-4
+        model.score_texts_images(padded, lengths, grid, mid, ti, ii), full[ti, ii], atol=1e-4
     )
 
 
@@ -341,7 +341,61 @@ def test_teacher_target_is_the_fused_rerank_score():
     base = teacher_list_logits(model, teacher, feats, t_rows, i_rows, q)
     assert torch.allclose(base, own, atol=1e-4)
     teacher.config.fusion_weight, teacher.config.fusion_weight_i2t = 0.5, 0.0
-    slow = teacher.score_texts_images(feats.states, lengths, feats.mid, feats.grid, t_rows, i_rows)
+    slow = teacher.score_texts_images(feats.states, lengths, feats.grid, feats.mid, t_rows, i_rows)
     moved = teacher_list_logits(model, teacher, feats, t_rows, i_rows, q)
     assert torch.allclose(moved[:4], own[:4] + model.scale.detach() * 0.5 * slow[:4], atol=1e-3)
     assert torch.allclose(moved[4:], own[4:], atol=1e-4)  # i2t lists keep their own weight (0)
+
+
+def test_search_and_serve_rerank_with_deformer_joint(
+    tiny_deformers, tiny_fast_checkpoint, mini_flickr, tmp_path, capsys
+):
+    """`--rerank-model deformer-joint` works like the Slow model's re-ranking, from the CLI and over HTTP,
+    through the one Reranker; its pair scores are the model's own; it has no maps to explain with."""
+    from tests.test_serve import build_test_index, start_server
+    from vlsearch.encoders.features import FeatureExtractor
+    from vlsearch.models.registry import load_model
+    from vlsearch.search.rerank import Reranker
+
+    joint, _ = tiny_deformers
+    idx = build_test_index(tmp_path / "idx", mini_flickr)
+    argv = ["search", "a dog runs", "--index", str(idx), "--k", "5", "--json"]
+    assert main([*argv, "--rerank", "8", "--rerank-model", str(joint)]) == 0
+    hits = json.loads(capsys.readouterr().out)["results"]
+    assert len(hits) == 5 and all(h["slow_score"] is not None for h in hits)
+    assert [h["score"] for h in hits] == sorted((h["score"] for h in hits), reverse=True)
+    # the Reranker's scores are the model's own pair scores, fused with its dev weight
+    fx = FeatureExtractor(progress=False)
+    rr = Reranker.load(joint, extractor=fx)
+    keys = fx.image_keys(load_dataset_paths(mini_flickr)[:6]).keys
+    fused, slow, _ = rr.rerank_text("a dog runs", keys, np.zeros(6, np.float32))
+    model = load_model(joint)[0].eval()
+    states, lengths, _ = fx.encode_texts(["a dog runs"])
+    grid = torch.from_numpy(fx.images.get_stacked(keys, "grid"))
+    mid = torch.from_numpy(fx.images.get_stacked(keys, "mid"))
+    own = model.score_texts_images(torch.from_numpy(states), torch.from_numpy(lengths), grid, mid)[0]
+    assert np.allclose(slow, own.numpy(), atol=1e-4)
+    assert np.allclose(fused, model.config.fusion_weight * own.numpy(), atol=1e-4)
+    with pytest.raises(QueryError, match="word-to-region"):
+        rr.rerank_text("a dog runs", keys, np.zeros(6, np.float32), explain=True)
+    # and over HTTP
+    server = start_server(idx, rerank_model=str(joint))
+    try:
+        with server.client() as c:
+            h = c.get("/healthz").json()["rerank"]
+            assert h["enabled"] is True and h["model"] == str(joint)
+            r = c.get("/search", params={"q": "a dog runs", "k": 5, "rerank": 8})
+            assert r.status_code == 200, r.text
+            body = r.json()
+            assert body["rerank"] == 8 and len(body["results"]) == 5
+            assert all(h["slow_score"] is not None for h in body["results"])
+            r = c.get("/search", params={"q": "a dog runs", "k": 5, "rerank": 8, "explain": 1})
+            assert r.status_code == 400 and "word-to-region" in r.text
+    finally:
+        server.stop()
+
+
+def load_dataset_paths(root) -> list[str]:
+    from vlsearch.data import load_dataset
+
+    return load_dataset(root, "dev").image_paths

@@ -105,16 +105,16 @@ def test_reranker_keeps_the_most_recently_used_images(mini_flickr):
 
     fx.images.get_stacked = spy
     a, b, c, d = keys
-    first = reranker.image_kv([a, b])
-    reranker.image_kv([c])
-    reranker.image_kv([a])  # a hit: a is now the most recent, b the least
+    first = reranker.image_states([a, b])
+    reranker.image_states([c])
+    reranker.image_states([a])  # a hit: a is now the most recent, b the least
     assert fetched == [[a, b], [c]]
-    reranker.image_kv([d])  # over capacity: b goes
-    reranker.image_kv([a, c])  # still there
+    reranker.image_states([d])  # over capacity: b goes
+    reranker.image_states([a, c])  # still there
     assert fetched == [[a, b], [c], [d]]
-    again = reranker.image_kv([b, a])  # b was evicted: recomputed, and the same
+    again = reranker.image_states([b, a])  # b was evicted: recomputed, and the same
     assert fetched[-1] == [b]
-    for (k1, v1), (k2, v2) in zip(first, again, strict=True):
+    for (k1, v1), (k2, v2) in zip(first.kv, again.kv, strict=True):
         assert torch.equal(k1[0], k2[1]) and torch.equal(k1[1], k2[0]) and torch.equal(v1[0], v2[1])
 
 

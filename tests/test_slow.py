@@ -40,11 +40,11 @@ def test_block_pairs_and_forward_agree():
     states, lengths = torch.randn(T, L, 384), torch.tensor([9, 5, 7])
     mid, grid = torch.randn(N, 196, 112), torch.randn(N, 49, 1280)
     with torch.no_grad():
-        text, kv = model.text_state(states, lengths), model.image_kv(mid, grid)
+        text, kv = model.text_state(states, lengths), model.image_kv(grid, mid)
         block = model.score_block(text, kv)
         ti, ii = torch.arange(T).repeat_interleave(N), torch.arange(N).repeat(T)
         pairs = model.score_pairs(text, kv, ti, ii)
-        fwd = model(states[ti], lengths[ti], mid[ii], grid[ii])
+        fwd = model(states[ti], lengths[ti], grid[ii], mid[ii])
     assert block.shape == (T, N)
     assert torch.allclose(block.flatten(), pairs, atol=1e-4)
     assert torch.allclose(pairs, fwd, atol=1e-4)
@@ -63,7 +63,7 @@ def test_fast_prior_starts_as_fast_and_carries_through_every_path(tiny_fast_chec
 
     from vlsearch.models.registry import load_model
     from vlsearch.models.slow import SlowConfig, SlowModel
-    from vlsearch.search.rerank import all_text_states, slice_kv, subset_text
+    from vlsearch.search.pair_scoring import text_states
 
     fast, _, _ = load_model(tiny_fast_checkpoint)
     torch.manual_seed(0)
@@ -74,7 +74,7 @@ def test_fast_prior_starts_as_fast_and_carries_through_every_path(tiny_fast_chec
     states, lengths = torch.randn(T, L, 384), torch.tensor([9, 5, 7])
     mid, grid = torch.randn(N, 196, 112), torch.randn(N, 49, 1280)
     with torch.no_grad():
-        text, kv = model.text_state(states, lengths), model.image_kv(mid, grid)
+        text, kv = model.text_state(states, lengths), model.image_kv(grid, mid)
         assert len(kv) == len(model.layers) + 1
         want = fast.scale * fast.encode_text(states, lengths) @ fast.encode_image(grid).t()
         block = model.score_block(text, kv)
@@ -82,10 +82,11 @@ def test_fast_prior_starts_as_fast_and_carries_through_every_path(tiny_fast_chec
         ti, ii = torch.arange(T).repeat_interleave(N), torch.arange(N).repeat(T)
         assert torch.allclose(model.score_pairs(text, kv, ti, ii), block.flatten(), atol=1e-4)
         rows = torch.tensor([2, 0])
-        sub = model.score_block(subset_text(text, rows), slice_kv(kv, slice(1, 4)))
+        image = model.image_state(grid, mid)
+        sub = model.score(text.rows(rows), image.rows(slice(1, 4)))
         assert torch.allclose(sub, block[rows][:, 1:4], atol=1e-4)
-        stacked = all_text_states(model, states, lengths)
-        assert torch.allclose(model.score_block(stacked, kv), block, atol=1e-4)
+        stacked = text_states(model, states, lengths)
+        assert torch.allclose(model.score(stacked, image), block, atol=1e-4)
         torch.nn.init.normal_(model.head[-1].weight, std=0.5)
         moved = model.score_block(text, kv)
     assert not torch.allclose(moved, block, atol=1e-3)
@@ -104,7 +105,7 @@ def test_pair_scores_are_fp32_after_a_bf16_body():
     assert model.layers[0].self_attn.q.weight.dtype == compute_dtype()
     states, lengths = torch.randn(1, 9, 384), torch.tensor([9])
     mid, grid = torch.randn(300, 196, 112), torch.randn(300, 49, 1280)
-    scores = model.score_texts_images(states, lengths, mid, grid)
+    scores = model.score_texts_images(states, lengths, grid, mid)
     assert scores.dtype == torch.float32
     assert len(torch.unique(scores)) >= 295
 
@@ -167,7 +168,7 @@ def test_mining_excludes_positives():
 
 
 def test_place_candidates_never_drops_nor_duplicates():
-    from vlsearch.search.rerank import place_candidates, top_k
+    from vlsearch.search.fusion import place_candidates, top_k
 
     rng = np.random.default_rng(1)
     sim = rng.normal(size=(50, 30)).astype(np.float32)
@@ -247,7 +248,7 @@ def test_slow_checkpoint_round_trip(tiny_slow_checkpoint):
     states, lengths = torch.randn(2, 6, 384), torch.tensor([6, 3])
     mid, grid = torch.randn(2, 196, 112), torch.randn(2, 49, 1280)
     with torch.no_grad():
-        assert torch.allclose(model(states, lengths, mid, grid), again(states, lengths, mid, grid))
+        assert torch.allclose(model(states, lengths, grid, mid), again(states, lengths, grid, mid))
 
 
 def test_train_slow_warm_start_from_cli(tiny_slow_checkpoint, mini_flickr, tmp_path, capsys):
@@ -309,7 +310,8 @@ def test_rerank_eval_keeps_each_rows_candidates(tiny_slow_checkpoint, mini_flick
     from vlsearch.encoders.dataset_features import DatasetFeatures
     from vlsearch.models.embed import embed_features
     from vlsearch.models.registry import load_model
-    from vlsearch.search.rerank import rerank_eval, top_k
+    from vlsearch.search.fusion import top_k
+    from vlsearch.search.pair_scoring import rerank_eval
 
     feats = DatasetFeatures.load(load_dataset(mini_flickr, "dev"), mid=True, progress=False)
     fast, _, _ = load_model("fast")

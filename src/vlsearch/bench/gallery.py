@@ -24,6 +24,7 @@ from vlsearch.bench.util import PeakRSS, best_threads, count_flops, latencies, r
 from vlsearch.eval.metrics import recall_vs_exact
 from vlsearch.index.gallery import GalleryIndex, ImageRecord, IndexConfig, write_gallery
 from vlsearch.index.vectors import make_vector_index
+from vlsearch.precision import autocast
 from vlsearch.search.engine import SearchEngine
 
 KINDS = ("flat", "hnsw", "ivfflat", "ivfpq")
@@ -50,9 +51,8 @@ def _cold(engine):
     """Empty the re-ranker's per-image key/value memo: every query computes its K images' keys/values from
     the feature cache, as in a large gallery where the candidates rarely repeat (the bench's synthetic rows
     reuse the real images' features, so a warm memo would flatter it)."""
-    memo = getattr(engine.reranker, "_kv", None)
-    if memo is not None:
-        memo.clear()
+    if engine.reranker is not None:
+        engine.reranker.forget()
     return engine
 
 
@@ -62,11 +62,12 @@ def _query_flops(embedder, text: str) -> float:
 
 
 def _slow_alone(engine, reranker_model, data, n: int, texts: list[str]) -> dict:
-    """Score every gallery image against the query with the Slow model (from cached features), keep top 10."""
+    """Score every gallery image against the query with the pair scorer alone (from cached features,
+    through its PairScorer calls; image states computed per query, as no gallery could keep them all),
+    keep the top 10."""
     ex = engine.embedder.extractor
     store = ex.images
     keys = engine.index.all_keys()[:n]
-    use_grid = bool(getattr(reranker_model.config, "use_grid", True))
     mid_all = torch.from_numpy(store.get_stacked(keys, "mid")).float()
     grid_all = torch.from_numpy(store.get_stacked(keys, "grid")).float()
     batch = 256
@@ -74,11 +75,12 @@ def _slow_alone(engine, reranker_model, data, n: int, texts: list[str]) -> dict:
     @torch.no_grad()
     def query(text):
         states, lengths, _ = ex.encode_texts([text])
-        st, ln = torch.from_numpy(states).float(), torch.from_numpy(lengths)
         scores = []
-        for s in range(0, n, batch):
-            g = grid_all[s : s + batch] if use_grid else None
-            scores.append(reranker_model.score_texts_images(st, ln, mid_all[s : s + batch], g).reshape(-1))
+        with autocast():
+            tstate = reranker_model.text_state(torch.from_numpy(states).float(), torch.from_numpy(lengths))
+            for s in range(0, n, batch):
+                image = reranker_model.image_state(grid_all[s : s + batch], mid_all[s : s + batch])
+                scores.append(reranker_model.score(tstate, image).reshape(-1).float())
         top = torch.topk(torch.cat(scores), min(10, n)).indices.numpy()
         return engine.index.records(top)
 

@@ -170,11 +170,11 @@ def deformer_decomposed() -> OurModel:
 
 
 def pair_scorer_fn(m: OurModel):
-    """fn(states [1,L,384], lengths [1], mid [K,196,C], grid [K,49,1280]) -> [K] scores of one text vs K images."""
+    """fn(states [1,L,384], lengths [1], grid [K,49,1280], mid [K,196,C]) -> [K] scores of one text vs K images."""
     model = m.model
 
-    def fn(states, lengths, mid, grid):
-        out = model.score_texts_images(states, lengths, mid, grid)
+    def fn(states, lengths, grid, mid):
+        out = model.score_texts_images(states, lengths, grid, mid)
         return out.reshape(-1)
 
     return fn

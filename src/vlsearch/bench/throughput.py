@@ -201,7 +201,7 @@ def pair_scoring(data, floors: Floors, quick: bool, k: int = RERANK_K) -> dict:
             continue
         fn = M.pair_scorer_fn(ours)
         try:
-            call = lambda fn=fn: fn(states_t, lengths_t, mid, grid)  # noqa: E731
+            call = lambda fn=fn: fn(states_t, lengths_t, grid, mid)  # noqa: E731
             out = call()
             if out.numel() != k:
                 raise ValueError(f"expected {k} scores, got shape {tuple(out.shape)}")

@@ -46,6 +46,10 @@ class TokenStore:
     def __len__(self) -> int:
         return self._db.execute("SELECT COUNT(*) FROM items").fetchone()[0]
 
+    def sample_keys(self, n: int) -> list[str]:
+        """Up to ``n`` stored keys (for smoke checks)."""
+        return [k for (k,) in self._db.execute("SELECT key FROM items LIMIT ?", (int(n),))]
+
     def missing(self, keys: list[str]) -> list[str]:
         have = self._lookup(list(dict.fromkeys(keys)))
         return [k for k in dict.fromkeys(keys) if k not in have]

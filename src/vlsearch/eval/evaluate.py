@@ -16,11 +16,12 @@ from vlsearch.encoders.dataset_features import DatasetFeatures
 from vlsearch.errors import DataError
 from vlsearch.eval.metrics import recall_vs_exact, retrieval_metrics
 from vlsearch.index.vectors import make_vector_index
+from vlsearch.models.contracts import is_pair_scorer
 from vlsearch.models.embed import embed_features
 from vlsearch.models.fast import set_concepts
 from vlsearch.models.registry import load_model
 from vlsearch.search.embedder import Embedder
-from vlsearch.search.rerank import rerank_eval, score_all_pairs
+from vlsearch.search.pair_scoring import rerank_eval, score_all_pairs
 
 
 def measure_query_cost(embedder: Embedder, image_emb: np.ndarray, captions: list[str], n: int = 20) -> dict:
@@ -91,7 +92,7 @@ def evaluate(
     caption_image = feats.caption_image.numpy()
     cost: dict = {}
     sim_i2t = None
-    if getattr(net, "is_pair_scorer", False):
+    if is_pair_scorer(net):
         t0 = time.perf_counter()
         sim = score_all_pairs(net, feats, progress=progress)
         elapsed = time.perf_counter() - t0

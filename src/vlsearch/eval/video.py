@@ -17,7 +17,8 @@ from vlsearch.encoders.video import videos_frames
 from vlsearch.eval.metrics import recalls, retrieval_metrics, t2i_ranks
 from vlsearch.models.registry import load_model, resolve_checkpoint
 from vlsearch.search.embedder import Embedder
-from vlsearch.search.rerank import Reranker, place_candidates
+from vlsearch.search.fusion import place_candidates
+from vlsearch.search.rerank import Reranker
 from vlsearch.search.video import (
     AGGREGATES,
     DEFAULT_AGGREGATE,

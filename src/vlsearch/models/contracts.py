@@ -6,7 +6,11 @@
 * ``PairScorer``: a model that scores a (text, image) pair jointly (Slow, deformer-joint). It splits the
   work by what repeats: ``image_state`` once per image (cached by the re-ranker across queries),
   ``text_state`` once per text, then ``score`` for a block of T texts x N images. One re-ranker, one
-  bench row and one eval path serve any pair scorer through these three calls.
+  bench row and one eval path serve any pair scorer through these three calls, and ``config`` carries
+  the weights that fuse its score with a dual encoder's cosine (``fusion_weight``, ``fusion_weight_i2t``).
+* ``States``: what ``image_state`` and ``text_state`` return. Rows are images (texts); ``rows(idx)``
+  selects some, ``stack(parts)`` joins blocks (padding texts to the longest), so a cache can keep one
+  image per entry and a scorer can compute texts in length-sorted chunks, without knowing the layout.
 """
 
 from __future__ import annotations
@@ -33,14 +37,29 @@ class DualEncoder(Protocol):
 
 
 @runtime_checkable
+class States(Protocol):
+    def rows(self, idx) -> States:
+        """These rows (a slice or a LongTensor of positions), in that order."""
+        ...
+
+    @classmethod
+    def stack(cls, parts: list) -> States:
+        """The rows of every part, in order (texts padded to the longest; padding is masked)."""
+        ...
+
+    def __len__(self) -> int: ...
+
+
+@runtime_checkable
 class PairScorer(Protocol):
     is_pair_scorer: bool  # True
+    config: Any  # with fusion_weight, fusion_weight_i2t
 
-    def image_state(self, grid: torch.Tensor, mid: torch.Tensor | None = None) -> Any:
+    def image_state(self, grid: torch.Tensor, mid: torch.Tensor | None = None) -> States:
         """What the model computes from N images alone (the re-ranker caches it per image)."""
         ...
 
-    def text_state(self, states: torch.Tensor, lengths: torch.Tensor) -> Any:
+    def text_state(self, states: torch.Tensor, lengths: torch.Tensor) -> States:
         """What the model computes from T texts alone."""
         ...
 

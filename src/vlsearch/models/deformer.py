@@ -50,6 +50,35 @@ class ImageTokens:
     def __len__(self) -> int:
         return len(self.tokens)
 
+    def rows(self, idx) -> ImageTokens:
+        return self[idx]
+
+    @classmethod
+    def stack(cls, parts: list[ImageTokens]) -> ImageTokens:
+        tower = None if parts[0].tower is None else torch.cat([p.tower for p in parts])
+        return cls(torch.cat([p.tokens for p in parts]), tower)
+
+
+@dataclass
+class TextTokens:
+    """The PairScorer text state: text tokens [T, L, D] and their mask [T, L] (True = real token)."""
+
+    tokens: torch.Tensor
+    mask: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.mask)
+
+    def rows(self, idx) -> TextTokens:
+        return TextTokens(self.tokens[idx], self.mask[idx])
+
+    @classmethod
+    def stack(cls, parts: list[TextTokens]) -> TextTokens:
+        L = max(p.mask.shape[1] for p in parts)
+        tokens = [F.pad(p.tokens, (0, 0, 0, L - p.tokens.shape[1])) for p in parts]
+        masks = [F.pad(p.mask, (0, L - p.mask.shape[1])) for p in parts]
+        return cls(torch.cat(tokens), torch.cat(masks))
+
 
 @dataclass
 class DeformerConfig:
@@ -290,6 +319,17 @@ class DeformerModel(nn.Module):
         txt, mask = self.text_tokens(states[:, :L], lengths)
         return self.joint_logits(self.image_tokens(grid, mid), txt, mask)
 
+    # the PairScorer contract (models/contracts.py): image tokens once per image, text tokens once per
+    # text; the joint layers then run once per pair (early interaction: nothing else can be shared)
+    def image_state(self, grid: torch.Tensor, mid: torch.Tensor | None = None) -> ImageTokens:
+        return self.image_tokens(grid, mid)
+
+    def text_state(self, states: torch.Tensor, lengths: torch.Tensor) -> TextTokens:
+        return TextTokens(*self.text_tokens(states, lengths))
+
+    def score(self, text: TextTokens, image: ImageTokens) -> torch.Tensor:
+        return self.score_tokens_grid(image, text.tokens, text.mask)
+
     def score_tokens_grid(
         self,
         img_tok: ImageTokens,
@@ -314,8 +354,8 @@ class DeformerModel(nn.Module):
         self,
         states: torch.Tensor,
         lengths: torch.Tensor,
-        mid: torch.Tensor | None,
         grid: torch.Tensor,
+        mid: torch.Tensor | None,
         text_index: torch.Tensor | None = None,
         image_index: torch.Tensor | None = None,
         batch_pairs: int = 256,

@@ -53,6 +53,60 @@ class TextState:
     q: torch.Tensor
     prior: torch.Tensor | None = None  # the Fast prior's text vectors [T, D] (unit), with a prior
 
+    def __len__(self) -> int:
+        return len(self.mask)
+
+    def rows(self, idx) -> TextState:
+        prior = None if self.prior is None else self.prior[idx]
+        return TextState(self.h[idx], self.mask[idx], self.q[idx], prior)
+
+    def trimmed(self, length: int) -> TextState:
+        """The first ``length`` tokens (exact when no row is longer: padded positions are masked)."""
+        return TextState(self.h[:, :length], self.mask[:, :length], self.q[:, :, :length], self.prior)
+
+    @classmethod
+    def stack(cls, parts: list[TextState]) -> TextState:
+        L = max(p.mask.shape[1] for p in parts)
+
+        def pad(x, dim):
+            extra = L - x.shape[dim]
+            if not extra:
+                return x
+            shape = list(x.shape)
+            shape[dim] = extra
+            return torch.cat([x, x.new_zeros(shape)], dim)
+
+        prior = None if parts[0].prior is None else torch.cat([p.prior for p in parts])
+        return TextState(
+            torch.cat([pad(p.h, 1) for p in parts]),
+            torch.cat([pad(p.mask, 1) for p in parts]),
+            torch.cat([pad(p.q, 2) for p in parts]),
+            prior,
+        )
+
+
+@dataclass
+class SlowImageState:
+    """The PairScorer image state: ``kv`` (ImageKV) of N images, images on dim 0 of every tensor."""
+
+    kv: ImageKV
+
+    def __len__(self) -> int:
+        return len(self.kv[0][0])
+
+    def rows(self, idx) -> SlowImageState:
+        return SlowImageState([(k[idx], v[idx]) for k, v in self.kv])
+
+    @classmethod
+    def stack(cls, parts: list[SlowImageState]) -> SlowImageState:
+        n = len(parts[0].kv)
+        return cls(
+            [
+                (torch.cat([p.kv[j][0] for p in parts]), torch.cat([p.kv[j][1] for p in parts]))
+                for j in range(n)
+            ]
+        )
+
 
 @dataclass
 class SlowConfig:
@@ -140,9 +194,11 @@ class SlowModel(nn.Module):
         return self
 
     # -- image side: computed once per image -------------------------------------------------------------
-    def image_tokens(self, mid: torch.Tensor, grid: torch.Tensor | None = None) -> torch.Tensor:
+    def image_tokens(self, grid: torch.Tensor | None, mid: torch.Tensor) -> torch.Tensor:
         """mid [N,196,112] (+ grid [N,49,1280]) -> image tokens [N, Lk, D]."""
         c = self.config
+        if mid is None:
+            raise ValueError("the Slow model attends to the 14x14 mid map: pass mid features")
         N = mid.shape[0]
         pos = (self.mid_row[:, None, :] + self.mid_col[None, :, :]).reshape(-1, c.text_dim)
         x = self.mid_proj(self.mid_norm(mid.float())) + pos
@@ -155,10 +211,10 @@ class SlowModel(nn.Module):
         assert x.shape[:2] == (N, c.n_image_tokens)
         return self.image_norm(x)
 
-    def image_kv(self, mid: torch.Tensor, grid: torch.Tensor | None = None) -> ImageKV:
+    def image_kv(self, grid: torch.Tensor | None, mid: torch.Tensor) -> ImageKV:
         """Each fusion layer's cross-attention keys and values for these images: [(k, v)] [N,H,Lk,hd]
         (then the prior's image vectors, with a Fast prior)."""
-        tokens = self.image_tokens(mid, grid)
+        tokens = self.image_tokens(grid, mid)
         N, Lk, _ = tokens.shape
         out = []
         for layer in self.layers:
@@ -197,6 +253,27 @@ class SlowModel(nn.Module):
             with torch.no_grad():
                 prior = self.prior.encode_text(states, lengths).float()
         return TextState(h, mask, q, prior)
+
+    # -- the PairScorer contract (models/contracts.py) ------------------------------------------------------
+    def image_state(self, grid: torch.Tensor | None, mid: torch.Tensor | None = None) -> SlowImageState:
+        return SlowImageState(self.image_kv(grid, mid))
+
+    def score(self, text: TextState, image: SlowImageState) -> torch.Tensor:
+        """score_block on the texts trimmed to their longest, rounded up to 8 tokens: blocks of any rows
+        see few distinct shapes, so the CPU kernels made for one shape serve the next."""
+        return self.score_block(self._trim(text), image.kv)
+
+    def score_with_maps(self, text: TextState, image: SlowImageState) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scores [T, N] and each pair's word-to-region maps [T, N, L, 196] (what explains a result)."""
+        scores, weights = self.score_block(self._trim(text), image.kv, keep_weights=True)
+        return scores, torch.stack([self.attention_maps(w) for w in weights])
+
+    @staticmethod
+    def _trim(text: TextState, round_to: int = 8) -> TextState:
+        full = text.mask.shape[1]
+        L = max(1, int(text.mask.sum(1).max())) if len(text) else 1
+        L = min(full, -(-L // round_to) * round_to)
+        return text if L == full else text.trimmed(L)
 
     # -- pairs ----------------------------------------------------------------------------------------------
     def score_block(
@@ -272,20 +349,20 @@ class SlowModel(nn.Module):
         self,
         states: torch.Tensor,
         lengths: torch.Tensor,
+        grid: torch.Tensor | None,
         mid: torch.Tensor,
-        grid: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Scores of aligned pairs: text i with image i -> [P]."""
         idx = torch.arange(len(states))
-        return self.score_pairs(self.text_state(states, lengths), self.image_kv(mid, grid), idx, idx)
+        return self.score_pairs(self.text_state(states, lengths), self.image_kv(grid, mid), idx, idx)
 
     @torch.no_grad()
     def score_texts_images(
         self,
         states: torch.Tensor,
         lengths: torch.Tensor,
-        mid: torch.Tensor,
         grid: torch.Tensor | None,
+        mid: torch.Tensor,
         text_index: torch.Tensor | None = None,
         image_index: torch.Tensor | None = None,
         batch_pairs: int = 2048,
@@ -296,7 +373,7 @@ class SlowModel(nn.Module):
         word-to-region maps [P, L, 196] with keep_weights)."""
         with autocast():
             text = self.text_state(states, lengths)
-            kv = self.image_kv(mid, grid)
+            kv = self.image_kv(grid, mid)
             if text_index is None:
                 out = self.score_block(text, kv)
                 return out.float()

@@ -303,8 +303,8 @@ def teacher_list_logits(model: DeformerModel, teacher, train: DatasetFeatures, t
     scores = teacher.score_texts_images(
         train.states[t_u],
         train.lengths[t_u],
-        mid,
         grid if getattr(teacher.config, "use_grid", True) else None,
+        mid,
         t_inv,
         i_inv,
     ).float()

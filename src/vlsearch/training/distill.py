@@ -13,7 +13,7 @@ from vlsearch.config import read_npz, write_npz
 from vlsearch.encoders.dataset_features import DatasetFeatures
 from vlsearch.models.registry import fingerprint, load_model
 from vlsearch.precision import autocast
-from vlsearch.search.rerank import score_pairs_grouped
+from vlsearch.search.pair_scoring import score_pairs_grouped
 from vlsearch.settings import home
 from vlsearch.training.common import TrainRequest, load_split
 from vlsearch.training.losses import candidate_kl
@@ -101,8 +101,8 @@ def teacher_logits(slow_name, train: DatasetFeatures, dc: DistillConfig, fast_na
         slow,
         train.states,
         train.lengths,
+        train.grid,
         train.mid,
-        train.grid if slow.config.use_grid else None,
         np.repeat(rows, cand.shape[1]),
         cand[rows].ravel(),
         progress,

@@ -29,7 +29,8 @@ from vlsearch.models.embed import embed_features
 from vlsearch.models.registry import load_model
 from vlsearch.models.slow import SlowConfig, SlowModel
 from vlsearch.precision import autocast
-from vlsearch.search.rerank import fused_matrices, rerank_candidates
+from vlsearch.search.fusion import fused_matrices
+from vlsearch.search.pair_scoring import rerank_candidates
 from vlsearch.settings import checkpoint_out
 from vlsearch.training.common import (
     TrainRequest,
@@ -186,7 +187,7 @@ def train_slow(
             order = np.argsort(train.lengths[torch.from_numpy(captions)].numpy(), kind="stable")
             captions, cap_img = captions[order], cap_img[order]
             with autocast():
-                kv = model.image_kv(mid, grid)
+                kv = model.image_kv(grid, mid)
                 parts = []
                 for b0 in range(0, len(captions), tc.bucket):
                     caps = torch.from_numpy(captions[b0 : b0 + tc.bucket])
