@@ -23,9 +23,9 @@ from vlsearch.index.gallery import (
     write_gallery,
     write_lock,
 )
+from vlsearch.models.embedder import Embedder
 from vlsearch.models.fast import set_concepts
 from vlsearch.models.registry import fingerprint, load_model
-from vlsearch.search.embedder import Embedder
 
 
 def _index_config(

@@ -41,8 +41,8 @@ class ShardWorker:
     def __init__(self, checkpoint: dict[str, bytes], threads: int):
         os.environ["VLSEARCH_THREADS"] = str(threads)
         from vlsearch.models.checkpoint import load_checkpoint, read_meta
+        from vlsearch.models.embedder import Embedder
         from vlsearch.models.registry import model_class
-        from vlsearch.search.embedder import Embedder
         from vlsearch.settings import configure_torch
 
         configure_torch()

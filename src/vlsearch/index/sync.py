@@ -147,7 +147,7 @@ def prepare_sync(index_dir: Path, folder: Path, dry_run=False, progress=True, ex
     """The plan, and what its write needs (records, embeddings, photo metadata, ids to remove), or None
     when there is nothing to write. All model work happens here, before the write lock is taken."""
     from vlsearch.index.build import checked_model, photos_of
-    from vlsearch.search.embedder import Embedder
+    from vlsearch.models.embedder import Embedder
 
     index = GalleryIndex.open(index_dir)
     try:
