@@ -25,7 +25,8 @@ import numpy as np
 from vlsearch.data import ImageReport
 from vlsearch.encoders.features import photo_key
 from vlsearch.errors import IndexError_
-from vlsearch.index.gallery import GalleryIndex, ImageRecord
+from vlsearch.index.gallery import GalleryIndex
+from vlsearch.index.plain import ImageRecord
 
 
 @dataclass
