@@ -11,8 +11,8 @@ import time
 
 import numpy as np
 
+from vlsearch.models.embedder import Embedder
 from vlsearch.models.fast import set_concepts
-from vlsearch.search.embedder import Embedder
 
 
 def _p50_ms(fn, items) -> float:

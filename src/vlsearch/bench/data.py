@@ -37,7 +37,7 @@ def load_gallery_dataset(root=None) -> tuple[CaptionDataset, list[str]]:
 class BenchData:
     dataset: CaptionDataset
     queries: list[str]  # held-out captions: query texts
-    embedder: object  # vlsearch.search.embedder.Embedder
+    embedder: object  # vlsearch.models.embedder.Embedder
     keys: list[str] = field(default_factory=list)
     paths: list[str] = field(default_factory=list)
     ids: list[str] = field(default_factory=list)

@@ -22,7 +22,8 @@ from vlsearch.bench.index_scale import _billion_probe, _params
 from vlsearch.bench.photos import date_filter, synthetic_photos
 from vlsearch.bench.util import PeakRSS, best_threads, count_flops, latencies, rss_bytes, summarize
 from vlsearch.eval.metrics import recall_vs_exact
-from vlsearch.index.gallery import GalleryIndex, ImageRecord, IndexConfig, write_gallery
+from vlsearch.index.gallery import GalleryIndex
+from vlsearch.index.plain import ImageRecord, IndexConfig, write_gallery
 from vlsearch.index.vectors import make_vector_index
 from vlsearch.precision import autocast
 from vlsearch.search.engine import SearchEngine

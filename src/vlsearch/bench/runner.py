@@ -21,9 +21,9 @@ from vlsearch.bench.report import markdown, plot
 from vlsearch.errors import CheckpointError
 from vlsearch.index.vectors import AUTO_THRESHOLD
 from vlsearch.models.checkpoint import save_checkpoint
+from vlsearch.models.embedder import Embedder
 from vlsearch.models.fast import FastConfig, FastModel
 from vlsearch.models.registry import fingerprint, load_model
-from vlsearch.search.embedder import Embedder
 from vlsearch.settings import configure_torch
 
 FULL_SIZES = [1_000, 10_000, 100_000, 1_000_000]

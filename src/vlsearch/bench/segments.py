@@ -17,7 +17,7 @@ import numpy as np
 
 from vlsearch.bench.photos import synthetic_photos
 from vlsearch.bench.util import latencies
-from vlsearch.index.gallery import ImageRecord, IndexConfig, write_gallery
+from vlsearch.index.plain import ImageRecord, IndexConfig, write_gallery
 from vlsearch.search.engine import SearchEngine
 
 N_ADD, N_SEGMENTS = 1_000, 20

@@ -22,10 +22,10 @@ from vlsearch.encoders.features import FeatureExtractor
 from vlsearch.encoders.video import videos_frames
 from vlsearch.eval.metrics import retrieval_metrics
 from vlsearch.index.build_video import embed_videos
-from vlsearch.index.gallery import IndexConfig, write_gallery
+from vlsearch.index.plain import IndexConfig, write_gallery
 from vlsearch.models.embed import embed_features
+from vlsearch.models.embedder import Embedder
 from vlsearch.models.registry import load_model
-from vlsearch.search.embedder import Embedder
 
 
 def dev_photos(data_root=None) -> list:

@@ -18,9 +18,9 @@ from vlsearch.eval.metrics import recall_vs_exact, retrieval_metrics
 from vlsearch.index.vectors import make_vector_index
 from vlsearch.models.contracts import is_pair_scorer
 from vlsearch.models.embed import embed_features
+from vlsearch.models.embedder import Embedder
 from vlsearch.models.fast import set_concepts
 from vlsearch.models.registry import load_model
-from vlsearch.search.embedder import Embedder
 from vlsearch.search.pair_scoring import rerank_eval, score_all_pairs
 
 

@@ -15,8 +15,8 @@ from vlsearch.data.video import SamplingConfig
 from vlsearch.data.video_dataset import load_video_captions
 from vlsearch.encoders.video import videos_frames
 from vlsearch.eval.metrics import recalls, retrieval_metrics, t2i_ranks
+from vlsearch.models.embedder import Embedder
 from vlsearch.models.registry import load_model, resolve_checkpoint
-from vlsearch.search.embedder import Embedder
 from vlsearch.search.fusion import place_candidates
 from vlsearch.search.rerank import Reranker
 from vlsearch.search.video import (

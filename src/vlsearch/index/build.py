@@ -13,8 +13,8 @@ from vlsearch.data.datasets import gallery_root, widen_roots
 from vlsearch.data.images import IMAGE_EXTENSIONS
 from vlsearch.data.metadata import PhotoMeta, read_metadata
 from vlsearch.errors import DataError, IndexError_
-from vlsearch.index.gallery import (
-    GalleryIndex,
+from vlsearch.index.gallery import GalleryIndex
+from vlsearch.index.plain import (
     ImageRecord,
     IndexConfig,
     read_captions,
@@ -23,9 +23,9 @@ from vlsearch.index.gallery import (
     write_gallery,
     write_lock,
 )
+from vlsearch.models.embedder import Embedder
 from vlsearch.models.fast import set_concepts
 from vlsearch.models.registry import fingerprint, load_model
-from vlsearch.search.embedder import Embedder
 
 
 def _index_config(

@@ -11,7 +11,7 @@ from vlsearch.data.datasets import inside
 from vlsearch.data.images import ImageReport
 from vlsearch.data.video import VIDEO_EXTENSIONS, SamplingConfig
 from vlsearch.encoders.video import videos_frames
-from vlsearch.index.gallery import ImageRecord
+from vlsearch.index.plain import ImageRecord
 from vlsearch.index.videos import VideoRecord
 
 

@@ -27,8 +27,8 @@ from tqdm import tqdm
 
 from vlsearch.data import CaptionDataset, ImageReport, load_dataset
 from vlsearch.errors import DataError, VLSearchError
-from vlsearch.index.gallery import IndexConfig, swap_in
 from vlsearch.index.manifest import LAYOUT, Manifest, fsync_dir, write_manifest
+from vlsearch.index.plain import IndexConfig, swap_in
 from vlsearch.index.sharded import shard_name
 
 # Environment passed on to the workers when the driver has it set.
@@ -41,8 +41,8 @@ class ShardWorker:
     def __init__(self, checkpoint: dict[str, bytes], threads: int):
         os.environ["VLSEARCH_THREADS"] = str(threads)
         from vlsearch.models.checkpoint import load_checkpoint, read_meta
+        from vlsearch.models.embedder import Embedder
         from vlsearch.models.registry import model_class
-        from vlsearch.search.embedder import Embedder
         from vlsearch.settings import configure_torch
 
         configure_torch()
@@ -62,7 +62,7 @@ class ShardWorker:
     def build_shard(self, shard_dir: str, dataset: CaptionDataset, model_name: str, kind: str, source: str):
         """Embed one shard and write it as a gallery index folder. Returns what the driver reports."""
         from vlsearch.index.build import _index_config, embed_gallery, photos_of
-        from vlsearch.index.gallery import write_gallery
+        from vlsearch.index.plain import write_gallery
 
         t0 = time.perf_counter()
         report = ImageReport()

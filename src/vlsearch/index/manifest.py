@@ -24,7 +24,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from vlsearch.config import check_stamp, from_dict, stamp
+from vlsearch.config import check_stamp, stamp
 from vlsearch.errors import IndexError_
 
 LAYOUT = "segments"
@@ -201,9 +201,3 @@ def clean(path: Path) -> list[str]:
             p.unlink(missing_ok=True)  # the files of a plain index converted to segments
             removed.append(name)
     return removed
-
-
-def load_config(manifest: Manifest):
-    from vlsearch.index.gallery import IndexConfig
-
-    return from_dict(IndexConfig, manifest.config)

@@ -15,9 +15,10 @@ from pathlib import Path
 
 import numpy as np
 
+from vlsearch.config import from_dict
 from vlsearch.errors import IndexError_
-from vlsearch.index.gallery import GalleryIndex, ImageRecord, read_records
-from vlsearch.index.manifest import Manifest, load_config, manifest_of
+from vlsearch.index.manifest import Manifest, manifest_of
+from vlsearch.index.plain import ImageRecord, IndexConfig, PlainIndex, read_records
 
 
 def merge_topk(
@@ -50,6 +51,10 @@ def _shared_pool() -> ThreadPoolExecutor:
     if not _POOL:
         _POOL.append(ThreadPoolExecutor(max_workers=4, thread_name_prefix="segments"))
     return _POOL[0]
+
+
+def load_config(manifest: Manifest) -> IndexConfig:
+    return from_dict(IndexConfig, manifest.config)
 
 
 class SegmentVectors:
@@ -99,7 +104,7 @@ class SegmentEmbeddings:
     """The segments' memory-mapped fp16 embeddings seen as one [N, D] array (all rows, deleted ones too;
     rows and slices, no copy of all)."""
 
-    def __init__(self, shards: list[GalleryIndex], offsets: list[int]):
+    def __init__(self, shards: list[PlainIndex], offsets: list[int]):
         self.shards, self.offsets = shards, np.asarray(offsets + [offsets[-1] + len(shards[-1].images)])
 
     @property
@@ -135,7 +140,7 @@ class SegmentedIndex:
 
     is_sharded = True  # older name, kept for callers that ask
 
-    def __init__(self, path: Path, manifest: Manifest, shards: list[GalleryIndex]):
+    def __init__(self, path: Path, manifest: Manifest, shards: list[PlainIndex]):
         if not shards:
             raise IndexError_(f"segmented index at {path} lists no segments; rebuild it")
         self.path, self.manifest, self.shards = Path(path), manifest, shards
@@ -166,7 +171,7 @@ class SegmentedIndex:
             seg = path / name
             if not (seg / "config.json").is_file():
                 raise IndexError_(f"segment {name} of the index at {path} is missing; rebuild the index")
-            shard = GalleryIndex.open(seg)
+            shard = PlainIndex.open(seg)
             if shard.config.model_fingerprint != config.model_fingerprint:
                 raise IndexError_(f"segment {name} of {path} was built with another model; rebuild the index")
             shards.append(shard)

@@ -25,7 +25,8 @@ import numpy as np
 from vlsearch.data import ImageReport
 from vlsearch.encoders.features import photo_key
 from vlsearch.errors import IndexError_
-from vlsearch.index.gallery import GalleryIndex, ImageRecord
+from vlsearch.index.gallery import GalleryIndex
+from vlsearch.index.plain import ImageRecord
 
 
 @dataclass
@@ -147,7 +148,7 @@ def prepare_sync(index_dir: Path, folder: Path, dry_run=False, progress=True, ex
     """The plan, and what its write needs (records, embeddings, photo metadata, ids to remove), or None
     when there is nothing to write. All model work happens here, before the write lock is taken."""
     from vlsearch.index.build import checked_model, photos_of
-    from vlsearch.search.embedder import Embedder
+    from vlsearch.models.embedder import Embedder
 
     index = GalleryIndex.open(index_dir)
     try:

@@ -21,16 +21,7 @@ import numpy as np
 from vlsearch.data.datasets import widen_roots
 from vlsearch.data.metadata import PhotoMeta
 from vlsearch.errors import IndexError_
-from vlsearch.index.gallery import (
-    GalleryIndex,
-    ImageRecord,
-    IndexConfig,
-    read_captions,
-    read_photos,
-    read_records,
-    write_gallery,
-    write_lock,
-)
+from vlsearch.index.gallery import GalleryIndex
 from vlsearch.index.manifest import (
     LAYOUT,
     Manifest,
@@ -44,6 +35,15 @@ from vlsearch.index.manifest import (
     read_manifest_meta,
     temp_dir,
     write_manifest,
+)
+from vlsearch.index.plain import (
+    ImageRecord,
+    IndexConfig,
+    read_captions,
+    read_photos,
+    read_records,
+    write_gallery,
+    write_lock,
 )
 
 

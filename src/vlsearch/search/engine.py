@@ -11,11 +11,11 @@ from vlsearch.errors import IndexError_, QueryError
 from vlsearch.index.build import add_to_index
 from vlsearch.index.gallery import GalleryIndex
 from vlsearch.index.photos import PhotoFilter, search_filtered
+from vlsearch.models.embedder import Embedder, check_query
 from vlsearch.models.fast import set_concepts
 from vlsearch.models.registry import fingerprint, load_model, resolve_checkpoint
 from vlsearch.search import queries as Q
 from vlsearch.search import video_engine
-from vlsearch.search.embedder import Embedder, check_query
 from vlsearch.search.rerank import Reranker
 from vlsearch.search.results import (  # noqa: F401 - re-exported: callers import them from here
     MAX_DEPTH,

@@ -13,7 +13,7 @@ import time
 import numpy as np
 
 from vlsearch.errors import QueryError
-from vlsearch.search.embedder import check_query
+from vlsearch.models.embedder import check_query
 from vlsearch.search.results import MAX_RERANK, CaptionHit, Hit, SearchResult, check_k
 from vlsearch.search.video import (
     AGGREGATES,
