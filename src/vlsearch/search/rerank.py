@@ -8,6 +8,7 @@ that comes back in many queries' top-K costs its image state once. Offline scori
 
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
@@ -37,6 +38,7 @@ class Reranker:
         self.path = Path(path) if path else None
         self.extractor = extractor
         self._states: OrderedDict[str, object] = OrderedDict()
+        self._lock = threading.Lock()  # the memo is shared by the service's worker threads
         self.cache_images = cache_images
         # keys -> image files, for features the cache lost (pruned, another VLSEARCH_HOME, built elsewhere)
         self.locate: Callable[[list[str]], dict[str, str]] | None = None
@@ -64,7 +66,12 @@ class Reranker:
 
     @torch.no_grad()
     def image_states(self, keys: list[str]):
-        """The model's image state of these cached images, in order, memoised per content key (LRU)."""
+        """The model's image state of these cached images, in order, memoised per content key (LRU).
+        Thread-safe: the service's workers share one re-ranker (the pair scoring itself runs in parallel)."""
+        with self._lock:
+            return self._image_states(keys)
+
+    def _image_states(self, keys: list[str]):
         todo = list(dict.fromkeys(k for k in keys if k not in self._states))
         if todo:
             store = self._need_extractor().images
@@ -84,7 +91,8 @@ class Reranker:
     def forget(self) -> None:
         """Empty the per-image memo (a cold start: the bench's large-gallery rows, where candidates rarely
         repeat across queries)."""
-        self._states.clear()
+        with self._lock:
+            self._states.clear()
 
     def unavailable(self, keys: list[str]) -> set[str]:
         """Keys whose features are neither memoised nor cached, after recomputing what can be from the
