@@ -20,8 +20,6 @@ KNOWN_CYCLES = {
         "vlsearch.index.manifest",
         "vlsearch.index.segments",
     ),
-    # serve/ is being split into routes, admission, service and encoding (issue 14, serve part)
-    ("vlsearch.serve.app", "vlsearch.serve.gate"),
 }
 
 
