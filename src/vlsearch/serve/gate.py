@@ -1,9 +1,9 @@
 """What a request must pass before any route (or body parsing) sees it.
 
-ASGI middleware. Gate, outermost: the Host header against an allowlist (DNS rebinding), the read token for a
-private library (Bearer header or the page's session cookie; failed attempts throttled per client),
-admission for uploads before their body is read, a cap on request-body bytes in flight across all
-requests (503 + Retry-After past it), and receive deadlines for the body (408). Header deadlines live
+Two ASGI middlewares. Gate, outermost: the Host header against an allowlist (DNS rebinding), the read
+token for a private library (Bearer header or the page's session cookie; failed attempts throttled per
+client), admission for uploads before their body is read, a cap on request-body bytes in flight across
+all requests (503 + Retry-After past it), and receive deadlines for the body (408). Header deadlines live
 at the protocol level (:mod:`vlsearch.serve.protocol`): no ASGI code runs before headers are complete.
 Guard, inside it: the per-request body cap (413) and the write token for POST /images (401/403).
 """

@@ -34,6 +34,8 @@ IMAGE_TYPES = {
 
 
 def register(app, service, settings) -> None:
+    """Add the image routes to ``app``; called by create_app after the search routes (route order)."""
+
     @app.get(
         "/images/{image_id:path}",
         summary="An image of the index, by id (or row number)",
