@@ -1,10 +1,11 @@
 """What a request must pass before any route (or body parsing) sees it.
 
-ASGI middleware, outermost: the Host header against an allowlist (DNS rebinding), the read token for a
-private library (Bearer header or the page's session cookie; failed attempts throttled per client),
-admission for uploads before their body is read, a cap on request-body bytes in flight across all
-requests (503 + Retry-After past it), and receive deadlines for the body (408). Header deadlines live
+Two ASGI middlewares. Gate, outermost: the Host header against an allowlist (DNS rebinding), the read
+token for a private library (Bearer header or the page's session cookie; failed attempts throttled per
+client), admission for uploads before their body is read, a cap on request-body bytes in flight across
+all requests (503 + Retry-After past it), and receive deadlines for the body (408). Header deadlines live
 at the protocol level (:mod:`vlsearch.serve.protocol`): no ASGI code runs before headers are complete.
+Guard, inside it: the per-request body cap (413) and the write token for POST /images (401/403).
 """
 
 from __future__ import annotations
@@ -17,15 +18,12 @@ from dataclasses import dataclass, field
 
 from fastapi.responses import HTMLResponse, JSONResponse
 
+from vlsearch.serve.errors import ApiError, error_json
+
 LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1", "[::1]")
 COOKIE = "vlsearch_session"
 PUBLIC = {"/healthz", "/login", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"}
 MIN_TOKEN_LENGTH = 16
-
-
-def error_json(status: int, error: str, detail=None, headers: dict | None = None) -> JSONResponse:
-    """Every error body the service sends: ``{"error": text, "detail": anything}``."""
-    return JSONResponse({"error": error, "detail": detail}, status_code=status, headers=headers)
 
 
 def session_value(token: str) -> str:
@@ -171,8 +169,6 @@ class Gate:
             try:
                 message = await asyncio.wait_for(receive(), max(0.001, left))
             except TimeoutError:
-                from vlsearch.serve.app import ApiError
-
                 raise ApiError(
                     408,
                     "the request body arrived too slowly",
@@ -216,3 +212,70 @@ class Gate:
             {"retry_after_s": secs},
             {"Retry-After": str(secs)},
         )
+
+
+class Guard:
+    """ASGI middleware: 413 for bodies over the cap (by Content-Length at once, or while streaming), and
+    401/403 for writes without the right token, both before the body is read."""
+
+    def __init__(self, app, max_bytes: int, write_token: str | None):
+        self.app, self.max_bytes, self.write_token = app, max_bytes, write_token
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
+            return await self.app(scope, receive, send)
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        if scope["method"] == "POST" and scope["path"].rstrip("/") == "/images":
+            denied = check_write(self.write_token, headers.get("authorization"))
+            if denied is not None:
+                return await denied(scope, receive, send)
+        length = headers.get("content-length")
+        if length is not None:
+            try:
+                n = int(length)
+            except ValueError:
+                return await error_json(400, "bad Content-Length header", length)(scope, receive, send)
+            if n > self.max_bytes:
+                return await too_large(self.max_bytes, n)(scope, receive, send)
+        seen = 0
+
+        async def limited():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes:
+                    raise ApiError(413, *_too_large_text(self.max_bytes, None))
+            return message
+
+        await self.app(scope, limited, send)
+
+
+def _too_large_text(limit: int, n: int | None) -> tuple[str, dict]:
+    return (
+        f"upload too large: the limit is {limit // (1024 * 1024)} MB",
+        {"limit_bytes": limit, "content_length": n},
+    )
+
+
+def too_large(limit: int, n: int | None) -> JSONResponse:
+    error, detail = _too_large_text(limit, n)
+    return error_json(413, error, detail, {"Connection": "close"})
+
+
+def check_write(token: str | None, authorization: str | None) -> JSONResponse | None:
+    if not token:
+        return error_json(
+            403,
+            "adding images is disabled",
+            "start the service with --write-token TOKEN (or VLSEARCH_WRITE_TOKEN) to allow POST /images",
+        )
+    scheme, _, given = (authorization or "").partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
+        return error_json(
+            401,
+            "missing or wrong write token",
+            "send the header 'Authorization: Bearer TOKEN'",
+            {"WWW-Authenticate": 'Bearer realm="vlsearch"'},
+        )
+    return None
