@@ -10,7 +10,8 @@ import numpy as np
 import torch
 
 from vlsearch.index.vectors import make_vector_index
-from vlsearch.models.deformer import DeformerModel, ImageTokens
+from vlsearch.models.deformer import DeformerModel
+from vlsearch.models.states import ImageTokens
 from vlsearch.precision import autocast, inference_copy
 
 

@@ -31,53 +31,10 @@ from vlsearch.models.layers import (
     mean_max_pool,
     minilm_upper_layers,
 )
+from vlsearch.models.states import ImageTokens, TextTokens
 from vlsearch.precision import autocast, fp32_head, run_fp32
 
 MODES = ("joint", "decomposed")
-
-
-@dataclass
-class ImageTokens:
-    """What the model reads from images: tokens [N, Ni, D] and the image tower's embedding [N, E] (or
-    None without a tower). Indexing selects images."""
-
-    tokens: torch.Tensor
-    tower: torch.Tensor | None = None
-
-    def __getitem__(self, idx) -> ImageTokens:
-        return ImageTokens(self.tokens[idx], None if self.tower is None else self.tower[idx])
-
-    def __len__(self) -> int:
-        return len(self.tokens)
-
-    def rows(self, idx) -> ImageTokens:
-        return self[idx]
-
-    @classmethod
-    def stack(cls, parts: list[ImageTokens]) -> ImageTokens:
-        tower = None if parts[0].tower is None else torch.cat([p.tower for p in parts])
-        return cls(torch.cat([p.tokens for p in parts]), tower)
-
-
-@dataclass
-class TextTokens:
-    """The PairScorer text state: text tokens [T, L, D] and their mask [T, L] (True = real token)."""
-
-    tokens: torch.Tensor
-    mask: torch.Tensor
-
-    def __len__(self) -> int:
-        return len(self.mask)
-
-    def rows(self, idx) -> TextTokens:
-        return TextTokens(self.tokens[idx], self.mask[idx])
-
-    @classmethod
-    def stack(cls, parts: list[TextTokens]) -> TextTokens:
-        L = max(p.mask.shape[1] for p in parts)
-        tokens = [F.pad(p.tokens, (0, 0, 0, L - p.tokens.shape[1])) for p in parts]
-        masks = [F.pad(p.mask, (0, L - p.mask.shape[1])) for p in parts]
-        return cls(torch.cat(tokens), torch.cat(masks))
 
 
 @dataclass

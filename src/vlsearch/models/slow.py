@@ -35,77 +35,8 @@ from torch import nn
 
 from vlsearch.models.fast import FastConfig, FastModel
 from vlsearch.models.layers import Attention, TransformerLayer, minilm_upper_layers
+from vlsearch.models.states import ImageKV, SlowImageState, TextState
 from vlsearch.precision import autocast, fp32_head, run_fp32
-
-# Images' cross-attention keys/values for every fusion layer: [(k, v)] each [N, heads, Lk, head_dim]; with a
-# Fast prior one more pair at the end, (e, e) with e the prior's image vectors [N, D]. Every entry has the
-# images on dim 0, so a cache may slice and concatenate entries without knowing which is which.
-ImageKV = list[tuple[torch.Tensor, torch.Tensor]]
-
-
-@dataclass
-class TextState:
-    """What the first fusion layer computes from a text alone: hidden states [T,L,D], mask [T,L] and the
-    cross-attention queries [T,H,L,hd]."""
-
-    h: torch.Tensor
-    mask: torch.Tensor
-    q: torch.Tensor
-    prior: torch.Tensor | None = None  # the Fast prior's text vectors [T, D] (unit), with a prior
-
-    def __len__(self) -> int:
-        return len(self.mask)
-
-    def rows(self, idx) -> TextState:
-        prior = None if self.prior is None else self.prior[idx]
-        return TextState(self.h[idx], self.mask[idx], self.q[idx], prior)
-
-    def trimmed(self, length: int) -> TextState:
-        """The first ``length`` tokens (exact when no row is longer: padded positions are masked)."""
-        return TextState(self.h[:, :length], self.mask[:, :length], self.q[:, :, :length], self.prior)
-
-    @classmethod
-    def stack(cls, parts: list[TextState]) -> TextState:
-        L = max(p.mask.shape[1] for p in parts)
-
-        def pad(x, dim):
-            extra = L - x.shape[dim]
-            if not extra:
-                return x
-            shape = list(x.shape)
-            shape[dim] = extra
-            return torch.cat([x, x.new_zeros(shape)], dim)
-
-        prior = None if parts[0].prior is None else torch.cat([p.prior for p in parts])
-        return TextState(
-            torch.cat([pad(p.h, 1) for p in parts]),
-            torch.cat([pad(p.mask, 1) for p in parts]),
-            torch.cat([pad(p.q, 2) for p in parts]),
-            prior,
-        )
-
-
-@dataclass
-class SlowImageState:
-    """The PairScorer image state: ``kv`` (ImageKV) of N images, images on dim 0 of every tensor."""
-
-    kv: ImageKV
-
-    def __len__(self) -> int:
-        return len(self.kv[0][0])
-
-    def rows(self, idx) -> SlowImageState:
-        return SlowImageState([(k[idx], v[idx]) for k, v in self.kv])
-
-    @classmethod
-    def stack(cls, parts: list[SlowImageState]) -> SlowImageState:
-        n = len(parts[0].kv)
-        return cls(
-            [
-                (torch.cat([p.kv[j][0] for p in parts]), torch.cat([p.kv[j][1] for p in parts]))
-                for j in range(n)
-            ]
-        )
 
 
 @dataclass

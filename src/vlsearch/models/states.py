@@ -1,0 +1,125 @@
+"""The states pair scorers compute once and reuse (models/contracts.States): what the Slow model and
+deformer-joint compute from images alone and from texts alone. Each selects rows (``rows``) and joins
+blocks (``stack``, texts padded to the longest, padding masked), so a re-ranker can cache one image per
+entry and score texts computed in length-sorted chunks without knowing the layout."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+# Images' cross-attention keys/values for every fusion layer: [(k, v)] each [N, heads, Lk, head_dim]; with a
+# Fast prior one more pair at the end, (e, e) with e the prior's image vectors [N, D]. Every entry has the
+# images on dim 0, so a cache may slice and concatenate entries without knowing which is which.
+ImageKV = list[tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass
+class TextState:
+    """What the first fusion layer computes from a text alone: hidden states [T,L,D], mask [T,L] and the
+    cross-attention queries [T,H,L,hd]."""
+
+    h: torch.Tensor
+    mask: torch.Tensor
+    q: torch.Tensor
+    prior: torch.Tensor | None = None  # the Fast prior's text vectors [T, D] (unit), with a prior
+
+    def __len__(self) -> int:
+        return len(self.mask)
+
+    def rows(self, idx) -> TextState:
+        prior = None if self.prior is None else self.prior[idx]
+        return TextState(self.h[idx], self.mask[idx], self.q[idx], prior)
+
+    def trimmed(self, length: int) -> TextState:
+        """The first ``length`` tokens (exact when no row is longer: padded positions are masked)."""
+        return TextState(self.h[:, :length], self.mask[:, :length], self.q[:, :, :length], self.prior)
+
+    @classmethod
+    def stack(cls, parts: list[TextState]) -> TextState:
+        L = max(p.mask.shape[1] for p in parts)
+
+        def pad(x, dim):
+            extra = L - x.shape[dim]
+            if not extra:
+                return x
+            shape = list(x.shape)
+            shape[dim] = extra
+            return torch.cat([x, x.new_zeros(shape)], dim)
+
+        prior = None if parts[0].prior is None else torch.cat([p.prior for p in parts])
+        return TextState(
+            torch.cat([pad(p.h, 1) for p in parts]),
+            torch.cat([pad(p.mask, 1) for p in parts]),
+            torch.cat([pad(p.q, 2) for p in parts]),
+            prior,
+        )
+
+
+@dataclass
+class SlowImageState:
+    """The PairScorer image state: ``kv`` (ImageKV) of N images, images on dim 0 of every tensor."""
+
+    kv: ImageKV
+
+    def __len__(self) -> int:
+        return len(self.kv[0][0])
+
+    def rows(self, idx) -> SlowImageState:
+        return SlowImageState([(k[idx], v[idx]) for k, v in self.kv])
+
+    @classmethod
+    def stack(cls, parts: list[SlowImageState]) -> SlowImageState:
+        n = len(parts[0].kv)
+        return cls(
+            [
+                (torch.cat([p.kv[j][0] for p in parts]), torch.cat([p.kv[j][1] for p in parts]))
+                for j in range(n)
+            ]
+        )
+
+
+@dataclass
+class ImageTokens:
+    """What the model reads from images: tokens [N, Ni, D] and the image tower's embedding [N, E] (or
+    None without a tower). Indexing selects images."""
+
+    tokens: torch.Tensor
+    tower: torch.Tensor | None = None
+
+    def __getitem__(self, idx) -> ImageTokens:
+        return ImageTokens(self.tokens[idx], None if self.tower is None else self.tower[idx])
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def rows(self, idx) -> ImageTokens:
+        return self[idx]
+
+    @classmethod
+    def stack(cls, parts: list[ImageTokens]) -> ImageTokens:
+        tower = None if parts[0].tower is None else torch.cat([p.tower for p in parts])
+        return cls(torch.cat([p.tokens for p in parts]), tower)
+
+
+@dataclass
+class TextTokens:
+    """The PairScorer text state: text tokens [T, L, D] and their mask [T, L] (True = real token)."""
+
+    tokens: torch.Tensor
+    mask: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.mask)
+
+    def rows(self, idx) -> TextTokens:
+        return TextTokens(self.tokens[idx], self.mask[idx])
+
+    @classmethod
+    def stack(cls, parts: list[TextTokens]) -> TextTokens:
+        L = max(p.mask.shape[1] for p in parts)
+        tokens = [F.pad(p.tokens, (0, 0, 0, L - p.tokens.shape[1])) for p in parts]
+        masks = [F.pad(p.mask, (0, L - p.mask.shape[1])) for p in parts]
+        return cls(torch.cat(tokens), torch.cat(masks))
