@@ -30,6 +30,7 @@ from vlsearch.errors import DataError, VLSearchError
 from vlsearch.index.manifest import LAYOUT, Manifest, fsync_dir, write_manifest
 from vlsearch.index.plain import IndexConfig, swap_in
 from vlsearch.index.sharded import shard_name
+from vlsearch.settings import OFFLINE_ENV
 
 # Environment passed on to the workers when the driver has it set.
 FORWARDED_ENV = ("VLSEARCH_HOME", "VLSEARCH_DATA", "HF_HOME", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
@@ -140,11 +141,9 @@ def _plan_workers(cpus_per_worker: int | None) -> list[tuple[str, int]]:
 
 def _worker_env(threads: int, extra: dict | None) -> dict[str, str]:
     env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
-    env.setdefault("HF_HUB_OFFLINE", "1")
-    env.setdefault("TRANSFORMERS_OFFLINE", "1")
-    env.update(
-        {"TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": str(threads), "VLSEARCH_THREADS": str(threads)}
-    )
+    for key, value in OFFLINE_ENV.items():  # the one offline setting (settings.py), unless overridden
+        env.setdefault(key, value)
+    env.update({"OMP_NUM_THREADS": str(threads), "VLSEARCH_THREADS": str(threads)})
     env.update({k: str(v) for k, v in (extra or {}).items()})
     return env
 
