@@ -177,6 +177,12 @@ BAD_SEARCHES = [
     ("q=dog&rerank=5", 400, "re-ranking is not available"),
     ("q=dog&explain=1", 400, "rerank"),
     ("q=dog&explain=please", 400, "explain"),
+    # only the schema's spellings (schemathesis checks that schema-violating requests are rejected)
+    ("q=dog&k=%205%20", 400, "whole number"),
+    ("q=dog&k=5_0", 400, "whole number"),
+    ("q=dog&rerank=", 400, "rerank"),
+    ("q=dog&why=yes", 400, "why"),
+    ("q=dog&offset=+3", 400, "offset"),
 ]
 
 

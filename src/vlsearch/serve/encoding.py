@@ -4,6 +4,7 @@ JSON bodies of the search routes (numpy values made plain, floats rounded)."""
 from __future__ import annotations
 
 import json
+import re
 import time
 from urllib.parse import parse_qsl, quote
 
@@ -44,12 +45,22 @@ def raw_query_param(request: Request, name: str) -> str | None:
 
 
 def parse_flag(value: str | None, name: str) -> bool:
-    text = (value or "").strip().lower()
-    if text in ("", "0", "false", "no", "off"):
+    """Exactly what the schema says: 0 or 1 (an absent flag is 0)."""
+    if value is None or value == "0":
         return False
-    if text in ("1", "true", "yes", "on"):
+    if value == "1":
         return True
     raise QueryError(f"{name} must be 0 or 1, not {value[:20]!r}")
+
+
+def parse_whole(value: str | None, name: str, default: int) -> int:
+    """A query-string integer spelt as the schema says (digits, an optional minus): no blanks, no
+    spaces, no "+5" or "5_0" that Python's int() would take; absent is ``default``."""
+    if value is None:
+        return default
+    if not re.fullmatch(r"-?[0-9]+", value):
+        raise QueryError(f"{name} must be a whole number, not {value[:20]!r}")
+    return int(value)
 
 
 def make_search_options(after, before, folder, camera, near, sort, offset, cursor, min_score) -> dict:
@@ -57,7 +68,7 @@ def make_search_options(after, before, folder, camera, near, sort, offset, curso
     return {
         "filters": make_filter(after, before, folder, camera, near),
         "sort": check_sort(sort),
-        "offset": check_offset(offset),
+        "offset": check_offset(parse_whole(offset, "offset", 0)),
         "cursor": cursor or None,
         "min_score": check_min_score(min_score),
     }

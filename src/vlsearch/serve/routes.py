@@ -40,6 +40,7 @@ from vlsearch.serve.encoding import (
     image_search_body,
     make_search_options,
     parse_flag,
+    parse_whole,
     raw_query_param,
     search_body,
 )
@@ -156,8 +157,9 @@ def create_app(engine: SearchEngine, settings: ServeSettings | None = None, rera
         if raw is None:
             raise QueryError("missing query parameter q")
         text = check_query(raw)
-        k = check_k(k)
-        rerank = check_k(rerank, MAX_RERANK, "rerank") if str(rerank).strip() not in ("", "0") else 0
+        k = check_k(parse_whole(k, "k", 10))
+        rerank = parse_whole(rerank, "rerank", 0)
+        rerank = check_k(rerank, MAX_RERANK, "rerank") if rerank else 0
         explain = parse_flag(explain, "explain")
         why = parse_flag(why, "why")
         if explain and not rerank:
@@ -184,8 +186,9 @@ def create_app(engine: SearchEngine, settings: ServeSettings | None = None, rera
         captions: str = Query("5", max_length=24, description="number of matching captions, 0..50"),
     ):
         t0 = time.perf_counter()
-        k = check_k(k)
-        k_captions = check_k(captions, 50, "captions") if str(captions).strip() not in ("", "0") else 0
+        k = check_k(parse_whole(k, "k", 10))
+        k_captions = parse_whole(captions, "captions", 0)
+        k_captions = check_k(k_captions, 50, "captions") if k_captions else 0
         data = await file.read()
         (images, caps, cap_rows), wait_ms = await service.pool.run(
             service.image_search, data, k, k_captions, heavy=True
