@@ -134,3 +134,41 @@ def test_the_pair_scorer_check_passes_a_conforming_model_and_fails_a_broken_one(
     check_pair_scorer(Dot(), *inputs())
     with pytest.raises(AssertionError):
         check_pair_scorer(Shuffled(), *inputs())
+
+
+def test_scores_are_those_of_the_code_before_the_one_reranker_change():
+    """Both pair scorers' offline paths (all pairs, pairs grouped by image), seeded models on seeded
+    inputs, against the scores the code before issue 14's Reranker change gave (tests/data, made with
+    its own score_all_pairs / score_pairs_grouped). On the machine that made them the Slow scores are
+    bit-identical and deformer-joint's within 3e-6 (its pairs are now batched per image); the tolerance
+    leaves room for another CPU's matmul kernels. scripts/scoring_regression.py does the same on real
+    features with a trained Fast prior, bit for bit."""
+    import types
+    from pathlib import Path
+
+    import numpy as np
+
+    from vlsearch.search.pair_scoring import score_all_pairs, score_pairs_grouped
+
+    want = np.load(Path(__file__).parent / "data" / "pair_scores_before_issue14.npz")
+    g = torch.Generator().manual_seed(0)
+    states = torch.randn(7, 11, 384, generator=g)
+    lengths = torch.tensor([11, 4, 9, 2, 7, 11, 5])
+    mid = torch.randn(6, 196, 112, generator=g)
+    grid = torch.randn(6, 49, 1280, generator=g)
+    feats = types.SimpleNamespace(states=states, lengths=lengths, mid=mid, grid=grid, n_images=6)
+    ti = np.array([0, 1, 2, 3, 4, 5, 6, 0, 3, 6])
+    ii = np.array([0, 1, 2, 3, 4, 5, 0, 5, 5, 2])
+    torch.manual_seed(0)
+    slow = SlowModel(SlowConfig(n_layers=2), init_from_pretrained=False).eval()
+    torch.nn.init.normal_(slow.head[-1].weight, std=0.5)
+    torch.manual_seed(0)
+    joint = DeformerModel(
+        DeformerConfig(n_layers=1, image_grid=2, embed_dim=32, use_mid=True), init_from_pretrained=False
+    ).eval()
+    for name, model in (("slow", slow), ("joint", joint)):
+        got_all = score_all_pairs(model, feats, progress=False)
+        got_pairs = score_pairs_grouped(model, states, lengths, grid, mid, ti, ii)
+        assert got_all.std() > 0.01 and np.allclose(got_all[ti, ii], got_pairs, atol=1e-4)
+        assert np.allclose(got_all, want[f"{name}_all"], rtol=1e-5, atol=1e-5), name
+        assert np.allclose(got_pairs, want[f"{name}_pairs"], rtol=1e-5, atol=1e-5), name
