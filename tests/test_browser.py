@@ -104,7 +104,9 @@ def test_search_rerank_and_explain(page, rerank_server):
     page.press("#q", "Enter")
     page.wait_for_selector("#grid .card")
     cards = page.locator("#grid .card")
-    assert cards.count() == 24
+    # the first page is 24; when it leaves the end of the grid in view (it depends on how fast the
+    # thumbnails load and set their heights), the page fetches the rest of the 40 at once
+    assert cards.count() in (24, 40)
     status = page.inner_text("#status")
     assert "24 images" in status and " ms" in status and "Fast" in status
     # the thumbnails really load from /images/...
