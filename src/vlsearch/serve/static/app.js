@@ -505,6 +505,9 @@ function init() {
     e.target.value = "";
   });
   $("viewer").addEventListener("close", () => {
+    // the close event comes a task after the dialog closed: if the viewer was opened again meanwhile
+    // (a quick second click), it must not stop the new clip or forget the new hit
+    if ($("viewer").open) return;
     state.viewerHit = null;
     window.vlsVideo?.close();
   });
