@@ -40,20 +40,11 @@ class TextState:
     @classmethod
     def stack(cls, parts: list[TextState]) -> TextState:
         L = max(p.mask.shape[1] for p in parts)
-
-        def pad(x, dim):
-            extra = L - x.shape[dim]
-            if not extra:
-                return x
-            shape = list(x.shape)
-            shape[dim] = extra
-            return torch.cat([x, x.new_zeros(shape)], dim)
-
         prior = None if parts[0].prior is None else torch.cat([p.prior for p in parts])
-        return TextState(
-            torch.cat([pad(p.h, 1) for p in parts]),
-            torch.cat([pad(p.mask, 1) for p in parts]),
-            torch.cat([pad(p.q, 2) for p in parts]),
+        return TextState(  # zeros after each text's tokens: h [T,L,D], mask [T,L], q [T,H,L,hd]
+            torch.cat([F.pad(p.h, (0, 0, 0, L - p.h.shape[1])) for p in parts]),
+            torch.cat([F.pad(p.mask, (0, L - p.mask.shape[1])) for p in parts]),
+            torch.cat([F.pad(p.q, (0, 0, 0, L - p.q.shape[2])) for p in parts]),
             prior,
         )
 

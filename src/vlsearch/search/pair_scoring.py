@@ -38,6 +38,13 @@ def _rows(x: torch.Tensor | None, idx):
     return None if x is None else x[idx]
 
 
+def _chunk_state(model, states: torch.Tensor, lengths: torch.Tensor, rows):
+    """The text state of these rows, trimmed to their longest text."""
+    r = torch.as_tensor(rows, dtype=torch.long)
+    lens = lengths[r]
+    return model.text_state(states[r, : max(1, int(lens.max()))], lens)
+
+
 def text_states(model, states: torch.Tensor, lengths: torch.Tensor, rows=None):
     """The text states of ``rows`` (default all), in that order: computed in length-sorted chunks, each
     trimmed to its own longest text, then stacked (padding is masked, so scores are exact)."""
@@ -46,9 +53,7 @@ def text_states(model, states: torch.Tensor, lengths: torch.Tensor, rows=None):
     parts = []
     with autocast():
         for s in range(0, len(rows), STATE_CHUNK):
-            r = torch.as_tensor(rows[order[s : s + STATE_CHUNK]], dtype=torch.long)
-            lens = lengths[r]
-            parts.append(model.text_state(states[r, : max(1, int(lens.max()))], lens))
+            parts.append(_chunk_state(model, states, lengths, rows[order[s : s + STATE_CHUNK]]))
     return type(parts[0]).stack(parts).rows(torch.as_tensor(np.argsort(order, kind="stable")))
 
 
@@ -61,12 +66,8 @@ def score_all_pairs(model, feats, progress: bool = True) -> np.ndarray:
     order = np.argsort(feats.lengths.numpy(), kind="stable")  # similar lengths share a chunk
     bar = _bar(M * N, f"{model.model_type}: all pairs", progress)
     with autocast():
-        texts = []
-        for s in range(0, M, TEXT_CHUNK):
-            rows = order[s : s + TEXT_CHUNK]
-            r = torch.as_tensor(rows)
-            lens = feats.lengths[r]
-            texts.append((rows, model.text_state(feats.states[r, : max(1, int(lens.max()))], lens)))
+        chunks = [order[s : s + TEXT_CHUNK] for s in range(0, M, TEXT_CHUNK)]
+        texts = [(rows, _chunk_state(model, feats.states, feats.lengths, rows)) for rows in chunks]
         for i0 in range(0, N, 256):
             imgs = slice(i0, min(N, i0 + 256))
             image = model.image_state(feats.grid[imgs], _rows(feats.mid, imgs))

@@ -29,9 +29,10 @@ class Reranker:
 
     def __init__(self, model, meta: dict | None = None, path=None, extractor=None, cache_images=2048):
         if not is_pair_scorer(model):
+            kind = getattr(model, "model_type", type(model).__name__)
             raise CheckpointError(
-                f"a {getattr(model, 'model_type', type(model).__name__)!r} model is not a pair scorer: "
-                "re-rank with `slow` or `deformer-joint`"
+                f"{path or 'this model'}: a {kind!r} model, not a pair scorer: re-rank with a Slow or "
+                "deformer-joint checkpoint (`--rerank-model slow` or `deformer-joint`)"
             )
         self.model = inference_copy(model)
         self.meta = meta or {}
@@ -47,11 +48,6 @@ class Reranker:
     def load(cls, checkpoint_path, extractor=None) -> Reranker:
         """Any pair-scorer checkpoint (a name or a folder): `slow`, `deformer-joint`."""
         model, meta, path = load_model(checkpoint_path)
-        if not is_pair_scorer(model):
-            raise CheckpointError(
-                f"{checkpoint_path}: a {meta.get('model_type')!r} model, not a pair scorer: re-rank with "
-                "a Slow or deformer-joint checkpoint (`--rerank-model slow` or `deformer-joint`)"
-            )
         return cls(model, meta, path, extractor)
 
     @property
