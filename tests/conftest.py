@@ -24,7 +24,7 @@ def need_data():
 
 
 # Caches keyed by content (backbone features, mined negatives, teacher scores): shared by every test's home.
-SHARED_CACHES = ("features", "mining", "distill")
+SHARED_CACHES = ("features", "mining", "distill", "runtime")
 # Named models a fixture provides, by fixture name: a test's own home holds exactly the ones it asks for.
 NAMED_FIXTURES = {"tiny_fast_checkpoint": "fast", "slow_checkpoint": "slow", "tiny_slow_checkpoint": "slow"}
 

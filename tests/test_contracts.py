@@ -136,13 +136,14 @@ def test_the_pair_scorer_check_passes_a_conforming_model_and_fails_a_broken_one(
         check_pair_scorer(Shuffled(), *inputs())
 
 
-def test_scores_are_those_of_the_code_before_the_one_reranker_change():
+def test_scores_are_those_of_the_code_before_the_one_reranker_change(monkeypatch):
     """Both pair scorers' offline paths (all pairs, pairs grouped by image), seeded models on seeded
     inputs, against the scores the code before issue 14's Reranker change gave (tests/data, made with
     its own score_all_pairs / score_pairs_grouped). On the machine that made them the Slow scores are
     bit-identical and deformer-joint's within 3e-6 (its pairs are now batched per image); the tolerance
     leaves room for another CPU's matmul kernels. scripts/scoring_regression.py does the same on real
-    features with a trained Fast prior, bit for bit."""
+    features with a trained Fast prior, bit for bit. In fp32, as the golden scores were made (a bf16 CPU
+    would otherwise run them under bf16 autocast)."""
     import types
     from pathlib import Path
 
@@ -150,6 +151,7 @@ def test_scores_are_those_of_the_code_before_the_one_reranker_change():
 
     from vlsearch.search.pair_scoring import score_all_pairs, score_pairs_grouped
 
+    monkeypatch.setenv("VLSEARCH_PRECISION", "fp32")
     want = np.load(Path(__file__).parent / "data" / "pair_scores_before_issue14.npz")
     g = torch.Generator().manual_seed(0)
     states = torch.randn(7, 11, 384, generator=g)

@@ -11,13 +11,14 @@ import time
 from pathlib import Path
 
 from vlsearch.bench import concepts as concept_cost
-from vlsearch.bench import gallery, hardware, photos, service, throughput, video
+from vlsearch.bench import gallery, hardware, photos, runtimes, service, throughput, video
 from vlsearch.bench import models as M
 from vlsearch.bench.concepts import table as concept_table
 from vlsearch.bench.data import BenchData
 from vlsearch.bench.hardware import Floors
 from vlsearch.bench.pipeline import make_reranker
 from vlsearch.bench.report import markdown, plot
+from vlsearch.encoders import runtime as R
 from vlsearch.errors import CheckpointError
 from vlsearch.index.vectors import AUTO_THRESHOLD
 from vlsearch.models.checkpoint import save_checkpoint
@@ -197,6 +198,8 @@ def run_bench(
             "quick": quick,
             "started": time.strftime("%Y-%m-%d %H:%M:%S"),
             "git_commit": _git_commit(),
+            "runtime": R.resolve(),
+            "precision": R.precision(R.resolve()),
             "threads": threads,
             "load_average_start": hardware.load_average(),
             "background": hardware.busy_processes(),
@@ -227,6 +230,8 @@ def run_bench(
         )
         log("encoder throughput")
         result["encoders"] = throughput.encoders(data, net, floors, quick)
+        log("inference runtimes: PyTorch, ONNX Runtime, OpenVINO side by side")
+        result["runtimes"] = runtimes.run(data, net, work, quick)
         log("photos: indexing 12 MP JPEGs, old path and new")
         result["photos_decode"] = photos.decode_section(data, embedder, work, quick)
         log("pair-scoring throughput")
@@ -286,6 +291,7 @@ def run_bench(
             )
         result["targets"] = _targets(result)
         result["targets"]["lines"] += photos.targets(result)
+        result["targets"]["lines"] += runtimes.targets(result.get("runtimes"))
     finally:
         shutil.rmtree(work, ignore_errors=True)
     log("report")
@@ -297,6 +303,8 @@ def run_bench(
     table = markdown(result)
     if "concepts" in result:
         table += "\n" + concept_table(result["concepts"])
+    if "runtimes" in result:
+        table += "\n" + runtimes.table(result["runtimes"])
     if "segments" in result:
         from vlsearch.bench.segments import table as segments_table
 

@@ -74,10 +74,21 @@ class TextBackbone(torch.nn.Module):
         self.requires_grad_(False)
         self.dim = bert.config.hidden_size
 
-    def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
+    def tokenize(self, texts: list[str], tensors: str = "pt") -> dict:
+        """Token ids and attention mask, padded to the longest (``tensors``: "pt" torch, "np" numpy)."""
         return self.tokenizer(
-            texts, padding=True, truncation=True, max_length=self.config.max_tokens, return_tensors="pt"
+            texts, padding=True, truncation=True, max_length=self.config.max_tokens, return_tensors=tensors
         )
+
+    def tokenize_one(self, text: str) -> tuple[np.ndarray, np.ndarray]:
+        """One query's (ids, mask), int64 [1, L]: what ``tokenize([text], "np")`` gives, straight from the
+        Rust tokenizer (a fifth of the time: no padding or truncation set-up per call)."""
+        ids = self.tokenizer.backend_tokenizer.encode(text).ids
+        limit = self.config.max_tokens
+        if len(ids) > limit:  # as truncation=True: the first limit-1 tokens, then [SEP]
+            ids = ids[: limit - 1] + [self.tokenizer.sep_token_id]
+        arr = np.asarray(ids, dtype=np.int64)[None, :]
+        return arr, np.ones_like(arr)
 
     @torch.no_grad()
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

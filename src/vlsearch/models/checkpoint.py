@@ -16,6 +16,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from vlsearch.config import atomic_write_json, check_stamp, from_dict, stamp
+from vlsearch.encoders.image import ImageBackboneConfig
+from vlsearch.encoders.text import TextBackboneConfig
 from vlsearch.errors import CheckpointError, VLSearchError
 
 WEIGHTS, CONFIG = "model.safetensors", "config.json"
@@ -32,6 +34,8 @@ def save_checkpoint(path: str | Path, model: torch.nn.Module, extra: dict | None
             **stamp(),
             "model_type": model.model_type,
             "config": dataclasses.asdict(model.config),
+            # the cached backbone features it was trained from: their folder names say runtime and precision
+            "features": {"image": ImageBackboneConfig().tag, "text": TextBackboneConfig().tag},
             **(extra or {}),
         }
         atomic_write_json(tmp / CONFIG, meta)

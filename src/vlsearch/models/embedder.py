@@ -4,6 +4,8 @@ It lives under models/ (not search/) because index/ builds galleries with it and
 
 from __future__ import annotations
 
+import copy
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -11,7 +13,9 @@ import numpy as np
 import torch
 
 from vlsearch.data.images import ImageReport, load_image
+from vlsearch.encoders import runtime as R
 from vlsearch.encoders.features import FeatureExtractor, map_batches
+from vlsearch.encoders.text import TextBackbone
 from vlsearch.errors import QueryError
 from vlsearch.precision import autocast, inference_copy
 from vlsearch.settings import MAX_QUERY_CHARS
@@ -36,13 +40,30 @@ def check_query(text) -> str:
     return text
 
 
+# Token lengths that get fixed-shape query models (OpenVINO): a caption-like query is 10-20 tokens.
+QUERY_LENGTHS = (8, 16, 24, 40)
+
+
 class Embedder:
     """A dual encoder (Fast or decomposed deformer) plus the feature cache it reads from."""
 
-    def __init__(self, model, extractor: FeatureExtractor | None = None, progress: bool = True):
+    def __init__(
+        self,
+        model,
+        extractor: FeatureExtractor | None = None,
+        progress: bool = True,
+        runtime: str | None = None,
+        query_threads: int | None = None,
+    ):
         self.model = inference_copy(model)
+        self._fp32_model = model  # what the query graph is exported from (inference_copy may hold bf16)
         self.extractor = extractor or FeatureExtractor(progress=progress)
         self.progress = progress
+        # Text queries run as one graph (tokens -> embedding) on this runtime (encoders/runtime.py).
+        self.query_runtime = R.resolve(runtime, "query")
+        self.query_threads = query_threads or R.query_threads_default()
+        self._query_graphs: dict[bool, R.CompiledGraph | None] = {}
+        self._query_lock = threading.Lock()
 
     @property
     def dim(self) -> int:
@@ -94,12 +115,58 @@ class Embedder:
         out = self.extractor.encode_image_arrays([arr])
         return self._image(out["grid"], out["mid"])[0]
 
+    def query_graph(self) -> R.CompiledGraph | None:
+        """The text query path (MiniLM, then this model's text tower) as one graph on the query runtime,
+        exported on first use; None when PyTorch runs it. One per concept switch (it changes the output)."""
+        if self.query_runtime == "torch":
+            return None
+        concepts = bool(getattr(self.model, "concepts_active", False))
+        with self._query_lock:
+            if concepts not in self._query_graphs:
+                self._query_graphs[concepts] = R.compile_or_none(
+                    lambda: self._export_query_graph(concepts), f"text queries on {self.query_runtime}"
+                )
+            return self._query_graphs[concepts]
+
+    def fp32_query_path(self, concepts: bool) -> torch.nn.Module:
+        """The text query path in fp32 PyTorch: what the graph is exported from (and a reference)."""
+        config = self.extractor.text_config
+        model = copy.deepcopy(self._fp32_model).eval()
+        if hasattr(model, "use_concepts"):
+            model.use_concepts = concepts
+        return _QueryPath(TextBackbone(type(config)(**{**config.__dict__, "bf16": False})), model)
+
+    def _export_query_graph(self, concepts: bool) -> R.CompiledGraph:
+        config = self.extractor.text_config
+        ids = self.extractor.text_backbone.tokenize(["a dog runs on the grass"])
+        return R.CompiledGraph(
+            f"query-{getattr(self.model, 'model_type', type(self.model).__name__)}",
+            self.fp32_query_path(concepts),
+            [ids["input_ids"].numpy(), ids["attention_mask"].numpy()],
+            ["input_ids", "attention_mask"],
+            ["embedding"],
+            {"input_ids": {0: "batch", 1: "tokens"}, "attention_mask": {0: "batch", 1: "tokens"}},
+            self.query_runtime,
+            threads=self.query_threads,
+            key_extra=f"{config.tag}|concepts={concepts}",
+            allow_bf16=config.bf16,
+            static_lengths=QUERY_LENGTHS,
+        )
+
     def embed_texts(self, texts: list[str], cached: bool = True, batch: int = 1024) -> np.ndarray:
         """Captions (cached: dataset text) or queries (uncached) -> [N, D]."""
         if not texts:
             return np.zeros((0, self.dim), np.float32)
         if not cached:
-            states, lengths, _ = self.extractor.encode_texts([check_query(t) for t in texts])
+            texts = [check_query(t) for t in texts]
+            graph = self.query_graph()
+            if graph is not None:
+                backbone = self.extractor.text_backbone
+                if len(texts) == 1:
+                    return graph(*backbone.tokenize_one(texts[0]))[0]
+                tokens = backbone.tokenize(texts, "np")
+                return graph(tokens["input_ids"], tokens["attention_mask"])[0]
+            states, lengths, _ = self.extractor.encode_texts(texts)
             return self._text(states, lengths)
         keys = self.extractor.text_keys(texts)
         store = self.extractor.texts
@@ -114,3 +181,15 @@ class Embedder:
 
     def embed_query(self, text: str) -> np.ndarray:
         return self.embed_texts([text], cached=False)[0]
+
+
+class _QueryPath(torch.nn.Module):
+    """What the query graph holds: fp32 MiniLM lower layers, then the dual encoder's text tower."""
+
+    def __init__(self, backbone: TextBackbone, model):
+        super().__init__()
+        self.backbone, self.model = backbone, model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        states = self.backbone(input_ids, attention_mask)
+        return self.model.encode_text(states, attention_mask.sum(1))

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from vlsearch.encoders.concepts import class_names
+from vlsearch.precision import autocast
 
 
 def has_concepts(model) -> bool:
@@ -29,7 +30,8 @@ def concept_tags(embedder, text: str | None, keys: list[str], k: int = 5, min_we
     share = probs
     if text:
         states, lengths, _ = embedder.extractor.encode_texts([text])
-        q = model.concept.text(torch.from_numpy(states).float(), torch.from_numpy(lengths))
+        with autocast():  # the embedder's copy holds bf16 linear weights on a bf16 CPU
+            q = model.concept.text(torch.from_numpy(states).float(), torch.from_numpy(lengths)).float()
         sims = (model.concept.labels @ q[0]).numpy()
         share = probs * np.clip(sims, 0, None)[None, :]
     names = class_names()

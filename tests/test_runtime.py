@@ -1,0 +1,166 @@
+"""Inference runtimes (encoders/runtime.py): ONNX Runtime and OpenVINO give PyTorch's answers on real
+photos and real captions, cache their exports, fall back to PyTorch, and are safe across threads."""
+
+from __future__ import annotations
+
+import threading
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from tests.conftest import FLICKR, need_data
+from vlsearch.data.images import load_image
+from vlsearch.encoders import runtime as R
+from vlsearch.encoders.image import ImageBackbone, ImageBackboneConfig
+from vlsearch.errors import VLSearchError
+from vlsearch.models.embedder import Embedder
+from vlsearch.models.fast import FastConfig, FastModel
+
+GRAPH_RUNTIMES = [r for r in ("onnxruntime", "openvino") if R.available(r)]
+# fp32 graphs match PyTorch fp32 to rounding; bf16 (OpenVINO on an AMX CPU) within what bf16 gives
+COS_MIN = {"fp32": 0.99999, "bf16": 0.99}  # PyTorch bf16 (autocast) itself: min 0.9976 on real photos
+
+
+def _cos(a, b):
+    a = a / np.linalg.norm(a, axis=-1, keepdims=True)
+    b = b / np.linalg.norm(b, axis=-1, keepdims=True)
+    return (a * b).sum(-1)
+
+
+@pytest.fixture(scope="module")
+def photos():
+    need_data()
+    files = sorted((FLICKR / "Flicker8k_Dataset").glob("*.jpg"))[:6]
+    return np.stack([load_image(f, 224) for f in files])
+
+
+@pytest.fixture(scope="module")
+def fast():
+    torch.manual_seed(0)
+    return FastModel(FastConfig(concepts=True, concept_weight=0.3)).eval()
+
+
+@pytest.fixture(scope="module")
+def captions():
+    need_data()
+    lines = (FLICKR / "Flickr8k_text" / "Flickr8k.token.txt").read_text().splitlines()[:400:7]
+    return [line.split("\t")[1] for line in lines]
+
+
+def test_runtime_choice():
+    assert R.resolve("auto") in R.RUNTIMES
+    assert R.resolve("torch") == "torch"
+    with pytest.raises(VLSearchError, match="unknown runtime"):
+        R.resolve("tensorrt")
+    tags = {R.tag(r) for r in R.RUNTIMES if R.available(r)}
+    assert len(tags) == len([r for r in R.RUNTIMES if R.available(r)])  # each runtime its own cache folder
+    assert ImageBackboneConfig(runtime="torch").tag.endswith(("-b10", "-b10-bf16"))  # earlier caches stay
+
+
+@pytest.mark.parametrize("runtime", GRAPH_RUNTIMES)
+def test_image_backbone_matches_pytorch_fp32(runtime, photos, fast):
+    ref = ImageBackbone(ImageBackboneConfig(runtime="torch", bf16=False))
+    want = ref.encode_numpy(photos)
+    backbone = ImageBackbone(ImageBackboneConfig(runtime=runtime))
+    got = backbone.encode_numpy(photos)
+    assert backbone.compiled() is not None and backbone.runtime == runtime
+    assert got["grid"].shape == want["grid"].shape and got["mid"].shape == want["mid"].shape
+    bound = COS_MIN[R.precision(runtime)]
+    with torch.no_grad():
+        e_ref = fast.encode_image(torch.from_numpy(want["grid"]), None).numpy()
+        e_got = fast.encode_image(torch.from_numpy(got["grid"]), None).numpy()
+    assert _cos(e_got, e_ref).min() >= bound
+    assert _cos(got["mid"].mean(1), want["mid"].mean(1)).min() >= bound
+    # one image at a time gives the batch's answer (query images run one by one)
+    one = backbone.encode_numpy(photos[:1])
+    assert _cos(one["grid"][0], got["grid"][0]).min() >= 0.999
+    with pytest.raises(VLSearchError, match=r"\[B,224,224,3\]"):
+        backbone.encode_numpy(photos[:, :200])
+
+
+@pytest.mark.parametrize("runtime", GRAPH_RUNTIMES)
+def test_text_query_graph_matches_pytorch_fp32(runtime, fast, captions, monkeypatch):
+    emb = Embedder(fast, progress=False, runtime=runtime)
+    got = np.stack([emb.embed_query(c) for c in captions])
+    assert emb.query_graph() is not None
+    path = emb.fp32_query_path(concepts=True)
+    with torch.no_grad():
+        want = np.concatenate(
+            [
+                path(t["input_ids"], t["attention_mask"]).numpy()
+                for t in (emb.extractor.text_backbone.tokenize([c]) for c in captions)
+            ]
+        )
+    assert got.shape == (len(captions), emb.dim)
+    assert _cos(got, want).min() >= COS_MIN[R.precision(runtime)]
+    # a padded batch of queries gives each query's own answer
+    batch = emb.embed_texts(captions[:16], cached=False)
+    assert _cos(batch, got[:16]).min() >= 0.9999
+    # the concept switch changes the output: its own graph, not the cached one
+    emb.model.use_concepts = False
+    off = emb.embed_query(captions[0])
+    assert off.shape == (fast.config.embed_dim,)
+    emb.model.use_concepts = True
+    # a second embedder reuses the export on disk
+    monkeypatch.setattr(R.CompiledGraph, "_export", lambda *a: pytest.fail("exported again"))
+    again = Embedder(fast, progress=False, runtime=runtime)
+    assert np.allclose(again.embed_query(captions[0]), got[0], atol=1e-6)
+
+
+@pytest.mark.parametrize("runtime", GRAPH_RUNTIMES)
+def test_graph_is_safe_across_threads(runtime, fast, captions):
+    emb = Embedder(fast, progress=False, runtime=runtime)
+    want = {c: emb.embed_query(c) for c in captions[:12]}
+    errors, got = [], {}
+
+    def worker(part):
+        try:
+            for _ in range(3):
+                for c in part:
+                    got[(c, threading.get_ident())] = emb.embed_query(c)
+        except Exception as e:  # surfaced below
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(captions[i::3][:4],)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    for (c, _), v in got.items():
+        assert np.array_equal(v, want[c])
+
+
+@pytest.mark.parametrize("runtime", GRAPH_RUNTIMES)
+def test_falls_back_to_pytorch_when_export_fails(runtime, fast, captions, photos, monkeypatch):
+    def broken(*a, **k):
+        raise RuntimeError("operator not supported")
+
+    monkeypatch.setattr(torch.onnx, "export", broken)
+    monkeypatch.setattr(R, "runtime_dir", lambda: R.home() / "runtime-empty")  # nothing cached to reuse
+    emb = Embedder(fast, progress=False, runtime=runtime)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = emb.embed_query(captions[0])
+    assert any("falling back to PyTorch" in str(w.message) for w in caught)
+    torch_emb = Embedder(fast, progress=False, runtime="torch").embed_query(captions[0])
+    assert np.array_equal(got, torch_emb)
+    backbone = ImageBackbone(ImageBackboneConfig(runtime=runtime))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = backbone.encode_numpy(photos[:2])
+    assert backbone.runtime == "torch" and out["grid"].shape == (2, 49, 1280)
+
+
+@pytest.mark.parametrize("runtime", GRAPH_RUNTIMES)
+def test_damaged_cached_export_is_made_again(runtime, photos):
+    backbone = ImageBackbone(ImageBackboneConfig(runtime=runtime))
+    want = backbone.encode_numpy(photos[:2])["grid"]
+    path = backbone.compiled().path
+    path.write_bytes(b"not an onnx file")
+    again = ImageBackbone(ImageBackboneConfig(runtime=runtime))
+    got = again.encode_numpy(photos[:2])["grid"]
+    assert again.runtime == runtime and np.allclose(got, want, atol=1e-5)
+    assert path.stat().st_size > 1_000_000
