@@ -17,6 +17,7 @@ from pathlib import Path
 import faiss
 import torch
 
+from vlsearch.bench import rerank_cold
 from vlsearch.bench.hardware import Floors
 from vlsearch.bench.index_scale import _billion_probe, _params
 from vlsearch.bench.photos import date_filter, synthetic_photos
@@ -268,6 +269,22 @@ def run(
                             "slow_flop_floor_ms": pair_ms,
                         }
                     )
+                if 50 <= n:
+                    log(f"gallery {n:,}: {kind}: Fast+Slow K=50, distinct candidates, warm and cold")
+                    dist = rerank_cold.run(engine, reranker, texts[:n_rerank], 50, work / "own")
+                    shutil.rmtree(work / "own", ignore_errors=True)
+                    for case in ("warm", "cold"):
+                        rows.append(
+                            {
+                                "n": n,
+                                "kind": kind,
+                                "pipeline": f"fast+slow K=50, distinct, {case}",
+                                "K": 50,
+                                **dist[case],
+                                "shared_keys_in_gallery": dist["shared_keys_in_gallery"],
+                                "feature_bytes_per_image": dist["feature_bytes_per_image"],
+                            }
+                        )
                 torch.set_num_threads(cores)
             if kind == "ivfpq" and n == sizes[-1]:
                 billion = _billion_probe(vi, qemb[: min(50, len(qemb))], n, d, fast, ret)

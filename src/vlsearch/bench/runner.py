@@ -112,6 +112,9 @@ def rerank_storage(slow, data) -> dict:
     }
 
 
+TARGET_RERANK_COLD_MS = 60.0  # issue 19: 1M images, distinct candidates, cold features
+
+
 def _targets(result: dict) -> dict:
     n = result["gallery_sizes"][-1]
     lat = [x for x in result["latency"] if x["n"] == n]
@@ -141,6 +144,19 @@ def _targets(result: dict) -> dict:
         )
     else:
         lines.append("Fast+Slow(K=50): not measured (no Slow model available)")
+    cold = {x["kind"]: x for x in lat if x["pipeline"] == "fast+slow K=50, distinct, cold"}
+    okc = {k: v for k, v in cold.items() if rec.get(k, 0) >= TARGET_RECALL}
+    bestc = min(okc.values(), key=lambda x: x["p50_ms"]) if okc else None
+    if bestc:
+        disk = bestc.get("disk_bytes_per_query")
+        lines.append(
+            f"Fast+Slow(K=50) p50 <= {TARGET_RERANK_COLD_MS:.0f} ms with 50 distinct candidates, features not in "
+            f"the page cache{scope}: {'MET' if bestc['p50_ms'] <= TARGET_RERANK_COLD_MS else 'NOT MET'} with "
+            f"{bestc['kind']} ({bestc['p50_ms']:.1f} ms, p99 {bestc['p99_ms']:.1f} ms"
+            + (f", {disk / 1e6:.1f} MB read from disk per query" if disk is not None else "")
+            + "); "
+            + ", ".join(f"{k} {v['p50_ms']:.1f} ms" for k, v in cold.items())
+        )
     approx = {k: v for k, v in rec.items() if k != "flat"}
     met_recall = {k: v >= TARGET_RECALL for k, v in approx.items()}
     lines.append(

@@ -106,6 +106,28 @@ class TokenStore:
             out.append(np.asarray(data[offsets[row] : offsets[row + 1]]))
         return out
 
+    def evict_page_cache(self) -> int:
+        """Close the memory maps and drop the chunk files from the OS page cache (posix_fadvise
+        DONTNEED), so the next reads come from disk: the bench's cold case. Returns the bytes evicted."""
+        import os
+
+        with self._lock:
+            self._maps.clear()
+        total = 0
+        for path in self.root.glob("chunk-*.npy"):
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                total += os.fstat(fd).st_size
+            finally:
+                os.close(fd)
+        return total
+
+    def bytes_per_item(self) -> float:
+        """Mean bytes on disk per stored item (every field's data files, offsets included)."""
+        n = len(self)
+        return sum(p.stat().st_size for p in self.root.glob("chunk-*.npy")) / n if n else 0.0
+
     def get_stacked(self, keys: list[str], name: str) -> np.ndarray:
         """[N, n, dim] for a field whose items all have the same length (image grids)."""
         return (
