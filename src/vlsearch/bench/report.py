@@ -152,7 +152,8 @@ def markdown(r: dict) -> str:
         out.append("")
         out.append(
             f"Embedding a gallery: {e['images_per_s']:.0f} images/s -> {e['hours_per_million']:.2f} h per 1M images "
-            "on this machine (backbone + Fast image tower; features then cached)."
+            f"on this machine (backbone on {e.get('runtime', 'torch')} + Fast image tower, decoded images; "
+            "features then cached)."
         )
     sv = r.get("service") or {}
     out.append("")

@@ -159,6 +159,12 @@ def _indexing(data, work, quick: bool, runtimes: list[str]) -> list[dict]:
     return out
 
 
+def in_use_images_per_s(section: dict) -> float:
+    """The image path's images/s on the runtime indexing uses."""
+    use = section["in_use"]["image"]
+    return next(r["images_per_s"] for r in section["rows"] if r["runtime"] == use)
+
+
 def table(section: dict) -> str:
     lines = [
         "| runtime | image path img/s | vs PyTorch | image cos (min) vs fp32 | text query p50 ms (p99) "
