@@ -64,11 +64,16 @@ def set_offline(env: dict | None = None) -> dict:
     return env
 
 
+def model_threads() -> int:
+    """Intra-op threads for model work: ``$VLSEARCH_THREADS``, else every core."""
+    return int(os.environ.get("VLSEARCH_THREADS", os.cpu_count() or 1))
+
+
 def configure_torch() -> None:
     """Offline hub access and both cores for intra-op work."""
     set_offline()
     import torch  # here: settings is a foundation that `vlsearch --help` imports without torch
 
-    threads = int(os.environ.get("VLSEARCH_THREADS", os.cpu_count() or 1))
+    threads = model_threads()
     if torch.get_num_threads() != threads:
         torch.set_num_threads(threads)

@@ -16,6 +16,7 @@ from vlsearch.encoders import runtime as R
 from vlsearch.encoders.features import FeatureExtractor
 from vlsearch.encoders.image import ImageBackbone, ImageBackboneConfig
 from vlsearch.models.embedder import Embedder
+from vlsearch.settings import model_threads
 
 IMAGE_TARGET = 2.5  # x PyTorch's images/s
 QUERY_TARGET_MS = 2.5  # p50 of one text query, tokenising included
@@ -55,7 +56,7 @@ def run(data, fast, work, quick: bool) -> dict:
         extractor = FeatureExtractor(config, root=work / f"rt-{runtime}", progress=False)
         embedders = {
             n: Embedder(fast, extractor, False, runtime=runtime, query_threads=n)
-            for n in sorted({1, R.threads_default()})
+            for n in sorted({1, model_threads()})
         }
         for emb in embedders.values():
             for q in queries[:8]:  # compiles the fixed-length query models

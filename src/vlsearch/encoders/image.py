@@ -31,10 +31,15 @@ class ImageBackboneConfig:
     runtime: str = "auto"  # encoders/runtime.py: torch, onnxruntime, openvino, or auto (measured fastest)
 
     @property
+    def torch_bf16(self) -> bool:
+        """Whether the features are PyTorch's bf16 ones: graph runtimes run the backbone in fp32 (and a
+        graph that falls back to PyTorch does too, so its features are the numerics the tag names)."""
+        return self.bf16 and R.resolve(self.runtime, "image") == "torch"
+
+    @property
     def tag(self) -> str:
         """Names the features' numerics too: each runtime's features get their own cache folder."""
-        runtime = R.resolve(self.runtime, "image")
-        suffix = R.tag(runtime, self.bf16 and runtime == "torch")
+        suffix = R.tag(R.resolve(self.runtime, "image"), self.torch_bf16)
         return f"{self.name}-{self.image_size}px-b{self.mid_block}{suffix}"
 
 
@@ -125,7 +130,8 @@ class ImageBackbone(torch.nn.Module):
         if graph is not None:
             grid, mid = graph(batch)
             return {"grid": grid, "mid": mid}
-        out = self(torch.from_numpy(batch))
+        with torch.no_grad():
+            out = self.features(torch.from_numpy(batch), self.config.torch_bf16)
         return {k: v.numpy() for k, v in out.items()}
 
 

@@ -31,7 +31,7 @@ import torch
 from vlsearch.config import atomic_write_bytes
 from vlsearch.errors import VLSearchError
 from vlsearch.precision import use_bf16
-from vlsearch.settings import home
+from vlsearch.settings import home, model_threads
 from vlsearch.version import __version__
 
 log = logging.getLogger(__name__)
@@ -40,13 +40,11 @@ RUNTIMES = ("torch", "onnxruntime", "openvino")
 OPSET = 17
 # Bumped when an exported graph's inputs, outputs or meaning change, so old cached exports are not reused.
 GRAPH_VERSION = 1
-_PACKAGES = {"onnxruntime": "onnxruntime", "openvino": "openvino"}
 
 
 def available(runtime: str) -> bool:
-    if runtime == "torch":
-        return True
-    return importlib.util.find_spec(_PACKAGES[runtime]) is not None
+    """Whether a runtime's package is installed (each graph runtime's name is its module's)."""
+    return runtime == "torch" or importlib.util.find_spec(runtime) is not None
 
 
 # auto's order per graph, best first (module doc)
@@ -67,7 +65,7 @@ def resolve(runtime: str | None = None, graph: str = "query") -> str:
     if choice not in RUNTIMES:
         raise VLSearchError(f"unknown runtime {choice!r}: use auto, {', '.join(RUNTIMES)}")
     if not available(choice):
-        raise VLSearchError(f"runtime {choice} is not installed: pip install {_PACKAGES[choice]}")
+        raise VLSearchError(f"runtime {choice} is not installed: pip install {choice}")
     return choice
 
 
@@ -86,14 +84,10 @@ def tag(runtime: str, allow_bf16: bool = True) -> str:
     return short + ("-bf16" if p == "bf16" else "")
 
 
-def threads_default() -> int:
-    return int(os.environ.get("VLSEARCH_THREADS", os.cpu_count() or 1))
-
-
-def query_threads_default() -> int:
+def query_model_threads() -> int:
     """Threads for one text query's graph (``$VLSEARCH_QUERY_THREADS``, else all cores): on 2 cores the
     second thread took a query from 7.5 to 4.2 ms (ONNX Runtime). ``vlsearch bench`` measures 1 and all."""
-    return int(os.environ.get("VLSEARCH_QUERY_THREADS", 0)) or threads_default()
+    return int(os.environ.get("VLSEARCH_QUERY_THREADS", 0)) or model_threads()
 
 
 def weights_digest(module: torch.nn.Module) -> str:
@@ -123,7 +117,7 @@ class CompiledGraph:
 
     ``split_batch``: a batch runs as ``threads`` slices side by side, each on one thread, instead of one
     batch on ``threads`` intra-op threads; for the image backbone, whose depthwise convolutions split badly
-    across threads, that measured 1.3-1.7x more images/s on 2 cores.
+    across threads, that measured 1.05x more images/s on 2 idle cores and 1.3-1.7x with other work on them.
     """
 
     def __init__(
@@ -145,7 +139,7 @@ class CompiledGraph:
             raise VLSearchError(f"CompiledGraph runs onnxruntime or openvino, not {runtime}")
         self.name, self.runtime = name, runtime
         self.precision = precision(runtime, allow_bf16)
-        self.threads = threads or threads_default()
+        self.threads = threads or model_threads()
         self.split = split_batch and self.threads > 1
         self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix=name) if self.split else None
         self.input_names, self.output_names = list(input_names), list(output_names)
