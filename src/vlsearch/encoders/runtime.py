@@ -84,7 +84,7 @@ def tag(runtime: str, allow_bf16: bool = True) -> str:
     return short + ("-bf16" if p == "bf16" else "")
 
 
-def query_model_threads() -> int:
+def query_threads_default() -> int:
     """Threads for one text query's graph (``$VLSEARCH_QUERY_THREADS``, else all cores): on 2 cores the
     second thread took a query from 7.5 to 4.2 ms (ONNX Runtime). ``vlsearch bench`` measures 1 and all."""
     return int(os.environ.get("VLSEARCH_QUERY_THREADS", 0)) or model_threads()
