@@ -67,7 +67,11 @@ def test_bench_quick_writes_json_plot_and_table(
     assert result["rerank"]["implementation"].startswith("vlsearch.search.rerank.Reranker (checkpoint ")
     assert any(r["pipeline"] == "fast+slow K=10" for r in result["latency"])
     assert any(r["pipeline"] == "slow alone" and r.get("extrapolated") for r in result["latency"])
-    assert result["rerank_storage"]["bytes_per_image"] > 0
+    assert 0 < result["rerank_storage"]["bytes_per_image"] <= 48 * 1024  # the Slow model's compact parts
+    for case, low, high in (("cold", 150_000, 200_000), ("compact cold", 1, 48 * 1024)):
+        rows = [r for r in result["latency"] if r["pipeline"] == f"fast+slow K=50, distinct, {case}"]
+        assert {r["n"] for r in rows} == {60, 300}, case
+        assert all(low <= r["feature_bytes_per_image"] <= high and r["p50_ms"] > 0 for r in rows), rows
     assert result["service"]["peak_rss_gb"] > 0
     assert result["targets"]["lines"]
     png = out / "bench.png"

@@ -164,3 +164,28 @@ def test_damaged_cached_export_is_made_again(runtime, photos):
     got = again.encode_numpy(photos[:2])["grid"]
     assert again.runtime == runtime and np.allclose(got, want, atol=1e-5)
     assert path.stat().st_size > 1_000_000
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "a dog",
+        "",
+        "   ",
+        "A man in a red shirt climbs a rock wall while his friend belays him from below",
+        " ".join(["word"] * 80),  # past max_tokens: truncated, then [SEP]
+        "naïve café: 東京の犬 🐕 — “quoted”, e-mail@example.com, 3.14, C++",
+        "x" * 500,  # one long word: many word pieces
+    ],
+)
+def test_tokenize_one_matches_the_batch_tokenizer(text):
+    """The single-query fast path (the Rust tokenizer, its own truncation) gives exactly the ids and mask
+    of ``tokenize([text])``, including past the token limit."""
+    from vlsearch.encoders.text import TextBackbone, TextBackboneConfig
+
+    backbone = TextBackbone(TextBackboneConfig())
+    ids, mask = backbone.tokenize_one(text)
+    want = backbone.tokenize([text], "np")
+    assert ids.dtype == np.int64 and ids.shape == mask.shape
+    np.testing.assert_array_equal(ids, want["input_ids"])
+    np.testing.assert_array_equal(mask, want["attention_mask"])

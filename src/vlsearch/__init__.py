@@ -9,10 +9,11 @@ from vlsearch.version import FORMAT_VERSION, __version__
 __all__ = ["FORMAT_VERSION", "__version__", "load"]
 
 
-def load(index_dir=None, model=None, rerank_model=None):
-    """Open an index (default: the one `vlsearch demo` built) for searching."""
+def load(index_dir=None, model=None, rerank_model=None, rerank_compact=False):
+    """Open an index (default: the one `vlsearch demo` built) for searching; ``rerank_compact``: the
+    re-ranker keeps ~41 KB of int8 parts per image instead of the full maps (encoders/compact.py)."""
     # imported here: the package root is the API's front door, above every layer (importing
     # `vlsearch.errors` must not load torch and the search stack)
     from vlsearch.search.engine import SearchEngine
 
-    return SearchEngine.open(index_dir, model=model, rerank_model=rerank_model)
+    return SearchEngine.open(index_dir, model=model, rerank_model=rerank_model, rerank_compact=rerank_compact)

@@ -273,7 +273,7 @@ def run(
                     log(f"gallery {n:,}: {kind}: Fast+Slow K=50, distinct candidates, warm and cold")
                     dist = rerank_cold.run(engine, reranker, texts[:n_rerank], 50, work / "own")
                     shutil.rmtree(work / "own", ignore_errors=True)
-                    for case in ("warm", "cold"):
+                    for case in [c for c in ("warm", "cold", "compact warm", "compact cold") if c in dist]:
                         rows.append(
                             {
                                 "n": n,
@@ -282,7 +282,7 @@ def run(
                                 "K": 50,
                                 **dist[case],
                                 "shared_keys_in_gallery": dist["shared_keys_in_gallery"],
-                                "feature_bytes_per_image": dist["feature_bytes_per_image"],
+                                "feature_bytes_per_image": dist[case]["feature_bytes_per_image"],
                             }
                         )
                 torch.set_num_threads(cores)

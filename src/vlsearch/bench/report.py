@@ -144,8 +144,8 @@ def markdown(r: dict) -> str:
     out.append("")
     out.append(
         f"Re-ranking storage: {st['bytes_per_image']:,} B/image ({st['what']}) = {st['gb_per_million']:.0f} GB per "
-        f"1M images, memory-mapped from the feature cache (measured on disk: {_f(st.get('cache_bytes_per_image_on_disk'))} "
-        f"B/image). {st['note']}"
+        f"1M images, memory-mapped (the full feature cache measured on disk: "
+        f"{_f(st.get('cache_bytes_per_image_on_disk'))} B/image). {st['note']}"
     )
     e = r.get("embed_cost")
     if e:

@@ -7,7 +7,8 @@ key no other candidate has) in a store of their own. The engine runs its real pa
 rerank=K)`` through the project's ``Reranker``); only the keys it hands the re-ranker are swapped, by
 position, for the candidates' own. The cold case drops the store's files from the page cache
 (``posix_fadvise(DONTNEED)``) and the re-ranker's memo before every query, and counts the bytes the
-query read from disk.
+query read from disk. With a model that has compact parts (the Slow model), the same candidates are
+timed again from the compact store (int8 parts, encoders/compact.py), warm and cold.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import numpy as np
 
 from vlsearch.bench.util import summarize
 from vlsearch.encoders.features import FeatureExtractor
+from vlsearch.models.contracts import has_compact_images
 from vlsearch.search.rerank import Reranker
 
 
@@ -70,21 +72,32 @@ def run(engine, reranker: Reranker, texts: list[str], K: int, work, seed: int = 
         own.images.put(keys, parts)
         plans.append((text, keys, len(set(src))))
     mine = Reranker(reranker.model, reranker.meta, reranker.path, extractor=own)
+    cases = [("warm", mine, own.images), ("cold", mine, own.images)]
+    small = None
+    if has_compact_images(reranker.model):  # the same candidates from the compact store (int8 parts)
+        small = Reranker(reranker.model, reranker.meta, reranker.path, extractor=own, compact=True)
+        t0 = time.perf_counter()
+        small.fill_compact([k for _, keys, _ in plans for k in keys])  # index-time work: not timed
+        fill_s = time.perf_counter() - t0
+        cases += [
+            ("compact warm", small, small.compact_store()),
+            ("compact cold", small, small.compact_store()),
+        ]
     saved = engine.reranker
-    engine.reranker = _OwnKeys(mine)
     out = {
         "K": K,
         "queries": len(texts),
         "shared_keys_in_gallery": float(np.mean([K - u for *_, u in plans])),
     }
     try:
-        for case in ("warm", "cold"):
+        for case, rr, store in cases:
+            engine.reranker = _OwnKeys(rr)
             ms, disk = [], []
             for text, keys, _ in [plans[0], *plans]:  # the first call is a warm-up
                 engine.reranker.keys = keys
-                mine.forget()
-                if case == "cold":
-                    own.images.evict_page_cache()
+                rr.forget()
+                if case.endswith("cold"):
+                    store.evict_page_cache()
                 b0 = read_bytes()
                 t0 = time.perf_counter()
                 result = engine.search(text, k=10, rerank=K)
@@ -96,7 +109,11 @@ def run(engine, reranker: Reranker, texts: list[str], K: int, work, seed: int = 
             out[case] = summarize(ms)
             known = [d for d in disk if d is not None]
             out[case]["disk_bytes_per_query"] = float(np.median(known)) if known else None
+            out[case]["feature_bytes_per_image"] = store.bytes_per_item()
     finally:
         engine.reranker = saved
     out["feature_bytes_per_image"] = own.images.bytes_per_item()
+    if small is not None:
+        out["compact_bytes_per_image"] = small.compact_store().bytes_per_item()
+        out["compact_fill_ms_per_image"] = 1e3 * fill_s / max(1, len(plans) * K)
     return out

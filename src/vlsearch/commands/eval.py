@@ -18,6 +18,12 @@ def register(sub):
     p.add_argument("--rerank", type=int, default=0, help="re-rank the Fast top-K with a pair scorer")
     p.add_argument("--rerank-model", default=None, help="pair scorer for --rerank (default: slow)")
     p.add_argument(
+        "--rerank-features",
+        choices=["full", "compact"],
+        default="full",
+        help="what the re-ranker reads: the full maps, or a compact store's int8 parts (~41 KB per image)",
+    )
+    p.add_argument(
         "--index",
         default="flat",
         choices=["flat", "hnsw", "ivfpq", "auto"],
@@ -83,6 +89,7 @@ def run(args):
         index_kind=args.index,
         progress=not (args.quiet or args.json),
         concepts=not args.no_concepts,
+        rerank_features=args.rerank_features,
     )
     if args.json:
         print_json(result)

@@ -27,6 +27,12 @@ def register(sub):
     )
     p.add_argument("--rerank-model", default="slow", help="pair scorer for --rerank (default: slow)")
     p.add_argument(
+        "--rerank-features",
+        choices=["full", "compact"],
+        default="full",
+        help="with --rerank: read the full maps, or compact int8 parts (~41 KB per image, stored on first use)",
+    )
+    p.add_argument(
         "--explain",
         nargs="?",
         const="explain",
@@ -114,7 +120,10 @@ def run(args):
     if args.explain and not args.rerank:
         raise QueryError("--explain needs --rerank K (the Slow model is what explains)")
     engine = vlsearch.load(
-        args.index, model=args.model, rerank_model=args.rerank_model if args.rerank else None
+        args.index,
+        model=args.model,
+        rerank_model=args.rerank_model if args.rerank else None,
+        rerank_compact=bool(args.rerank) and args.rerank_features == "compact",
     )
     if args.videos or args.moments:
         return _video_search(engine, args)

@@ -6,6 +6,8 @@ The lower layers are frozen and their token states cached; the upper layers are 
 
 from __future__ import annotations
 
+import functools
+
 from dataclasses import dataclass
 
 import numpy as np
@@ -80,10 +82,21 @@ class TextBackbone(torch.nn.Module):
             texts, padding=True, truncation=True, max_length=self.config.max_tokens, return_tensors=tensors
         )
 
+    @functools.cached_property
+    def _single_tokenizer(self):
+        """A private copy of the Rust tokenizer with no padding or truncation. The shared one's settings
+        are state: MiniLM's tokenizer.json pads every text to 128 tokens, until a batch call resets it."""
+        from tokenizers import Tokenizer
+
+        tok = Tokenizer.from_str(self.tokenizer.backend_tokenizer.to_str())
+        tok.no_padding()
+        tok.no_truncation()
+        return tok
+
     def tokenize_one(self, text: str) -> tuple[np.ndarray, np.ndarray]:
         """One query's (ids, mask), int64 [1, L]: what ``tokenize([text], "np")`` gives, straight from the
         Rust tokenizer (a fifth of the time: no padding or truncation set-up per call)."""
-        ids = self.tokenizer.backend_tokenizer.encode(text).ids
+        ids = self._single_tokenizer.encode(text).ids
         limit = self.config.max_tokens
         if len(ids) > limit:  # as truncation=True: the first limit-1 tokens, then [SEP]
             ids = ids[: limit - 1] + [self.tokenizer.sep_token_id]

@@ -13,7 +13,7 @@ import numpy as np
 
 from vlsearch.data import load_dataset
 from vlsearch.encoders.dataset_features import DatasetFeatures
-from vlsearch.errors import DataError
+from vlsearch.errors import DataError, QueryError
 from vlsearch.eval.metrics import recall_vs_exact, retrieval_metrics
 from vlsearch.index.vectors import make_vector_index
 from vlsearch.models.contracts import is_pair_scorer
@@ -70,8 +70,11 @@ def evaluate(
     progress: bool = True,
     concepts: bool = True,
     dataset=None,
+    rerank_features: str = "full",
 ) -> dict:
-    """``concepts=False`` switches a Fast model's concept channel off (as ``index --no-concepts``)."""
+    """``concepts=False`` switches a Fast model's concept channel off (as ``index --no-concepts``).
+    ``rerank_features="compact"``: the re-ranker reads its images' int8 parts, as from a compact store
+    (encoders/compact.py)."""
     dataset = dataset or load_dataset(data_root, split)
     if images:
         dataset = dataset.sample(images, seed)
@@ -110,12 +113,15 @@ def evaluate(
         if index_kind != "flat":
             result.update(ann_metrics(img, txt, caption_image, index_kind))
         if rerank:
+            if rerank_features not in ("full", "compact"):
+                raise QueryError(f"rerank features must be 'full' or 'compact', not {rerank_features!r}")
             sim, sim_i2t, rerank_cost = rerank_eval(
-                rerank_model or "slow", feats, sim, rerank, progress=progress
+                rerank_model or "slow", feats, sim, rerank, progress, compact=rerank_features == "compact"
             )
             cost.update(rerank_cost)
             result["rerank"] = rerank
             result["rerank_model"] = rerank_model or "slow"
+            result["rerank_features"] = rerank_features
     metrics = retrieval_metrics(sim, caption_image, sim_i2t)
     result.update(metrics)
     result.update({"n_images": feats.n_images, "n_captions": len(caption_image), "cost": cost})

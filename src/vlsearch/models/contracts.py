@@ -8,6 +8,8 @@
   ``text_state`` once per text, then ``score`` for a block of T texts x N images. One re-ranker, one
   bench row and one eval path serve any pair scorer through these three calls, and ``config`` carries
   the weights that fuse its score with a dual encoder's cosine (``fusion_weight``, ``fusion_weight_i2t``).
+* ``CompactImages``: a pair scorer that can rebuild its image state from a few int8 parts (the Slow
+  model), so a re-ranker can keep ~41 KB per image instead of the full maps' 169 KB.
 * ``States``: what ``image_state`` and ``text_state`` return. Rows are images (texts); ``rows(idx)``
   selects some, ``stack(parts)`` joins blocks (padding texts to the longest), so a cache can keep one
   image per entry and a scorer can compute texts in length-sorted chunks, without knowing the layout.
@@ -68,6 +70,28 @@ class PairScorer(Protocol):
         ...
 
 
+@runtime_checkable
+class CompactImages(Protocol):
+    """A pair scorer whose image state can be rebuilt from a few stored *parts* (encoders/compact.py):
+    what a re-ranker keeps per image in ~41 KB instead of the full maps."""
+
+    def compact_shapes(self) -> dict[str, tuple[int, int]]:
+        """[tokens, dim] of each part."""
+        ...
+
+    def compact_parts(self, grid: torch.Tensor, mid: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """The parts of N images, [N, tokens, dim] each."""
+        ...
+
+    def image_state_from_parts(self, parts: dict[str, torch.Tensor]) -> States:
+        """The image state ``image_state`` gives, from (dequantized) parts."""
+        ...
+
+    def compact_digest(self) -> str:
+        """Names the store of these parts: differs for any other weights that make them."""
+        ...
+
+
 def is_dual_encoder(model) -> bool:
     """A model the index can embed with (a pair scorer in joint mode is not one)."""
     return isinstance(model, DualEncoder) and not getattr(model, "is_pair_scorer", False)
@@ -75,3 +99,7 @@ def is_dual_encoder(model) -> bool:
 
 def is_pair_scorer(model) -> bool:
     return bool(getattr(model, "is_pair_scorer", False)) and isinstance(model, PairScorer)
+
+
+def has_compact_images(model) -> bool:
+    return is_pair_scorer(model) and isinstance(model, CompactImages)

@@ -125,8 +125,11 @@ class SlowModel(nn.Module):
         return self
 
     # -- image side: computed once per image -------------------------------------------------------------
-    def image_tokens(self, grid: torch.Tensor | None, mid: torch.Tensor) -> torch.Tensor:
-        """mid [N,196,112] (+ grid [N,49,1280]) -> image tokens [N, Lk, D]."""
+    def image_tokens(
+        self, grid: torch.Tensor | None, mid: torch.Tensor, grid_tokens: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """mid [N,196,112] (+ grid [N,49,1280], or its projection ``grid_tokens`` [N,49,D] from a compact
+        store) -> image tokens [N, Lk, D]."""
         c = self.config
         if mid is None:
             raise ValueError("the Slow model attends to the 14x14 mid map: pass mid features")
@@ -134,18 +137,29 @@ class SlowModel(nn.Module):
         pos = (self.mid_row[:, None, :] + self.mid_col[None, :, :]).reshape(-1, c.text_dim)
         x = self.mid_proj(self.mid_norm(mid.float())) + pos
         if c.use_grid:
-            if grid is None:
-                raise ValueError("this Slow model attends to the 7x7 grid too: pass grid features")
+            if grid_tokens is None:
+                if grid is None:
+                    raise ValueError("this Slow model attends to the 7x7 grid too: pass grid features")
+                grid_tokens = self.project_grid(grid)
             gpos = (self.grid_row[:, None, :] + self.grid_col[None, :, :]).reshape(-1, c.text_dim)
-            g = self.grid_proj(self.grid_norm(grid.float())) + gpos + self.grid_type
-            x = torch.cat([x, g], dim=1)
+            x = torch.cat([x, grid_tokens.to(x.dtype) + gpos + self.grid_type], dim=1)
         assert x.shape[:2] == (N, c.n_image_tokens)
         return self.image_norm(x)
+
+    def project_grid(self, grid: torch.Tensor) -> torch.Tensor:
+        """The grid's learned projection [N,49,D], before positions: what a compact store keeps of it."""
+        return self.grid_proj(self.grid_norm(grid.float()))
 
     def image_kv(self, grid: torch.Tensor | None, mid: torch.Tensor) -> ImageKV:
         """Each fusion layer's cross-attention keys and values for these images: [(k, v)] [N,H,Lk,hd]
         (then the prior's image vectors, with a Fast prior)."""
-        tokens = self.image_tokens(grid, mid)
+        prior = None
+        if self.prior is not None:
+            with torch.no_grad():
+                prior = self.prior.encode_image(grid).float()
+        return self._kv(self.image_tokens(grid, mid), prior)
+
+    def _kv(self, tokens: torch.Tensor, prior: torch.Tensor | None) -> ImageKV:
         N, Lk, _ = tokens.shape
         out = []
         for layer in self.layers:
@@ -154,10 +168,45 @@ class SlowModel(nn.Module):
             v = ca.v(tokens).view(N, Lk, ca.heads, ca.head_dim).transpose(1, 2)
             out.append((k, v))
         if self.prior is not None:
-            with torch.no_grad():
-                e = self.prior.encode_image(grid).float()
-            out.append((e, e))
+            out.append((prior, prior))
         return out
+
+    # -- models/contracts.CompactImages: the parts of an image a compact store keeps (encoders/compact.py)
+    def compact_shapes(self) -> dict[str, tuple[int, int]]:
+        """[tokens, dim] of each part: the raw mid map, the projected grid, the Fast prior's vector."""
+        c = self.config
+        shapes = {"mid": (c.mid_side**2, c.mid_dim)}
+        if c.use_grid:
+            shapes["grid_tokens"] = (c.grid_side**2, c.text_dim)
+        if self.prior is not None:
+            shapes["prior"] = (1, self.prior.embed_dim)
+        return shapes
+
+    @torch.no_grad()
+    def compact_parts(self, grid: torch.Tensor | None, mid: torch.Tensor) -> dict[str, torch.Tensor]:
+        parts = {"mid": mid.float()}
+        if self.config.use_grid:
+            parts["grid_tokens"] = self.project_grid(grid).float()
+        if self.prior is not None:
+            parts["prior"] = self.prior.encode_image(grid).float()[:, None, :]
+        return parts
+
+    def image_state_from_parts(self, parts: dict[str, torch.Tensor]) -> SlowImageState:
+        prior = parts["prior"][:, 0, :].float() if self.prior is not None else None
+        tokens = self.image_tokens(None, parts["mid"], parts.get("grid_tokens"))
+        return SlowImageState(self._kv(tokens, prior))
+
+    def compact_digest(self) -> str:
+        """Names a compact store: a hash of the weights that make the parts (another checkpoint's parts
+        differ), and of their shapes."""
+        import hashlib
+
+        h = hashlib.sha1(repr(sorted(self.compact_shapes().items())).encode())
+        for name, value in sorted(self.state_dict().items()):
+            if name.startswith(("grid_norm.", "grid_proj.", "prior.")):
+                h.update(name.encode())
+                h.update(value.detach().float().contiguous().numpy().tobytes())
+        return h.hexdigest()[:12]
 
     def _prior_scores(self, text: TextState, kv: ImageKV, text_index=None, image_index=None):
         """prior_scale x Fast cosine: for the block [T, NI], or for the pairs [P]; 0 without a prior."""

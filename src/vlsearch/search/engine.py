@@ -37,7 +37,10 @@ class SearchEngine:
         _ = self.embedder.extractor.text_backbone
 
     @classmethod
-    def open(cls, index_dir=None, model=None, rerank_model=None, progress: bool = False) -> SearchEngine:
+    def open(
+        cls, index_dir=None, model=None, rerank_model=None, progress: bool = False, rerank_compact=False
+    ) -> SearchEngine:
+        """``rerank_compact``: the re-ranker reads compact image parts (search/rerank.py)."""
         index = GalleryIndex.open(index_dir or default_index_dir())
         name = model or index.config.model
         net, meta, ckpt = load_model(name)
@@ -51,7 +54,7 @@ class SearchEngine:
             )
         reranker = None
         if rerank_model:
-            reranker = Reranker.load(resolve_checkpoint(rerank_model), extractor=None)
+            reranker = Reranker.load(resolve_checkpoint(rerank_model), extractor=None, compact=rerank_compact)
         set_concepts(net, getattr(index.config, "concepts", True))  # as the index was built
         engine = cls(index, Embedder(net, progress=progress), reranker)
         if reranker is not None:

@@ -17,6 +17,7 @@ import torch
 from tqdm import tqdm
 
 from vlsearch.errors import CheckpointError
+from vlsearch.models.compact import CompactScorer
 from vlsearch.models.contracts import is_pair_scorer
 from vlsearch.models.registry import load_model
 from vlsearch.precision import autocast
@@ -164,21 +165,28 @@ def rerank_candidates(model, feats, sim: np.ndarray, K: int, progress: bool = Tr
     return cand_t2i, slow_t2i, cand_i2t, slow_i2t, t1 - t0, t2 - t1
 
 
-def rerank_eval(rerank_model_name_or_path, feats, sim: np.ndarray, K: int, progress: bool = True):
+def rerank_eval(
+    rerank_model_name_or_path, feats, sim: np.ndarray, K: int, progress: bool = True, compact: bool = False
+):
     """`vlsearch eval --rerank K`: (sim_t2i, sim_i2t, cost) where each caption row's (image column's)
-    dual-encoder top-K are replaced by fused scores ranked above all non-candidates."""
+    dual-encoder top-K are replaced by fused scores ranked above all non-candidates. ``compact``: the
+    pair scorer reads its images through the compact store's int8 parts (models/compact.py)."""
     model, meta, _ = load_model(rerank_model_name_or_path)
     if not is_pair_scorer(model):
         raise CheckpointError(
             f"{rerank_model_name_or_path!r} is a {meta['model_type']} model, not a pair scorer: "
             "re-rank with `slow` or `deformer-joint`"
         )
+    if compact:
+        model = CompactScorer(model)
     cand_t2i, slow_t2i, cand_i2t, slow_i2t, sec_t2i, sec_i2t = rerank_candidates(
         model, feats, sim, K, progress
     )
     w_t2i, w_i2t = fusion_weights(model)
     sim_t2i, sim_i2t = fused_matrices(sim, cand_t2i, slow_t2i, cand_i2t, slow_i2t, w_t2i, w_i2t)
     cost = measure_costs(model, feats, K)
+    if compact:
+        cost["rerank_feature_bytes_per_image"] = model.bytes_per_image
     cost.update(
         {
             "fusion_weight_t2i": w_t2i,

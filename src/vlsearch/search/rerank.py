@@ -16,9 +16,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from vlsearch.encoders.compact import compact_store, get_parts, put_parts
 from vlsearch.encoders.features import FeatureExtractor
 from vlsearch.errors import CheckpointError, QueryError
-from vlsearch.models.contracts import is_pair_scorer
+from vlsearch.models.contracts import has_compact_images, is_pair_scorer
 from vlsearch.models.registry import load_model
 from vlsearch.precision import autocast, inference_copy
 from vlsearch.search.explain import word_maps
@@ -27,7 +28,11 @@ from vlsearch.search.explain import word_maps
 class Reranker:
     """Rescores a query's candidates with any pair scorer; images come from the feature cache by key."""
 
-    def __init__(self, model, meta: dict | None = None, path=None, extractor=None, cache_images=2048):
+    def __init__(
+        self, model, meta: dict | None = None, path=None, extractor=None, cache_images=2048, compact=False
+    ):
+        """``compact``: read each image's int8 parts from a compact store (encoders/compact.py, ~41 KB per
+        image) instead of the full maps; an image the store lacks is encoded into it once."""
         if not is_pair_scorer(model):
             kind = getattr(model, "model_type", type(model).__name__)
             raise CheckpointError(
@@ -41,14 +46,51 @@ class Reranker:
         self._states: OrderedDict[str, object] = OrderedDict()
         self._lock = threading.Lock()  # the memo is shared by the service's worker threads
         self.cache_images = cache_images
+        if compact and not has_compact_images(model):
+            raise CheckpointError(
+                f"{path or 'this model'}: a {model.model_type!r} model has no compact features"
+            )
+        self.compact = bool(compact)
+        self._compact_store = None
         # keys -> image files, for features the cache lost (pruned, another VLSEARCH_HOME, built elsewhere)
         self.locate: Callable[[list[str]], dict[str, str]] | None = None
 
     @classmethod
-    def load(cls, checkpoint_path, extractor=None) -> Reranker:
+    def load(cls, checkpoint_path, extractor=None, compact: bool = False) -> Reranker:
         """Any pair-scorer checkpoint (a name or a folder): `slow`, `deformer-joint`."""
         model, meta, path = load_model(checkpoint_path)
-        return cls(model, meta, path, extractor)
+        return cls(model, meta, path, extractor, compact=compact)
+
+    def compact_store(self):
+        """The store of this model's compact image parts, beside the full feature cache (or None)."""
+        if not self.compact:
+            return None
+        if self._compact_store is None:
+            full = self._need_extractor().images
+            self._compact_store = compact_store(
+                full.root,
+                self.model.compact_shapes(),
+                self.model.compact_digest(),
+                {"model_type": self.model.model_type, "full": full.root.name},
+            )
+        return self._compact_store
+
+    def _full_maps(self, keys: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        store = self._need_extractor().images
+        return torch.from_numpy(store.get_stacked(keys, "grid")), torch.from_numpy(
+            store.get_stacked(keys, "mid")
+        )
+
+    def fill_compact(self, keys: list[str]) -> int:
+        """Encode the keys the compact store lacks (from the full cache); returns how many."""
+        store = self.compact_store()
+        todo = store.missing(list(keys))
+        for s in range(0, len(todo), 256):
+            part = todo[s : s + 256]
+            with autocast():
+                parts = self.model.compact_parts(*self._full_maps(part))
+            put_parts(store, part, {n: p.float().numpy() for n, p in parts.items()})
+        return len(todo)
 
     @property
     def can_explain(self) -> bool:
@@ -70,11 +112,17 @@ class Reranker:
     def _image_states(self, keys: list[str]):
         todo = list(dict.fromkeys(k for k in keys if k not in self._states))
         if todo:
-            store = self._need_extractor().images
-            grid = torch.from_numpy(store.get_stacked(todo, "grid"))
-            mid = torch.from_numpy(store.get_stacked(todo, "mid"))
-            with autocast():
-                state = self.model.image_state(grid, mid)
+            if self.compact:
+                self.fill_compact(todo)
+                names = self.model.compact_shapes()
+                parts = get_parts(self.compact_store(), todo, names)
+                with autocast():
+                    state = self.model.image_state_from_parts(
+                        {n: torch.from_numpy(p) for n, p in parts.items()}
+                    )
+            else:
+                with autocast():
+                    state = self.model.image_state(*self._full_maps(todo))
             for i, key in enumerate(todo):
                 self._states[key] = state.rows(slice(i, i + 1))
         for key in keys:
@@ -95,6 +143,8 @@ class Reranker:
         image files (``locate``); what is left has no file (or a changed one) and cannot be re-ranked."""
         fx = self._need_extractor()
         lost = set(fx.images.missing([k for k in dict.fromkeys(keys) if k not in self._states]))
+        if lost and self.compact:
+            lost = set(self.compact_store().missing(sorted(lost)))
         if lost and self.locate is not None:
             paths = self.locate(sorted(lost))
             found = fx.image_keys([paths[k] for k in sorted(lost) if k in paths]).keys
