@@ -27,6 +27,12 @@ def register(sub):
     )
     p.add_argument("--no-rerank", action="store_true", help="serve without the Slow re-ranker")
     p.add_argument(
+        "--rerank-features",
+        choices=["full", "compact"],
+        default="full",
+        help="what the re-ranker reads per image: the full maps, or int8 parts (~41 KB, stored on first use)",
+    )
+    p.add_argument(
         "--write-token",
         default=None,
         metavar="TOKEN",
@@ -96,12 +102,14 @@ def rerank_choice(args) -> tuple[str | None, str]:
     return name, ""
 
 
-def open_engine(index_dir: Path, model: str | None, rerank_model: str | None):
+def open_engine(index_dir: Path, model: str | None, rerank_model: str | None, rerank_compact: bool = False):
     """Open index, dual encoder and re-ranker; anything unexpected becomes a clear error (exit 2)."""
     from vlsearch.search.engine import SearchEngine
 
     try:
-        return SearchEngine.open(index_dir, model=model, rerank_model=rerank_model)
+        return SearchEngine.open(
+            index_dir, model=model, rerank_model=rerank_model, rerank_compact=rerank_compact
+        )
     except VLSearchError as e:
         if rerank_model and isinstance(e, CheckpointError) and "slow" in str(e).lower():
             raise CheckpointError(f"{e} (or start with --no-rerank)") from e
@@ -210,7 +218,7 @@ def run(args):
 def _serve(args, sock, index_dir: Path, token: str | None) -> int:
     rerank_model, note = rerank_choice(args)
     print(f"vlsearch serve: loading {index_dir} ...", file=sys.stderr, flush=True)
-    engine = open_engine(index_dir, args.model, rerank_model)
+    engine = open_engine(index_dir, args.model, rerank_model, args.rerank_features == "compact")
 
     from vlsearch.serve.app import ServeSettings, create_app
 

@@ -7,7 +7,6 @@ The lower layers are frozen and their token states cached; the upper layers are 
 from __future__ import annotations
 
 import functools
-
 from dataclasses import dataclass
 
 import numpy as np
