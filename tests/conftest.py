@@ -18,6 +18,21 @@ FLICKR = DATA / "flickr8k"
 COCO = DATA / "coco-mini"
 
 
+def assert_same_images(got: dict, want: dict, atol: float = 1e-3) -> None:
+    """Two indexes' live images (``index.update.live_state``) are the same: ids, paths and content keys
+    exactly; fp16 embeddings within ``atol``. The embedding is computed in batches, and a CPU's GEMM
+    kernels may round a row differently in a batch of 6 than of 25 (seen on an AMD AVX2 machine: one
+    fp16 ulp), which says nothing about the index."""
+    import numpy as np
+
+    assert sorted(got) == sorted(want)
+    for image_id, (path, key, emb) in want.items():
+        assert got[image_id][:2] == (path, key), image_id
+        a = np.frombuffer(got[image_id][2], np.float16).astype(np.float32)
+        b = np.frombuffer(emb, np.float16).astype(np.float32)
+        assert a.shape == b.shape and np.abs(a - b).max() <= atol, (image_id, np.abs(a - b).max())
+
+
 def need_data():
     if not (FLICKR / "Flickr8k_text").is_dir():
         pytest.skip(f"needs the Flickr8k data at {FLICKR}")

@@ -7,6 +7,7 @@ import json
 import shutil
 import threading
 
+import numpy as np
 import pytest
 
 from vlsearch.cli import main
@@ -76,7 +77,8 @@ def test_add_is_a_new_segment_delete_a_tombstone_compact_merges(plain, mini_flic
     idx = engine.index
     assert len(idx.shards) == 1 and idx.n_rows == 44 and len(idx.dead) == 0
     got = [(h.id, round(h.score, 4)) for h in engine.search("two people on a beach", k=10).hits]
-    assert got == want
+    assert [i for i, _ in got] == [i for i, _ in want]  # scores: to faiss's summation order (1e-4 seen)
+    assert np.allclose([s for _, s in got], [s for _, s in want], atol=2e-4)
     kept = {r.id for r in idx.all_records()}
     assert kept == (before | {f.name for f in new}) - {victim.id, new[0].name}
     # captions of the remaining images keep pointing at their images
