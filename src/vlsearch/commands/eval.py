@@ -116,6 +116,7 @@ def _run_video(args):
         rerank_model=args.rerank_model,
         aggregate=args.aggregate or DEFAULT_AGGREGATE,
         progress=not (args.quiet or args.json),
+        rerank_queries=args.queries,
     )
     if args.json:
         print_json(result)
