@@ -223,3 +223,49 @@ def test_page_without_reranker_and_errors(page, plain_server):
     assert page.locator("#grid .card").count() == 24
     # only the two refusals the test provoked reach the console (the 400 and the 415), nothing else
     assert not [e for e in page.errors if "400" not in e and "415" not in e], page.errors
+
+
+def test_remove_a_result_from_the_page(page, index_dir, tmp_path):
+    """The viewer's remove control: asks for the write token, refuses a wrong one, and with the right
+    one deletes the image (DELETE /images/ID) and hides its card at once; the next search lacks it."""
+    import shutil
+    import urllib.error
+    import urllib.request
+
+    copy = tmp_path / "idx"
+    shutil.copytree(index_dir, copy)
+    server = start_server(copy, write_token="s3cret-token")
+    try:
+        page.goto(server.url + "/")
+        page.fill("#q", "a dog runs on the grass")
+        page.click("#go")
+        page.wait_for_selector("#grid .card")
+        first = page.locator("#grid .card").first
+        victim = first.get_attribute("data-id")
+        first.click()
+        page.wait_for_selector("#remove-form:not([hidden])")
+        page.click("#remove")  # no token yet: the page asks for it
+        page.wait_for_selector("#remove-token:not([hidden])")
+        assert "write token" in page.inner_text("#remove-note")
+        page.fill("#remove-token", "wrong")
+        page.click("#remove")
+        until(page, "() => /40[13]|token/i.test(document.getElementById('remove-note').textContent)")
+        assert page.evaluate("() => document.getElementById('viewer').open")
+        assert page.locator(f'#grid .card[data-id="{victim}"]').count() == 1  # nothing removed
+        page.fill("#remove-token", "s3cret-token")
+        page.click("#remove")
+        until(page, '(id) => !document.querySelector(`#grid .card[data-id="${id}"]`)', victim)
+        assert not page.evaluate("() => document.getElementById('viewer').open")
+        assert "removed" in page.inner_text("#status")
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(server.url + "/images/" + victim, timeout=30)
+        assert e.value.code == 404
+        page.goto(server.url + "/?q=a+dog+runs+on+the+grass")  # the same search, anew: without it
+        page.wait_for_selector("#grid .card")
+        ids = page.evaluate("() => [...document.querySelectorAll('#grid .card')].map((f) => f.dataset.id)")
+        assert victim not in ids
+        assert not [e for e in page.errors if "401" not in e and "403" not in e and "404" not in e], (
+            page.errors
+        )
+    finally:
+        server.stop()

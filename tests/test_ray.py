@@ -65,6 +65,7 @@ def test_ray_index_matches_single_process(tiny_fast_checkpoint, mini_flickr, tmp
     assert sharded.config.n_images == single.config.n_images == 40
     assert sharded.config.n_captions == single.config.n_captions == 200
     assert sharded.config.model_fingerprint == single.config.model_fingerprint
+    assert sharded.config.roots == single.config.roots  # the service serves the same files only
 
     ref = read_records(single)
     got = sharded.all_records()

@@ -327,13 +327,8 @@ def test_dataset_paths_may_not_leave_the_root(tmp_path):
             load_karpathy(tmp_path / "d.json", tmp_path / "images", "dev")
 
 
-def test_symlinks_out_of_a_folder_are_not_indexed_nor_served(tiny_fast_checkpoint, tmp_path):
-    """A link planted in a photo folder, pointing at a file elsewhere, is left out of the index; with
-    --follow-symlinks it is indexed and served, and a server that overrides that serves only files inside
-    the index's roots."""
-    from vlsearch.cli import main
-    from vlsearch.index.gallery import GalleryIndex, read_records
-
+def photo_folder_and_a_secret(tmp_path):
+    """photos/{a,b}.jpg, and elsewhere/secret.jpg outside it."""
     folder, outside = tmp_path / "photos", tmp_path / "elsewhere"
     folder.mkdir()
     outside.mkdir()
@@ -341,6 +336,17 @@ def test_symlinks_out_of_a_folder_are_not_indexed_nor_served(tiny_fast_checkpoin
     shutil.copy(a, folder / "a.jpg")
     shutil.copy(b, folder / "b.jpg")
     shutil.copy(c, outside / "secret.jpg")
+    return folder, outside
+
+
+def test_symlinks_out_of_a_folder_are_not_indexed_nor_served(tiny_fast_checkpoint, tmp_path):
+    """A link planted in a photo folder, pointing at a file elsewhere, is left out of the index; with
+    --follow-symlinks it is indexed and served, and a server that overrides that serves only files inside
+    the index's roots."""
+    from vlsearch.cli import main
+    from vlsearch.index.gallery import GalleryIndex, read_records
+
+    folder, outside = photo_folder_and_a_secret(tmp_path)
     (folder / "link.jpg").symlink_to(outside / "secret.jpg")
     (folder / "inner.jpg").symlink_to(folder / "a.jpg")  # a link that stays inside is fine
 
@@ -364,3 +370,36 @@ def test_symlinks_out_of_a_folder_are_not_indexed_nor_served(tiny_fast_checkpoin
                 assert cl.get("/images/link.jpg").status_code == code
         finally:
             s.stop()
+
+
+def test_an_index_from_before_roots_serves_only_its_source_folder(tiny_fast_checkpoint, tmp_path):
+    """An index whose config records no roots (older ones, and `--ray` builds until now) is served from
+    the folder it was built from: a row pointing elsewhere (as a hostile dataset JSON could have made)
+    answers 404. Its next write records that folder as its roots."""
+    import json
+    import sqlite3
+
+    from vlsearch.cli import main
+    from vlsearch.index.gallery import GalleryIndex
+
+    folder, outside = photo_folder_and_a_secret(tmp_path)
+    out = tmp_path / "idx"
+    assert main(["index", str(folder.resolve()), "--out", str(out), "--quiet"]) == 0
+    cfg = json.loads((out / "config.json").read_text())
+    del cfg["config"]["roots"]  # as written before roots existed
+    (out / "config.json").write_text(json.dumps(cfg))
+    db = sqlite3.connect(out / "meta.sqlite")
+    db.execute("UPDATE images SET path = ? WHERE id = 'b.jpg'", (str(outside / "secret.jpg"),))
+    db.commit()
+    db.close()
+    s = start_server(out)
+    try:
+        with s.client() as cl:
+            assert cl.get("/images/a.jpg").status_code == 200
+            assert cl.get("/images/b.jpg").status_code == 404
+    finally:
+        s.stop()
+    assert main(["index", "--remove", "a.jpg", "--out", str(out)]) == 0  # a write: roots recorded
+    index = GalleryIndex.open(out)
+    assert index.config.roots == [str(folder.resolve())]
+    index.close()

@@ -23,9 +23,14 @@ def run_segment_command(args, out: Path) -> int:
     if args.remove:
         removed = update.remove_ids(out, args.remove)
         missing = [i for i in args.remove if i not in removed]
-        print(f"removed {len(removed)} image(s) from {out}")
+        print(f"removed {len(removed)} image(s) or video(s) from {out}")
         if missing:
-            print(f"not in the index: {', '.join(missing)}", file=sys.stderr)
+            hint = (
+                " (a video's moment goes with its video: remove the video's id)"
+                if any("@" in i for i in missing)
+                else ""
+            )
+            print(f"not in the index: {', '.join(missing)}{hint}", file=sys.stderr)
         return 0 if removed or not missing else 1
     from vlsearch.index.sync import sync_folder
 

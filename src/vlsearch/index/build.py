@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +14,7 @@ from vlsearch.data.metadata import PhotoMeta, read_metadata
 from vlsearch.errors import DataError, IndexError_
 from vlsearch.index.gallery import GalleryIndex
 from vlsearch.index.plain import (
+    DEFAULT_SOURCE,
     ImageRecord,
     IndexConfig,
     read_captions,
@@ -91,7 +91,7 @@ def build_index(
     from vlsearch.index.build_video import embed_videos, find_videos
 
     # plain folders hold videos too
-    videos = find_videos(source if dataset.split == "all" else None, follow_symlinks)
+    videos = find_videos(source if dataset.split == "all" else None, follow_symlinks, exclude)
     moments, v_emb, video_records = embed_videos(embedder, videos, len(records), report)
     if not records and not moments:
         raise DataError(f"none of the {dataset.n_images + len(videos)} images and videos could be read")
@@ -103,7 +103,7 @@ def build_index(
         ckpt,
         embedder,
         kind,
-        f"{source or 'default data root'} [{dataset.name}:{dataset.split}]",
+        f"{source or DEFAULT_SOURCE} [{dataset.name}:{dataset.split}]",
     )
     config.concepts = concepts
     config.roots = [gallery_root(dataset, source)]
@@ -129,11 +129,13 @@ def _stack(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 def add_to_index(
     index_dir: str | Path, items, progress: bool = True, exclude: list[str] | tuple[str, ...] = ()
 ) -> tuple[int, ImageReport]:
-    """Add images (a folder or a list of files) to an index without re-embedding what it holds.
+    """Add images and videos (a folder or a list of files) to an index without re-embedding what it
+    holds; returns the number of rows added (a video adds one per moment).
 
-    New images are embedded first, then written as one new segment (O(new), index/update.py); paths
-    another writer added meanwhile are skipped. A plain index becomes segmented on its first add, except
-    one holding videos or written before photo metadata: that one is rewritten whole (O(N)), as before.
+    New files are embedded first, then written as one new segment (O(new), index/update.py): the
+    photos, then each video's moments. Paths another writer added meanwhile are skipped. A plain index
+    becomes segmented on its first add, except one written before photo metadata: that one is
+    rewritten whole (O(N)), as before.
     """
     index = GalleryIndex.open(index_dir)
     segmented = hasattr(index, "shards")
@@ -144,39 +146,42 @@ def add_to_index(
     net = checked_model(index)
     legacy = not segmented and _needs_rewrite(index)
     index.close()
-    from vlsearch.index.build_video import find_videos
+    from vlsearch.index.build_video import embed_videos, find_videos
 
-    new_videos = {p: i for p, i in find_videos(items).items() if p not in have}
-    if legacy or (new_videos and not segmented):
+    new_videos = {p: i for p, i in find_videos(items, exclude=exclude).items() if p not in have}
+    if legacy:
         return _rewrite_with(index_dir, net, items, have, new_videos, progress, exclude)
-    if new_videos:
-        raise IndexError_(
-            f"the index at {index_dir} is segmented: adding videos to it is not supported yet; "
-            "rebuild it with `vlsearch index` over the folder"
-        )
     new, emb, report = embed_new_images(net, _photos_only(items), have, progress, exclude)
+    video_records: list = []
+    if new_videos:
+        moments, v_emb, video_records = embed_videos(Embedder(net, progress=progress), new_videos, 0, report)
+        new, emb = new + moments, _stack(emb, v_emb)
     if not new:
         return 0, report
     from vlsearch.index.update import add_records
 
     # the segment is written through this module's name, so tests can hold a writer inside it
     return add_records(
-        index_dir, new, emb, photos_of(new), write=lambda *a, **k: write_gallery(*a, **k)
+        index_dir,
+        new,
+        emb,
+        photos_of(new),
+        write=lambda *a, **k: write_gallery(*a, **k),
+        videos=video_records,
     ), report
 
 
 def _needs_rewrite(index) -> bool:
-    """A plain index that cannot simply become a segment: it holds videos, or has no photo metadata."""
+    """A plain index that cannot simply become a segment: one written before photo metadata."""
     from vlsearch.index.photos import has_photos
-    from vlsearch.index.videos import read_videos
 
-    return bool(read_videos(index)) or not has_photos(index._db)
+    return not has_photos(index._db)
 
 
 def _rewrite_with(index_dir, net, items, have, new_videos, progress, exclude) -> tuple[int, ImageReport]:
     """The whole-index rewrite of a plain index (videos, or an index from before photo metadata)."""
     from vlsearch.index.build_video import embed_videos
-    from vlsearch.index.videos import read_videos
+    from vlsearch.index.videos import read_videos, video_layout
 
     new_video_records: list = []
     new, emb, report = embed_new_images(net, _photos_only(items), have, progress, exclude)
@@ -192,17 +197,13 @@ def _rewrite_with(index_dir, net, items, have, new_videos, progress, exclude) ->
             index.close()
             from vlsearch.index.update import add_records
 
-            return add_records(index_dir, new, emb, photos_of(new)), report
+            return add_records(index_dir, new, emb, photos_of(new), videos=new_video_records), report
         existing = read_records(index)
         new, emb = not_yet_in(new, emb, {r.path for r in existing})
         if new:
             all_emb = np.concatenate([np.asarray(index.embeddings, dtype=np.float32), emb])
             caps = read_captions(index)
-            cap_emb = (
-                index.captions.index.reconstruct_n(0, len(caps))
-                if caps and index.captions is not None
-                else None
-            )
+            cap_emb = index.captions.reconstruct_all() if caps and index.captions is not None else None
             config = index.config
             if config.roots:  # the new files' folders are served too
                 config.roots = widen_roots(config.roots, [r.path for r in new])
@@ -233,20 +234,6 @@ def _photos_only(items):
         p = Path(items)
         return [] if p.is_file() and p.suffix.lower() in VIDEO_EXTENSIONS else items
     return [it for it in items if Path(it).suffix.lower() not in VIDEO_EXTENSIONS]
-
-
-def video_layout(new: list[ImageRecord], first_row: int, known: list) -> list:
-    """The video records of the video moments among ``new``, renumbered for rows from ``first_row``."""
-    by_id = {v.id: v for v in known}
-    out = []
-    for row, rec in enumerate(new, first_row):
-        if rec.kind != "video":
-            continue
-        if out and out[-1].id == rec.video:
-            out[-1].n_rows += 1
-            continue
-        out.append(replace(by_id[rec.video], first_row=row, n_rows=1))
-    return out
 
 
 def checked_model(index):

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from vlsearch.data.datasets import inside
+from vlsearch.data.datasets import excluded, inside, skipped_name
 from vlsearch.data.images import ImageReport
 from vlsearch.data.video import VIDEO_EXTENSIONS, SamplingConfig
 from vlsearch.encoders.video import videos_frames
@@ -15,9 +15,10 @@ from vlsearch.index.plain import ImageRecord
 from vlsearch.index.videos import VideoRecord
 
 
-def find_videos(source, follow_symlinks: bool = False) -> dict[str, str]:
+def find_videos(source, follow_symlinks: bool = False, exclude=()) -> dict[str, str]:
     """A folder (recursively) or a file or a list of files -> {resolved path: id} of the video files;
-    ids are paths relative to the folder, or file names. Links out of a folder: as for photos."""
+    ids are paths relative to the folder, or file names. Hidden and OS files, ``exclude`` globs and
+    links out of a folder: as for photos (``data.datasets.load_folder``)."""
     if source is None:
         return {}
     if isinstance(source, str | Path):
@@ -26,7 +27,11 @@ def find_videos(source, follow_symlinks: bool = False) -> dict[str, str]:
             files = sorted(
                 f
                 for f in p.rglob("*")
-                if f.suffix.lower() in VIDEO_EXTENSIONS and f.is_file() and (follow_symlinks or inside(f, p))
+                if f.suffix.lower() in VIDEO_EXTENSIONS
+                and not any(skipped_name(part) for part in f.relative_to(p).parts)
+                and not excluded(f.relative_to(p), exclude)
+                and f.is_file()
+                and (follow_symlinks or inside(f, p))
             )
             return {str(f.resolve()): str(f.relative_to(p)) for f in files}
         source = [p] if p.is_file() else []

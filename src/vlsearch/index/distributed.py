@@ -26,9 +26,10 @@ import numpy as np
 from tqdm import tqdm
 
 from vlsearch.data import CaptionDataset, ImageReport, load_dataset
+from vlsearch.data.datasets import gallery_root
 from vlsearch.errors import DataError, VLSearchError
 from vlsearch.index.manifest import LAYOUT, Manifest, fsync_dir, write_manifest
-from vlsearch.index.plain import IndexConfig, swap_in
+from vlsearch.index.plain import DEFAULT_SOURCE, IndexConfig, swap_in
 from vlsearch.index.sharded import shard_name
 from vlsearch.settings import OFFLINE_ENV
 
@@ -148,6 +149,21 @@ def _worker_env(threads: int, extra: dict | None) -> dict[str, str]:
     return env
 
 
+def _add_folder_videos(out: Path, source, dataset: CaptionDataset, progress: bool) -> None:
+    """A folder's videos, embedded on this machine as one more segment (the workers take the photos):
+    the same rows a single-process build of the folder gives."""
+    from vlsearch.index.build import add_to_index
+    from vlsearch.index.build_video import find_videos
+
+    if source is None or dataset.split != "all" or not Path(source).is_dir() or not find_videos(source):
+        return
+    n, report = add_to_index(out, source, progress=progress)  # the photos are in: only videos are new
+    if report:
+        print(report.summary(), file=sys.stderr)
+    if progress:
+        print(f"{n} video moments added beside the shards", file=sys.stderr)
+
+
 def build_index_ray(
     out: str | Path,
     source: str | Path | None = None,
@@ -183,7 +199,7 @@ def build_index_ray(
     checkpoint = {name: (ckpt / name).read_bytes() for name in (CONFIG, WEIGHTS)}
     meta = read_meta(ckpt)
     out = Path(out).expanduser().resolve()
-    source_desc = f"{source or 'default data root'} [{dataset.name}:{dataset.split}]"
+    source_desc = f"{source or DEFAULT_SOURCE} [{dataset.name}:{dataset.split}]"
 
     started = connect(address)
     actors = []
@@ -241,6 +257,7 @@ def build_index_ray(
             n_images=sum(r["n_images"] for r in results),
             n_captions=sum(r["n_captions"] for r in results),
             source=source_desc,
+            roots=[gallery_root(dataset, source)],  # the service serves files inside these only
         )
         for name in names:
             fsync_dir(tmp / name)
@@ -249,6 +266,7 @@ def build_index_ray(
         tmp = None
         if report:
             print(report.summary(), file=sys.stderr)
+        _add_folder_videos(out, source, dataset, progress)
         if progress:
             nodes = sorted({r["node"] for r in results})
             print(

@@ -59,6 +59,26 @@ class IndexConfig:
     follow_symlinks: bool = False  # built with --follow-symlinks: links out of the roots were indexed
 
 
+DEFAULT_SOURCE = "default data root"  # what ``source`` says when no folder was given
+
+
+def index_roots(config) -> list[str]:
+    """The folders an index's files lie in (the service serves files inside these only). An index from
+    before roots were recorded (a ``--ray`` build until now, or older) gets the folder it was built from,
+    as its ``source`` names it: an absolute folder, or the default data root. Its rows' own paths are
+    not trusted for this (a dataset JSON may have named files anywhere). [] when neither is known."""
+    roots = list(getattr(config, "roots", None) or [])
+    if roots:
+        return roots
+    named = str(getattr(config, "source", "") or "").rsplit(" [", 1)[0]
+    if named == DEFAULT_SOURCE:
+        from vlsearch.settings import data_root
+
+        return [str(data_root().resolve())]
+    folder = Path(named)
+    return [str(folder.resolve())] if named and folder.is_absolute() and folder.is_dir() else []
+
+
 @dataclass
 class ImageRecord:
     """One gallery row: a photo, or one moment of a video (kind "video", its span in seconds, and the
@@ -336,7 +356,7 @@ def _exchange(a: Path, b: Path) -> bool:
 
 def read_captions(index: PlainIndex) -> list[tuple[str, int]]:
     if hasattr(index, "shards"):  # segmented: captions of every segment, image rows made global
-        return index.caption_rows(range(len(index.captions))) if index.captions is not None else []
+        return index.caption_rows(range(index.n_caption_rows))  # deleted images' too: row order
     return [(t, i) for t, i in index._db.execute("SELECT text, image_row FROM captions ORDER BY row")]
 
 

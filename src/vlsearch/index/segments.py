@@ -53,6 +53,17 @@ def _shared_pool() -> ThreadPoolExecutor:
     return _POOL[0]
 
 
+def _captions_of(segment: PlainIndex, image_rows: np.ndarray) -> np.ndarray:
+    """Local caption rows of the given local image rows of one segment."""
+    out: list[int] = []
+    rows = [int(r) for r in image_rows]
+    for i in range(0, len(rows), 500):
+        part = rows[i : i + 500]
+        q = f"SELECT row FROM captions WHERE image_row IN ({','.join('?' * len(part))}) ORDER BY row"
+        out += [r for (r,) in segment._db.execute(q, part)]
+    return np.asarray(sorted(out), np.int64)
+
+
 def load_config(manifest: Manifest) -> IndexConfig:
     return from_dict(IndexConfig, manifest.config)
 
@@ -97,7 +108,12 @@ class SegmentVectors:
             p.configure(**params)
 
     def reconstruct_all(self) -> np.ndarray:
-        return np.concatenate([p.index.reconstruct_n(0, len(p)) for p in self.parts])
+        """All rows, deleted ones too (``deleted`` lists those)."""
+        return np.concatenate([p.reconstruct_all() for p in self.parts])
+
+    def deleted(self) -> np.ndarray:
+        parts = [d + off for d, off in zip(self.dead, self.offsets, strict=True)]
+        return np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, np.int64)
 
 
 class SegmentEmbeddings:
@@ -154,10 +170,14 @@ class SegmentedIndex:
         self.dead_local = [np.asarray(manifest.dead(n), np.int64) for n in self.shard_names]
         self.dead = np.concatenate([d + off for d, off in zip(self.dead_local, self.offsets, strict=True)])
         self.images = SegmentVectors([s.images for s in shards], self.offsets, self.dead_local)
+        # a deleted image's captions go with it (image-to-text, video-to-text) until compaction drops them
         with_caps = [
-            (s.captions, off) for s, off in zip(shards, self.caption_offsets, strict=True) if s.captions
+            (s.captions, off, _captions_of(s, dead))
+            for s, off, dead in zip(shards, self.caption_offsets, self.dead_local, strict=True)
+            if s.captions
         ]
         self.captions = SegmentVectors(*map(list, zip(*with_caps, strict=True))) if with_caps else None
+        self.n_caption_rows = sum(len(s.captions) for s in shards if s.captions)
         self._embeddings = SegmentEmbeddings(shards, self.offsets)
         self.has_video_columns = all(s.has_video_columns for s in shards)
 

@@ -1,12 +1,14 @@
 """Keep an index equal to a folder, by content key (the hash of each file's bytes, as the feature cache
-keys it: ``encoders.features.photo_key``).
+keys it: ``encoders.features.photo_key``, and ``file_key`` for videos).
 
 The plan compares the folder's photos with the index's live rows:
 - a path the index lacks is *added*; if its content is already in the index (a moved, renamed or
   copied file) its embedding is reused instead of computed again;
 - a path whose content changed is *re-embedded* (its old row deleted, a new one added);
 - a path the folder lost is *removed*;
-- identical files each keep their own row (id and path, as a fresh build gives them), embedded once.
+- identical files each keep their own row (id and path, as a fresh build gives them), embedded once;
+- a video whose path, id or content is new is indexed whole (its frames' features are cached by
+  content, so a moved video decodes nothing), and its old moments are removed.
 
 Applying the plan is one write (index/update.py): a new segment holding the added rows, and tombstones
 for the removed ones, in a single manifest swap. The result equals a fresh build of the folder: the same
@@ -23,8 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from vlsearch.data import ImageReport
-from vlsearch.encoders.features import photo_key
-from vlsearch.errors import IndexError_
+from vlsearch.encoders.features import file_key, photo_key
 from vlsearch.index.gallery import GalleryIndex
 from vlsearch.index.plain import ImageRecord
 
@@ -35,22 +36,25 @@ class SyncPlan:
     move: list[tuple[str, str, str, int]] = field(default_factory=list)  # (id, path, key, row to reuse)
     change: list[tuple[str, str, str]] = field(default_factory=list)  # (id, path, new key): re-embedded
     remove: list[str] = field(default_factory=list)  # ids of rows to delete (gone, changed or moved away)
+    add_videos: list[tuple[str, str]] = field(default_factory=list)  # (id, path): new, changed or moved
     unchanged: int = 0
     unreadable: list[tuple[str, str]] = field(default_factory=list)
 
     def __bool__(self) -> bool:
-        return bool(self.add or self.move or self.change or self.remove)
+        return bool(self.add or self.move or self.change or self.remove or self.add_videos)
 
     def summary(self) -> str:
+        videos = f", {len(self.add_videos)} videos to (re-)index" if self.add_videos else ""
         return (
             f"{len(self.add)} to add, {len(self.change)} changed (re-embed), {len(self.move)} moved or"
-            f" copied (embedding reused), {len(self.remove)} to remove, {self.unchanged} unchanged"
+            f" copied (embedding reused){videos}, {len(self.remove)} to remove, {self.unchanged} unchanged"
         )
 
     def lines(self) -> list[str]:
         out = [f"add     {i}" for i, _, _ in self.add]
         out += [f"change  {i}" for i, _, _ in self.change]
         out += [f"move    {i}" for i, _, _, _ in self.move]
+        out += [f"video   {i}" for i, _ in self.add_videos]
         out += [f"remove  {i}" for i in self.remove]
         return out
 
@@ -61,7 +65,7 @@ class KeyCache:
     def __init__(self):
         self._keys: dict[str, tuple[int, int, str]] = {}
 
-    def key(self, path: str, size: int) -> str | None:
+    def key(self, path: str, size: int | None) -> str | None:
         try:
             st = os.stat(path)
         except OSError:
@@ -70,11 +74,15 @@ class KeyCache:
         if hit and hit[:2] == (st.st_size, st.st_mtime_ns):
             return hit[2]
         try:
-            k = photo_key(path, size)
+            k = photo_key(path, size) if size is not None else file_key(path)
         except OSError:
             return None
         self._keys[path] = (st.st_size, st.st_mtime_ns, k)
         return k
+
+    def video_key(self, path: str) -> str | None:
+        """A video's content key (``encoders.features.file_key``), cached as photos' are."""
+        return self.key(path, None)
 
 
 def folder_photos(folder: Path, exclude=()) -> dict[str, str]:
@@ -91,9 +99,8 @@ def make_plan(index, folder: Path, image_size: int, exclude=(), cache: KeyCache 
     with ThreadPoolExecutor(max_workers=4) as pool:  # sha1 releases the GIL
         keys = list(pool.map(lambda p: cache.key(p, image_size), paths))
     plan = SyncPlan()
-    live = index.rows_and_records()
-    if any(r.kind != "image" for _, r in live):
-        raise IndexError_(f"the index at {index.path} holds videos: --sync applies to photo indexes for now")
+    live = [(row, r) for row, r in index.rows_and_records() if r.kind == "image"]
+    plan_videos(plan, index, folder, cache, exclude)
     by_path = {r.path: (row, r) for row, r in live}
     by_key: dict[str, int] = {}
     for row, r in live:
@@ -120,6 +127,30 @@ def make_plan(index, folder: Path, image_size: int, exclude=(), cache: KeyCache 
     return plan
 
 
+def plan_videos(plan: SyncPlan, index, folder: Path, cache: KeyCache, exclude=()) -> None:
+    """The videos' part of the plan. A video is (re-)indexed whole when its path, id or content is new;
+    its frames' features are cached by content (encoders/video.py), so a moved video decodes nothing
+    and costs only the Fast tower over its frames. Its old moments are removed in the same write."""
+    from vlsearch.index.build_video import find_videos
+    from vlsearch.index.videos import read_videos
+
+    files = find_videos(folder, exclude=exclude)
+    live = {v.path: v for v in read_videos(index)}
+    for path, video_id in files.items():
+        key = cache.video_key(path)
+        if key is None:
+            plan.unreadable.append((path, "cannot read file"))
+            continue
+        old = live.get(path)
+        if old is not None and old.key == key and old.id == video_id:
+            plan.unchanged += 1
+            continue
+        if old is not None:
+            plan.remove.append(old.id)
+        plan.add_videos.append((video_id, path))
+    plan.remove += [live[p].id for p in sorted(set(live) - set(files))]
+
+
 def sync_folder(
     index_dir: str | Path,
     folder: str | Path,
@@ -134,8 +165,11 @@ def sync_folder(
 
     index_dir, folder = Path(index_dir), Path(folder)
     if not (index_dir / "config.json").is_file():
+        from vlsearch.index.build_video import find_videos
+
         plan = SyncPlan(add=[(i, p, "") for p, i in folder_photos(folder, exclude).items()])
-        if not dry_run and plan.add:  # an empty folder: no index yet
+        plan.add_videos = [(i, p) for p, i in find_videos(folder, exclude=exclude).items()]
+        if not dry_run and plan:  # an empty folder: no index yet
             build_index(index_dir, folder, progress=progress, exclude=list(exclude))
         return plan
     plan, write = prepare_sync(index_dir, folder, dry_run, progress, exclude, cache)
@@ -171,7 +205,18 @@ def prepare_sync(index_dir: Path, folder: Path, dry_run=False, progress=True, ex
             records += [ImageRecord(i, p, k) for i, p, k, _ in plan.move]
             rows = [r for _, _, _, r in plan.move]
             parts.append(np.asarray(index.embeddings[rows], np.float32))
+        videos: list = []
+        if plan.add_videos:
+            from vlsearch.index.build_video import embed_videos
+
+            report = ImageReport()
+            todo = {p: i for i, p in plan.add_videos}
+            moments, v_emb, videos = embed_videos(embedder, todo, len(records), report)
+            records += moments
+            parts.append(v_emb)
+            plan.unreadable += list(report.skipped)
     finally:
         index.close()
+    parts = [x for x in parts if len(x)]
     emb = np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
-    return plan, (records, emb, photos_of(records), list(plan.remove))
+    return plan, (records, emb, photos_of(records), list(plan.remove), videos)

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from vlsearch.config import from_dict
 from vlsearch.data.datasets import widen_roots
 from vlsearch.data.metadata import PhotoMeta
 from vlsearch.errors import IndexError_
@@ -39,12 +40,14 @@ from vlsearch.index.manifest import (
 from vlsearch.index.plain import (
     ImageRecord,
     IndexConfig,
+    index_roots,
     read_captions,
     read_photos,
     read_records,
     write_gallery,
     write_lock,
 )
+from vlsearch.index.videos import VideoRecord, has_videos_table, read_videos, video_layout
 
 
 def commit(path: Path, change: Callable[[Manifest], Manifest | None]) -> Manifest | None:
@@ -57,6 +60,8 @@ def commit(path: Path, change: Callable[[Manifest], Manifest | None]) -> Manifes
         new = change(current)
         if new is None:
             return current
+        if not new.config.get("roots"):  # an index from before roots: its next write records them
+            new.config = {**new.config, "roots": index_roots(from_dict(IndexConfig, new.config))}
         new.generation = current.generation + 1
         write_manifest(path, new)
         fault_point("committed")
@@ -76,17 +81,7 @@ def _segmented(path: Path) -> Manifest:
             write_manifest(path, manifest)
             return manifest
         return manifest_of(meta)
-    plain = GalleryIndex.open(path)  # checks it
-    try:
-        from vlsearch.index.videos import read_videos
-
-        if read_videos(plain):
-            raise IndexError_(
-                f"the index at {path} holds videos: deleting, syncing and compacting apply to photo indexes"
-                " for now; rebuild it with `vlsearch index` after changing its folder"
-            )
-    finally:
-        plain.close()
+    GalleryIndex.open(path).close()  # checks it
     tmp = temp_dir(path)
     for name in os.listdir(path):
         if name in ("config.json", "images.faiss", "captions.faiss", "embeddings.npy", "meta.sqlite"):
@@ -119,41 +114,65 @@ def _with_counts(manifest: Manifest, d_images: int, d_captions: int = 0) -> dict
 
 
 def write_segment(
-    path: Path, manifest: Manifest, records: list[ImageRecord], emb: np.ndarray, photos, write=write_gallery
+    path: Path,
+    manifest: Manifest,
+    records: list[ImageRecord],
+    emb: np.ndarray,
+    photos,
+    write=write_gallery,
+    videos: list[VideoRecord] | None = None,
 ) -> str:
-    """One new immutable segment (unlisted until the manifest names it); returns its name."""
+    """One new immutable segment (unlisted until the manifest names it); returns its name. ``videos``:
+    the records of the videos whose moments are among ``records`` (rows local to the segment)."""
     name = new_segment_name()
-    write(path / name, _segment_config(manifest), records, emb, photos=photos)
+    write(path / name, _segment_config(manifest), records, emb, photos=photos, videos=videos or [])
     fault_point("segment written")
     return name
 
 
-def segment_ids(path: Path, name: str, ids: list[str]) -> dict[str, int]:
-    """{id: row} of the given ids in one segment's metadata (SQLite's id index: no vectors loaded)."""
+def segment_ids(path: Path, name: str, ids: list[str]) -> dict[str, list[int]]:
+    """{id: rows} of the given ids in one segment's metadata (SQLite's id indexes: no vectors loaded). A
+    photo's id names its row; a video's id all its moments' rows, in time order. Moments are not
+    removed one by one (a video's moments stay whole), so a moment's own id names nothing here."""
     uri = (path / name / "meta.sqlite").absolute().as_uri() + "?mode=ro"
     db = sqlite3.connect(uri, uri=True)
     try:
-        out: dict[str, int] = {}
+        cols = {c[1] for c in db.execute("PRAGMA table_info(images)")}
+        photos_only = " AND kind = 'image'" if "kind" in cols else ""
+        videos = has_videos_table(db)
+        out: dict[str, list[int]] = {}
         for i in range(0, len(ids), 500):
             part = ids[i : i + 500]
-            q = f"SELECT id, row FROM images WHERE id IN ({','.join('?' * len(part))})"
-            out.update(dict(db.execute(q, part).fetchall()))
+            marks = ",".join("?" * len(part))
+            q = f"SELECT id, row FROM images WHERE id IN ({marks}){photos_only}"
+            out.update({i: [r] for i, r in db.execute(q, part)})
+            if videos:
+                q = f"SELECT id, first_row, n_rows FROM videos WHERE id IN ({marks})"
+                out.update({i: list(range(a, a + n)) for i, a, n in db.execute(q, part)})
         return out
     finally:
         db.close()
 
 
-def find_live(path: Path, manifest: Manifest, ids: list[str]) -> dict[str, tuple[str, int]]:
-    """{id: (segment, row)} of the live rows of ``ids`` (the newest segment holding an id wins)."""
+def find_live(path: Path, manifest: Manifest, ids: list[str]) -> dict[str, tuple[str, list[int]]]:
+    """{id: (segment, rows)} of the live images and videos of ``ids`` (the newest segment holding an id
+    wins)."""
     todo, found = list(dict.fromkeys(ids)), {}
     for name in reversed(manifest.segments):
         if not todo:
             break
         dead = set(manifest.dead(name))
-        hits = {i: r for i, r in segment_ids(path, name, todo).items() if r not in dead}
-        found.update({i: (name, r) for i, r in hits.items()})
+        hits = {i: rs for i, rs in segment_ids(path, name, todo).items() if rs and rs[0] not in dead}
+        found.update({i: (name, rs) for i, rs in hits.items()})
         todo = [i for i in todo if i not in hits]
     return found
+
+
+def _rows_by_segment(found: dict[str, tuple[str, list[int]]]) -> dict[str, list[int]]:
+    rows: dict[str, list[int]] = {}
+    for name, rs in found.values():
+        rows.setdefault(name, []).extend(rs)
+    return rows
 
 
 def with_tombstones(
@@ -185,11 +204,8 @@ def remove_ids(path: str | Path, ids) -> list[str]:
         found = find_live(path, m, ids)
         if not found:
             return None
-        rows: dict[str, list[int]] = {}
-        for name, r in found.values():
-            rows.setdefault(name, []).append(r)
         removed.extend(i for i in ids if i in found)
-        return with_tombstones(m, rows)
+        return with_tombstones(m, _rows_by_segment(found))
 
     commit(path, change)
     return removed
@@ -202,9 +218,11 @@ def add_records(
     photos: list[PhotoMeta] | None = None,
     skip_paths: bool = True,
     write=write_gallery,
+    videos: list[VideoRecord] | None = None,
 ) -> int:
-    """Add embedded images as one new segment; with ``skip_paths``, paths already live (another writer
-    added them meanwhile) are left out. Returns the number added."""
+    """Add embedded images and video moments as one new segment (``videos``: the records of the videos
+    whose moments are among ``records``); with ``skip_paths``, paths already live (another writer
+    added them meanwhile) are left out. Returns the number of rows added."""
     path = Path(path)
     added = [0]
 
@@ -217,7 +235,8 @@ def add_records(
             return None
         recs = [records[i] for i in keep]
         phs = [photos[i] for i in keep] if photos is not None else None
-        name = write_segment(path, m, recs, np.asarray(emb, np.float32)[keep], phs, write)
+        vids = video_layout(recs, 0, videos or [])
+        name = write_segment(path, m, recs, np.asarray(emb, np.float32)[keep], phs, write, vids)
         added[0] = len(recs)
         return with_tombstones(with_roots(m, recs), {}, [name], len(recs))
 
@@ -226,9 +245,11 @@ def add_records(
 
 
 def with_roots(manifest: Manifest, records: list[ImageRecord]) -> Manifest:
-    """The folders of added files join the index's roots (the service serves files inside them only)."""
-    roots = list(manifest.config.get("roots") or [])
-    if not roots:  # an index from before roots: the service applies its symlink rule alone
+    """The folders of added files join the index's roots (the service serves files inside them only).
+    An index from before roots were recorded gets them now, from the folder it was built from
+    (``index_roots``); one that names no folder keeps none (the service's symlink rule alone)."""
+    roots = index_roots(from_dict(IndexConfig, manifest.config))
+    if not roots:
         return manifest
     config = {**manifest.config, "roots": widen_roots(roots, [r.path for r in records])}
     return replace(manifest, config=config)
@@ -265,6 +286,7 @@ def compact(path: str | Path, kind: str = "auto") -> dict:
     photos_all = read_photos(index)
     photos = [photos_all[r] or PhotoMeta() for r in rows.tolist()]
     new_row = {int(r): n for n, r in enumerate(rows.tolist())}
+    videos = [replace(v, first_row=new_row[v.first_row]) for v in read_videos(index)]  # live: whole
     caps, cap_emb = [], None
     if index.captions is not None:
         all_caps = read_captions(index)
@@ -278,7 +300,9 @@ def compact(path: str | Path, kind: str = "auto") -> dict:
         raise IndexError_(f"every image of the index at {path} is deleted: nothing to compact into")
     stage = temp_dir(path, "compact")
     try:
-        write_gallery(stage / "seg", _segment_config(snap, kind), recs, emb, caps or None, cap_emb, photos)
+        write_gallery(
+            stage / "seg", _segment_config(snap, kind), recs, emb, caps or None, cap_emb, photos, videos
+        )
         fsync_dir(stage)
         fault_point("compacted segment written")
         local = {}  # (segment, local row) -> merged row
@@ -355,22 +379,27 @@ def describe(path: str | Path) -> dict:
 
 
 def sync_write(
-    path: str | Path, records: list[ImageRecord], emb: np.ndarray, photos, remove: list[str]
+    path: str | Path,
+    records: list[ImageRecord],
+    emb: np.ndarray,
+    photos,
+    remove: list[str],
+    videos: list[VideoRecord] | None = None,
 ) -> None:
-    """One write for a sync: delete the rows of ``remove`` and add ``records`` as a new segment, in a
-    single manifest swap (a reader sees the folder's old state or its new one)."""
+    """One write for a sync: delete the photos and videos of ``remove`` and add ``records`` (photos, and
+    the moments of ``videos``) as a new segment, in a single manifest swap (a reader sees the folder's
+    old state or its new one)."""
     path = Path(path)
 
     def change(m: Manifest):
         found = find_live(path, m, list(remove)) if remove else {}
-        rows: dict[str, list[int]] = {}
-        for name, r in found.values():
-            rows.setdefault(name, []).append(r)
+        rows = _rows_by_segment(found)
         added = []
         if records:
-            added = [write_segment(path, m, records, np.asarray(emb, np.float32), photos)]
+            emb32 = np.asarray(emb, np.float32)
+            added = [write_segment(path, m, records, emb32, photos, videos=videos)]
         if not rows and not added:
             return None
-        return with_tombstones(m, rows, added, len(records))
+        return with_tombstones(with_roots(m, records), rows, added, len(records))
 
     commit(path, change)

@@ -56,6 +56,14 @@ class VectorIndex(ABC):
         """The gallery's stored embeddings (fp16, memory-mapped), for kinds that re-check candidates."""
         return None
 
+    def reconstruct_all(self) -> np.ndarray:
+        """Every stored vector [len, dim], row order (exact for flat indexes: captions are flat)."""
+        return self.index.reconstruct_n(0, len(self))
+
+    def deleted(self) -> np.ndarray:
+        """Rows that ``search`` never returns (a segmented index's tombstones); here none."""
+        return np.zeros(0, np.int64)
+
     @abstractmethod
     def configure(self, **params) -> None:
         """Search-time knobs (efSearch, nprobe)."""

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from vlsearch.errors import QueryError
-from vlsearch.index.videos import read_videos
+from vlsearch.index.videos import moment_spans, read_videos
 
 AGGREGATES = ("max", "topn")
 DEFAULT_AGGREGATE = "max"  # measured better on the slideshow gallery (README, Video search)
@@ -40,12 +40,10 @@ class VideoLayout:
     def of_index(cls, index) -> VideoLayout:
 
         videos = read_videos(index)
-        n = len(index.images)
-        ts, te = np.full(n, np.nan), np.full(n, np.nan)
-        if videos and index.has_video_columns:
-            q = "SELECT row, t_start, t_end FROM images WHERE kind = 'video'"
-            for row, a, b in index._db.execute(q):
-                ts[row], te[row] = a, b
+        if videos:
+            ts, te = moment_spans(index)
+        else:
+            ts = te = np.full(len(index.embeddings), np.nan)
         return cls(
             [v.id for v in videos],
             [v.path for v in videos],

@@ -211,9 +211,10 @@ def captions_for_video(engine, video_id: str, k: int = 5, aggregate: str | None 
     v = lay.ids.index(video_id)
     rows = lay.rows(v)
     emb = np.asarray(engine.index.embeddings[rows[0] : rows[-1] + 1], dtype=np.float32)
-    cap = captions.index.reconstruct_n(0, len(captions))
+    cap = captions.reconstruct_all()
     agg = aggregate_matrix(cap @ emb.T, [0], [len(rows)], _check_aggregate(aggregate))[:, 0]
-    top = np.argsort(-agg, kind="stable")[:k]
+    agg[captions.deleted()] = -np.inf  # captions of deleted images
+    top = np.argsort(-agg, kind="stable")[: min(k, len(captions))]
     texts = engine.index.caption_rows(top)
     hits = [CaptionHit(int(r), t, int(i), float(agg[r])) for r, (t, i) in zip(top, texts, strict=True)]
     return SearchResult(hits, {"total": (time.perf_counter() - t0) * 1e3})

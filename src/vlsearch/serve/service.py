@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from vlsearch.errors import IndexError_, QueryError, VLSearchError
+from vlsearch.index.plain import index_roots
 from vlsearch.search.engine import MAX_K, MAX_RERANK, SearchEngine
 from vlsearch.serve.admission import ModelPool
 from vlsearch.serve.encoding import PIL_SUFFIX, decode_upload, image_url
@@ -167,11 +168,16 @@ class Service:
             return True
         if any(p.is_symlink() for p in [path, *path.parents][:-1] if p.name):
             return False
-        roots = list(getattr(config, "roots", None) or [])
-        if not roots:  # an index from before roots were recorded: the symlink rule alone
+        roots = self.index_roots()
+        if not roots:  # an older index that names no folder: the symlink rule alone
             return True
-        real = path.resolve()
-        return any(real.is_relative_to(Path(r)) for r in [*roots, str(self.uploads_dir.resolve())])
+        allowed = {*roots, str(self.uploads_dir.resolve())}
+        return any(str(p) in allowed for p in path.resolve().parents)
+
+    def index_roots(self) -> list[str]:
+        """The index's roots (``index.plain.index_roots``: recorded, or for an older index the folder
+        it was built from); [] leaves the symlink rule alone, as before roots existed."""
+        return index_roots(self.engine.index.config)
 
     def add_images(self, uploads: list[tuple[str, bytes]]) -> dict:
         """Store each upload under a content-hash name beside the index, extract its features with the

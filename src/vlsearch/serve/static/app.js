@@ -455,6 +455,7 @@ function openViewer(hit) {
       ? `score ${fmt(hit.score)} (fast ${fmt(hit.fast_score)}, slow ${fmt(hit.slow_score)})`
       : `score ${fmt(hit.score)}`;
   $("viewer-link").href = hit.url;
+  showRemove(hit);
   window.vlsVideo?.open(hit);
   renderViewerWords();
   const dlg = $("viewer");
@@ -473,6 +474,60 @@ function renderViewerWords() {
     );
   }
   drawHeat($("viewer-heat"), $("viewer-img"), expl, state.word);
+}
+
+// ---- removing a result from the index (DELETE /images/ID, with the write token) -------------------------
+const TOKEN_KEY = "vlsearch-write-token"; // this tab only (sessionStorage): never in a cookie or the URL
+
+function showRemove(hit) {
+  const writable = !!(state.health && state.health.write && state.health.write.enabled);
+  $("remove-form").hidden = !writable;
+  $("remove-token").hidden = !!sessionStorage.getItem(TOKEN_KEY);
+  $("remove-note").textContent = "";
+  $("remove").disabled = false;
+  $("remove").textContent = hit.kind === "video" ? "Remove this video from the index" : "Remove from the index";
+}
+
+function imagePath(id) {
+  return "/images/" + id.split("/").map(encodeURIComponent).join("/");
+}
+
+async function removeHit(e) {
+  e.preventDefault();
+  const hit = state.viewerHit;
+  if (!hit) return;
+  const typed = $("remove-token").value;
+  const token = typed || sessionStorage.getItem(TOKEN_KEY);
+  if (!token) {
+    $("remove-token").hidden = false;
+    $("remove-note").textContent = "Enter the server's write token to remove results.";
+    $("remove-token").focus();
+    return;
+  }
+  $("remove").disabled = true;
+  try {
+    const body = await api(imagePath(hit.id), { method: "DELETE", headers: { Authorization: `Bearer ${token}` } });
+    sessionStorage.setItem(TOKEN_KEY, token);
+    $("remove-token").value = "";
+    hideRemoved(hit.id);
+    $("viewer").close();
+    setStatus([`removed ${hit.id} · `, { bold: body.n_images.toLocaleString() }, " items left in the index"]);
+  } catch (err) {
+    if (err.status === 401 || err.status === 403) {
+      sessionStorage.removeItem(TOKEN_KEY);
+      $("remove-token").hidden = false;
+    }
+    $("remove-note").textContent = err.message || String(err);
+    $("remove").disabled = false;
+  }
+}
+
+function hideRemoved(id) {
+  // at once, without a new search: its card leaves the grid (state.results keeps its slot, which the
+  // other cards' data-index points into)
+  for (const fig of $("grid").querySelectorAll("figure.card")) {
+    if (fig.dataset.id === id) fig.remove();
+  }
 }
 
 // ---- wiring ----------------------------------------------------------------------------------------------
@@ -511,6 +566,7 @@ function init() {
     state.viewerHit = null;
     window.vlsVideo?.close();
   });
+  $("remove-form").addEventListener("submit", removeHit);
   $("viewer").addEventListener("click", (e) => {
     if (e.target === $("viewer")) $("viewer").close(); // a click on the backdrop
   });
