@@ -107,8 +107,12 @@ def matmul_tflops(dtype: str = "bf16", n: int = 2048, seconds: float = 2.0) -> f
 def measure(quick: bool = False) -> dict:
     import torch
 
+    from vlsearch.precision import use_bf16
+
     return {
         "cpu": cpu_name(),
+        # what the models run in on this machine (vlsearch.precision), so the FLOP floors use its rate
+        "precision": "bf16" if use_bf16() else "fp32",
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "memory": memory_bandwidth(256 if quick else 1024, 3 if quick else 5),
@@ -124,9 +128,13 @@ class Floors:
         self.read_bps = hw["memory"]["read_gbs"] * 1e9
         self.bf16 = hw["matmul_tflops_bf16"] * 1e12
         self.fp32 = hw["matmul_tflops_fp32"] * 1e12
+        self.precision = hw.get("precision", "bf16")
 
     def scan_ms(self, nbytes: float) -> float:
         return 1e3 * nbytes / self.read_bps
 
-    def flop_ms(self, flops: float, dtype: str = "bf16") -> float:
+    def flop_ms(self, flops: float, dtype: str | None = None) -> float:
+        """FLOPs at the measured matmul rate of ``dtype`` (default: the precision the models run in
+        here: on a CPU without native bf16 the models run fp32, and bf16's emulated rate is no floor)."""
+        dtype = dtype or self.precision
         return 1e3 * flops / (self.bf16 if dtype == "bf16" else self.fp32)

@@ -27,13 +27,18 @@ def _n(n: int) -> str:
     )
 
 
+def _precision(r: dict) -> str:
+    return r["hardware"].get("precision", "bf16")
+
+
 def markdown(r: dict) -> str:
     hw, meta = r["hardware"], r["meta"]
     out = []
     out.append(
         f"Machine: {hw['cpu']}, {hw['cores']} cores ({hw['torch_threads']} torch threads); measured "
-        f"memory read {hw['memory']['read_gbs']:.1f} GB/s, matmul {hw['matmul_tflops_bf16']:.2f} TFLOP/s bf16 / "
-        f"{hw['matmul_tflops_fp32']:.2f} TFLOP/s fp32. Load average at start {meta['load_average_start']}, "
+        f"memory read {hw['memory']['read_gbs']:.1f} GB/s, matmul {hw['matmul_tflops_bf16']:.3g} TFLOP/s bf16 / "
+        f"{hw['matmul_tflops_fp32']:.3g} TFLOP/s fp32; the models run in {_precision(r)} here, and the FLOP "
+        "floors use that rate. Load average at start {meta['load_average_start']}, "
         f"at end {meta.get('load_average_end')}; bench took {meta.get('seconds', 0) / 60:.1f} min."
     )
     if meta.get("background"):
@@ -42,7 +47,7 @@ def markdown(r: dict) -> str:
             + "; ".join(f"{p['cmd'][:60]} ({p['cpu_percent']}% CPU)" for p in meta["background"][:4])
         )
     out.append("")
-    out.append("### Encoding throughput (bf16, both cores, side by side)")
+    out.append(f"### Encoding throughput ({_precision(r)}, both cores, side by side)")
     out.append("")
     out.append("| encoder | items/s | GFLOP/item | FLOP floor items/s | of floor | weights |")
     out.append("|---|---:|---:|---:|---:|---|")
@@ -105,7 +110,7 @@ def markdown(r: dict) -> str:
         )
     out.append("")
     out.append(
-        "floor: the query's text-encoder FLOPs at the measured bf16 rate + the bytes this index reads per query "
+        f"floor: the query's text-encoder FLOPs at the measured {_precision(r)} rate + the bytes this index reads per query "
         "at the measured bandwidth (+ the Slow model's FLOPs and image tokens for K pairs). scan-all floor: "
         "streaming all N fp32 embeddings once."
     )
@@ -236,7 +241,7 @@ def plot(r: dict, path: Path) -> Path:
     ax.scatter(labels, floors, marker="_", s=400, color="black", label="FLOP floor")
     ax.set_yscale("log")
     ax.set_ylabel("items / s")
-    ax.set_title("Encoding throughput (bf16, 2 cores)")
+    ax.set_title(f"Encoding throughput ({_precision(r)}, 2 cores)")
     ax.legend(loc="upper left", fontsize=8)
     # (b) pair scoring
     ax = axes[0, 1]

@@ -1,7 +1,7 @@
 """Encoding throughput (images/s, texts/s) and pair-scoring throughput (pairs/s), ours beside peers.
 
 All models run the same way: bf16 autocast over bf16 linear weights (``bf16_linears``, as the search
-path runs ours), torch on all cores, inputs already decoded (images as uint8 arrays / pixel tensors,
+path runs ours) on a CPU with native bf16, fp32 on one without (``vlsearch.precision``), torch on all cores, inputs already decoded (images as uint8 arrays / pixel tensors,
 texts as token ids of real captions), one run side by side. Texts for the peers reuse our captions' token
 lengths (speed depends on the lengths, not on the ids).
 """
@@ -15,13 +15,17 @@ from vlsearch.bench.hardware import Floors
 from vlsearch.bench.util import count_flops, rate
 from vlsearch.encoders.image import ImageBackbone
 from vlsearch.encoders.text import TextBackbone
-from vlsearch.precision import autocast, inference_copy
+from vlsearch.precision import autocast, inference_copy, use_bf16
 
 RERANK_K = 128  # pairs per call: one query against its top-128, as ALBEF/BLIP re-rank k = 128-256
 
 
 def _autocast():
     return autocast()
+
+
+def _precision_note() -> str:
+    return "bf16 autocast over bf16 linear weights" if use_bf16() else "fp32 (this CPU has no native bf16)"
 
 
 def _row(name: str, what: str, r: dict, flops: float, floors: Floors, unit: str, source: str) -> dict:
@@ -33,7 +37,7 @@ def _row(name: str, what: str, r: dict, flops: float, floors: Floors, unit: str,
         "best_" + unit: r["best_per_s"],
         "batch": r["items_per_call"],
         "gflops_per_item": flops / 1e9,
-        "floor_" + unit: floor_per_s,  # FLOPs at the measured bf16 matmul rate
+        "floor_" + unit: floor_per_s,  # FLOPs at the measured matmul rate of the precision in use
         "fraction_of_floor": r["per_s"] / floor_per_s if floor_per_s else None,
         "weights": source,
     }
@@ -178,7 +182,7 @@ def encoders(data, fast, floors: Floors, quick: bool) -> dict:
         "tokenize_ms_per_text": tokenize_ms,
         "batch_images": n_img,
         "batch_texts": n_txt,
-        "precision": "bf16 autocast over bf16 linear weights for all models",
+        "precision": _precision_note() + " for all models",
         "note": "images already decoded to 224x224 uint8 (JPEG decode excluded for all)",
     }
 
@@ -256,5 +260,5 @@ def pair_scoring(data, floors: Floors, quick: bool, k: int = RERANK_K) -> dict:
         "ratios": ratios,
         "k": k,
         "text_tokens": L,
-        "precision": "bf16 autocast over bf16 linear weights",
+        "precision": _precision_note(),
     }
