@@ -59,8 +59,12 @@ def _cold(engine):
 
 
 def _query_flops(embedder, text: str) -> float:
+    """One query's FLOPs, counted on the PyTorch fp32 query path (the exported graph the query runs
+    through is invisible to the counter, which then read 0)."""
+    path = embedder.fp32_query_path(bool(getattr(embedder.model, "concepts_active", False)))
+    ids = embedder.extractor.text_backbone.tokenize([text])
     with torch.no_grad():
-        return count_flops(lambda: embedder.embed_query(text))
+        return count_flops(lambda: path(ids["input_ids"], ids["attention_mask"]))
 
 
 def _slow_alone(engine, reranker_model, data, n: int, texts: list[str]) -> dict:
