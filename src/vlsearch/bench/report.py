@@ -38,7 +38,7 @@ def markdown(r: dict) -> str:
         f"Machine: {hw['cpu']}, {hw['cores']} cores ({hw['torch_threads']} torch threads); measured "
         f"memory read {hw['memory']['read_gbs']:.1f} GB/s, matmul {hw['matmul_tflops_bf16']:.3g} TFLOP/s bf16 / "
         f"{hw['matmul_tflops_fp32']:.3g} TFLOP/s fp32; the models run in {_precision(r)} here, and the FLOP "
-        "floors use that rate. Load average at start {meta['load_average_start']}, "
+        f"floors use that rate. Load average at start {meta['load_average_start']}, "
         f"at end {meta.get('load_average_end')}; bench took {meta.get('seconds', 0) / 60:.1f} min."
     )
     if meta.get("background"):

@@ -146,16 +146,13 @@ def add_to_index(
     net = checked_model(index)
     legacy = not segmented and _needs_rewrite(index)
     index.close()
-    from vlsearch.index.build_video import embed_videos, find_videos
+    from vlsearch.index.build_video import find_videos
 
     new_videos = {p: i for p, i in find_videos(items, exclude=exclude).items() if p not in have}
     if legacy:
         return _rewrite_with(index_dir, net, items, have, new_videos, progress, exclude)
     new, emb, report = embed_new_images(net, _photos_only(items), have, progress, exclude)
-    video_records: list = []
-    if new_videos:
-        moments, v_emb, video_records = embed_videos(Embedder(net, progress=progress), new_videos, 0, report)
-        new, emb = new + moments, _stack(emb, v_emb)
+    new, emb, video_records = _with_videos(net, new_videos, new, emb, report, progress)
     if not new:
         return 0, report
     from vlsearch.index.update import add_records
@@ -178,17 +175,23 @@ def _needs_rewrite(index) -> bool:
     return not has_photos(index._db)
 
 
-def _rewrite_with(index_dir, net, items, have, new_videos, progress, exclude) -> tuple[int, ImageReport]:
-    """The whole-index rewrite of a plain index (videos, or an index from before photo metadata)."""
+def _with_videos(net, new_videos: dict[str, str], new, emb, report, progress):
+    """(records, embeddings, video records): the new photos' with the moments of ``new_videos``
+    appended (rows numbered from 0 among the new ones), and those videos' records."""
+    if not new_videos:
+        return new, emb, []
     from vlsearch.index.build_video import embed_videos
+
+    moments, v_emb, videos = embed_videos(Embedder(net, progress=progress), new_videos, 0, report)
+    return new + moments, _stack(emb, v_emb), videos
+
+
+def _rewrite_with(index_dir, net, items, have, new_videos, progress, exclude) -> tuple[int, ImageReport]:
+    """The whole-index rewrite of a plain index written before photo metadata."""
     from vlsearch.index.videos import read_videos, video_layout
 
-    new_video_records: list = []
     new, emb, report = embed_new_images(net, _photos_only(items), have, progress, exclude)
-    if new_videos:
-        embedder = Embedder(net, progress=progress)
-        moments, v_emb, new_video_records = embed_videos(embedder, new_videos, 0, report)
-        new, emb = new + moments, _stack(emb, v_emb)
+    new, emb, new_video_records = _with_videos(net, new_videos, new, emb, report, progress)
     if not new:
         return 0, report
     with write_lock(index_dir):

@@ -57,11 +57,12 @@ def commit(path: Path, change: Callable[[Manifest], Manifest | None]) -> Manifes
     with write_lock(path):
         clean(path)
         current = _segmented(path)
+        if not current.config.get("roots"):  # an index from before roots: this write records them
+            roots = index_roots(from_dict(IndexConfig, current.config))
+            current = replace(current, config={**current.config, "roots": roots})
         new = change(current)
         if new is None:
             return current
-        if not new.config.get("roots"):  # an index from before roots: its next write records them
-            new.config = {**new.config, "roots": index_roots(from_dict(IndexConfig, new.config))}
         new.generation = current.generation + 1
         write_manifest(path, new)
         fault_point("committed")
@@ -246,9 +247,8 @@ def add_records(
 
 def with_roots(manifest: Manifest, records: list[ImageRecord]) -> Manifest:
     """The folders of added files join the index's roots (the service serves files inside them only).
-    An index from before roots were recorded gets them now, from the folder it was built from
-    (``index_roots``); one that names no folder keeps none (the service's symlink rule alone)."""
-    roots = index_roots(from_dict(IndexConfig, manifest.config))
+    An index that names no roots (nor a folder it was built from: ``commit``) keeps none."""
+    roots = list(manifest.config.get("roots") or [])
     if not roots:
         return manifest
     config = {**manifest.config, "roots": widen_roots(roots, [r.path for r in records])}

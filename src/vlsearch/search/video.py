@@ -40,10 +40,7 @@ class VideoLayout:
     def of_index(cls, index) -> VideoLayout:
 
         videos = read_videos(index)
-        if videos:
-            ts, te = moment_spans(index)
-        else:
-            ts = te = np.full(len(index.embeddings), np.nan)
+        ts, te = moment_spans(index)
         return cls(
             [v.id for v in videos],
             [v.path for v in videos],

@@ -168,16 +168,11 @@ class Service:
             return True
         if any(p.is_symlink() for p in [path, *path.parents][:-1] if p.name):
             return False
-        roots = self.index_roots()
+        roots = index_roots(config)  # recorded, or for an older index the folder it was built from
         if not roots:  # an older index that names no folder: the symlink rule alone
             return True
-        allowed = {*roots, str(self.uploads_dir.resolve())}
-        return any(str(p) in allowed for p in path.resolve().parents)
-
-    def index_roots(self) -> list[str]:
-        """The index's roots (``index.plain.index_roots``: recorded, or for an older index the folder
-        it was built from); [] leaves the symlink rule alone, as before roots existed."""
-        return index_roots(self.engine.index.config)
+        real = path.resolve()
+        return any(real.is_relative_to(Path(r)) for r in [*roots, str(self.uploads_dir.resolve())])
 
     def add_images(self, uploads: list[tuple[str, bytes]]) -> dict:
         """Store each upload under a content-hash name beside the index, extract its features with the
