@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -142,7 +143,8 @@ def test_group_sampler_groups():
     sampler = GroupSampler(feats, neg_img, tc, np.random.default_rng(0))
     seeds = []
     for _ in range(9):
-        images, captions, where = sampler.group()
+        images, captions, where, fold = sampler.group()
+        assert fold == 0
         seeds.append(int(images[0]))
         assert len(images) == 4 and len(set(images.tolist())) == 4 and 9 not in images.tolist()
         hard = {(int(images[0]) + 1 + j) % n for j in range(4)} - {9}
@@ -150,6 +152,74 @@ def test_group_sampler_groups():
         assert sorted(captions.tolist()) == sorted(c for i in images.tolist() for c in (2 * i, 2 * i + 1))
         assert (images[where] == caption_image[captions].numpy()).all()
     assert sorted(seeds) == list(range(9)) and sampler.epochs_done == 1.0
+
+
+def test_group_sampler_keeps_a_group_inside_its_seeds_fold():
+    """With out-of-fold priors every image of a group (hard negatives and random fill) is in the seed's
+    fold, so one fold model scores the whole group as unseen data."""
+    from vlsearch.training.crossfit import fold_assignment
+    from vlsearch.training.slow import GroupSampler, SlowTrainConfig
+
+    n = 40
+    caption_image = torch.arange(n).repeat_interleave(2)
+    fold_of = fold_assignment(n, 2, seed=0)
+    assert sorted(np.bincount(fold_of).tolist()) == [20, 20]
+    neg_img = np.array(
+        [[j for j in range(n) if fold_of[j] == fold_of[c // 2] and j != c // 2][:6] for c in range(2 * n)]
+    )
+    feats = SimpleNamespace(caption_image=caption_image, n_images=n)
+    sampler = GroupSampler(
+        feats,
+        neg_img,
+        SlowTrainConfig(group_size=8, group_hard=4, mine_k=6),
+        np.random.default_rng(0),
+        fold_of,
+    )
+    for _ in range(2 * n):
+        images, _, _, fold = sampler.group()
+        assert (
+            fold == fold_of[images[0]] and (fold_of[images] == fold).all() and len(set(images.tolist())) == 8
+        )
+
+
+def test_out_of_fold_priors(tiny_fast_checkpoint, mini_flickr, session_home):
+    """Each fold's Fast model is trained without that fold, mines its hard negatives inside it, and
+    replaces the Slow model's prior only while it is swapped in; the checkpoint keeps the full Fast prior."""
+    from vlsearch.data import load_dataset
+    from vlsearch.encoders.dataset_features import DatasetFeatures
+    from vlsearch.models.registry import load_model
+    from vlsearch.models.slow import SlowConfig, SlowModel
+    from vlsearch.training.crossfit import fold_priors
+
+    fast, meta, _ = load_model(tiny_fast_checkpoint)
+    train = DatasetFeatures.load(load_dataset(str(mini_flickr), "train"), mid=True, progress=False)
+    recipe = {**meta["train"], "epochs": 2, "batch_size": 16}
+    priors = fold_priors(train, fast, recipe, folds=2, mine_k=31, progress=False, log=lambda *_: None)
+    cap_img = train.caption_image.numpy()
+    fold_of = priors.fold_of_image
+    assert priors.neg_img.shape == (len(cap_img), 29)  # 30 images a fold: 29 others
+    assert (fold_of[priors.neg_img] == fold_of[cap_img][:, None]).all()
+    assert (priors.neg_img != cap_img[:, None]).all()
+    full = fast.state_dict()
+    for model in priors.models:  # trained on its own: its weights are not the full model's
+        assert model.config.concept_weight == fast.config.concept_weight
+        assert any(not torch.equal(v, full[k]) for k, v in model.state_dict().items() if k in full)
+    slow = SlowModel(
+        SlowConfig(n_layers=1, fast_prior=asdict(fast.config)), init_from_pretrained=False
+    ).eval()
+    slow.set_prior(fast)
+    grid, mid = train.grid[:4].float(), train.mid[:4].float()
+    states, lengths = train.states[:3], train.lengths[:3]
+    with torch.no_grad():
+        own = slow.score_block(slow.text_state(states, lengths), slow.image_kv(grid, mid))
+        with slow.prior_swapped(priors.models[0]):
+            swapped = slow.score_block(slow.text_state(states, lengths), slow.image_kv(grid, mid))
+        again = slow.score_block(slow.text_state(states, lengths), slow.image_kv(grid, mid))
+    assert not torch.allclose(own, swapped) and torch.equal(own, again)
+    assert all(torch.equal(v, fast.state_dict()[k]) for k, v in slow.prior.state_dict().items())
+    lines = []  # a second call reuses the cached fold models: nothing is trained
+    again_priors = fold_priors(train, fast, recipe, folds=2, mine_k=31, progress=False, log=lines.append)
+    assert lines == [] and (again_priors.neg_img == priors.neg_img).all()
 
 
 def test_mining_excludes_positives():

@@ -27,6 +27,7 @@ so every consumer of ``image_kv`` (the re-ranker's per-image cache, training, ev
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -117,6 +118,19 @@ class SlowModel(nn.Module):
         self.prior.load_state_dict(fast.state_dict())
         with torch.no_grad():
             self.prior_scale.fill_(float(fast.scale))
+
+    @contextlib.contextmanager
+    def prior_swapped(self, fast: FastModel):
+        """Score with another Fast model as the prior for a while (training on out-of-fold priors,
+        training/crossfit.py); the model's own prior is back afterwards."""
+        if self.prior is None:
+            raise ValueError("this Slow model has no Fast prior (SlowConfig.fast_prior is None)")
+        own = self.prior
+        self.prior = fast
+        try:
+            yield self
+        finally:
+            self.prior = own
 
     def train(self, mode: bool = True):
         super().train(mode)

@@ -105,6 +105,24 @@ def captions_of_images(caption_image, n_images: int) -> list[list[int]]:
     return out
 
 
+def select_images(feats: DatasetFeatures, rows) -> DatasetFeatures:
+    """The images at ``rows`` (in that order) with all their captions, renumbered (tensors only)."""
+    keep = torch.as_tensor(np.asarray(rows, dtype=np.int64))
+    new = torch.full((feats.n_images,), -1, dtype=torch.long)
+    new[keep] = torch.arange(len(keep))
+    cap_new = new[feats.caption_image]
+    caps = torch.nonzero(cap_new >= 0).squeeze(1)
+    return DatasetFeatures(
+        feats.dataset,
+        feats.grid[keep],
+        None if feats.mid is None else feats.mid[keep],
+        feats.states[caps],
+        feats.lengths[caps],
+        feats.token_ids[caps],
+        cap_new[caps],
+    )
+
+
 def load_split(req: TrainRequest, split: str, mid: bool = False) -> DatasetFeatures:
     return DatasetFeatures.load(load_dataset(req.data_root, split), mid=mid, progress=req.progress)
 

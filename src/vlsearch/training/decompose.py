@@ -29,6 +29,7 @@ from vlsearch.training.common import (
     load_dev,
     load_split,
     optimizer_step,
+    select_images,
     warmup_cosine,
 )
 from vlsearch.training.deformer import (
@@ -76,20 +77,8 @@ def subset_features(feats: DatasetFeatures, fraction: float, seed: int = 0) -> D
     if not 0 < fraction <= 1:
         raise VLSearchError(f"--subset must be a fraction in (0, 1], not {fraction}")
     n = feats.n_images
-    keep = np.sort(np.random.default_rng(seed).permutation(n)[: max(2, round(fraction * n))])
-    new = torch.full((n,), -1, dtype=torch.long)
-    new[torch.from_numpy(keep)] = torch.arange(len(keep))
-    cap_new = new[feats.caption_image]
-    caps = torch.nonzero(cap_new >= 0).squeeze(1)
-    keep_t = torch.from_numpy(keep)
-    return DatasetFeatures(
-        feats.dataset,
-        feats.grid[keep_t],
-        None if feats.mid is None else feats.mid[keep_t],
-        feats.states[caps],
-        feats.lengths[caps],
-        feats.token_ids[caps],
-        cap_new[caps],
+    return select_images(
+        feats, np.sort(np.random.default_rng(seed).permutation(n)[: max(2, round(fraction * n))])
     )
 
 

@@ -11,6 +11,7 @@ the group's captions of other images (the other captions of the same image are l
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -42,6 +43,7 @@ from vlsearch.training.common import (
     optimizer_step,
     warmup_cosine,
 )
+from vlsearch.training.crossfit import FoldPriors, fold_priors, out_of_fold_metrics
 from vlsearch.training.distill import (  # noqa: F401 - moved to training/distill.py, still importable here
     DistillConfig,
     SlowTeacher,
@@ -68,6 +70,9 @@ class SlowTrainConfig:
     flip: bool = True  # random horizontal flip of both feature maps
     fusion_k: int = 20  # the re-ranking depth the fusion weights are chosen for, on dev
     seed: int = 0
+    # With a Fast prior: train on out-of-fold priors (training/crossfit.py), one Fast model per fold trained
+    # on the other folds; 0 trains on the full Fast model's own (over-confident, in-sample) train scores.
+    prior_folds: int = 2
 
 
 def group_loss(scores: torch.Tensor, cap_img: torch.Tensor, i2t_weight: float = 1.0) -> torch.Tensor:
@@ -88,10 +93,19 @@ def group_loss(scores: torch.Tensor, cap_img: torch.Tensor, i2t_weight: float = 
 class GroupSampler:
     """Groups of confusable images: a seed, Fast hard negatives of one of its captions, random fill."""
 
-    def __init__(self, feats: DatasetFeatures, neg_img: np.ndarray, tc: SlowTrainConfig, rng):
+    def __init__(
+        self, feats: DatasetFeatures, neg_img: np.ndarray, tc: SlowTrainConfig, rng, fold_of_image=None
+    ):
         self.caption_image = feats.caption_image.numpy()
         self.captions_of = captions_of_images(self.caption_image, feats.n_images)
         self.pool = np.flatnonzero([len(c) > 0 for c in self.captions_of])
+        # with folds, a group stays inside its seed's fold (random fill too): one prior scores all of it
+        self.fold_of = (
+            np.zeros(feats.n_images, np.int64) if fold_of_image is None else np.asarray(fold_of_image)
+        )
+        self.fold_pools = [
+            self.pool[self.fold_of[self.pool] == f] for f in range(int(self.fold_of.max()) + 1)
+        ]
         self.neg_img = neg_img[:, : tc.mine_k]
         self.tc, self.rng = tc, rng
         self.size = min(tc.group_size, len(self.pool))
@@ -108,24 +122,26 @@ class GroupSampler:
     def epochs_done(self) -> float:
         return self.epoch + self._pos / max(1, len(self._order))
 
-    def group(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(images [G], captions [T], caption's image position in the group [T])."""
+    def group(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+        """(images [G], captions [T], caption's image position in the group [T], the group's fold)."""
         seed = self.next_seed()
+        fold = int(self.fold_of[seed])
+        pool = self.fold_pools[fold]
         caps = self.captions_of[seed]
         c = caps[self.rng.integers(len(caps))]
         hard = [int(i) for i in self.neg_img[c] if self.captions_of[i]]
-        n_hard = min(self.tc.group_hard, len(hard), self.size - 1)
+        n_hard = min(self.tc.group_hard, len(hard), self.size - 1, len(pool) - 1)
         chosen = [seed] + list(self.rng.choice(hard, size=n_hard, replace=False)) if n_hard else [seed]
         taken = set(chosen)
-        while len(chosen) < self.size:
-            i = int(self.pool[self.rng.integers(len(self.pool))])
+        while len(chosen) < min(self.size, len(pool)):
+            i = int(pool[self.rng.integers(len(pool))])
             if i not in taken:
                 chosen.append(i)
                 taken.add(i)
         images = np.array(chosen)
         captions = np.array([c for i in images for c in self.captions_of[i]])
         where = {int(i): n for n, i in enumerate(images)}
-        return images, captions, np.array([where[int(self.caption_image[c])] for c in captions])
+        return images, captions, np.array([where[int(self.caption_image[c])] for c in captions]), fold
 
 
 def train_slow(
@@ -138,9 +154,11 @@ def train_slow(
     init_from_pretrained: bool = True,
     max_steps: int | None = None,
     init: SlowModel | None = None,
+    priors: FoldPriors | None = None,
 ) -> tuple[SlowModel, dict]:
     """Train on ``train`` (DatasetFeatures with mid) with Fast hard negatives ``neg_img`` [M, >=1];
-    ``init`` warm-starts from a trained model (a new warm-up + cosine schedule over this budget)."""
+    ``init`` warm-starts from a trained model (a new warm-up + cosine schedule over this budget);
+    ``priors``: each group is scored with its fold's out-of-fold Fast model as the prior."""
     if train.mid is None:
         raise ValueError("the Slow model trains on the 14x14 mid map: DatasetFeatures.load(..., mid=True)")
     torch.manual_seed(tc.seed)
@@ -158,7 +176,7 @@ def train_slow(
         weight_decay=tc.weight_decay,
     )
     base = [tc.lr, tc.pretrained_lr]
-    sampler = GroupSampler(train, neg_img, tc, rng)
+    sampler = GroupSampler(train, neg_img, tc, rng, None if priors is None else priors.fold_of_image)
     budget = tc.minutes * 60.0
     history: dict = {"loss": [], "steps": 0}
     bar = tqdm(
@@ -177,7 +195,7 @@ def train_slow(
             g["lr"] = lr * factor
         loss = 0.0
         for _ in range(tc.groups_per_step):
-            images, captions, cap_img = sampler.group()
+            images, captions, cap_img, fold = sampler.group()
             imgs = torch.from_numpy(images)
             mid = train.mid[imgs]
             grid = train.grid[imgs] if config.use_grid else None
@@ -186,7 +204,10 @@ def train_slow(
             # captions sorted by length and scored in buckets: each bucket pads only to its own longest
             order = np.argsort(train.lengths[torch.from_numpy(captions)].numpy(), kind="stable")
             captions, cap_img = captions[order], cap_img[order]
-            with autocast():
+            swap = (
+                model.prior_swapped(priors.models[fold]) if priors is not None else contextlib.nullcontext()
+            )
+            with autocast(), swap:
                 kv = model.image_kv(grid, mid)
                 parts = []
                 for b0 in range(0, len(captions), tc.bucket):
@@ -254,8 +275,7 @@ def train_and_save(req: TrainRequest) -> Path:
     progress, log = req.progress, req.log
     train = load_split(req, "train", mid=True)
     fast_name = req.fast_model or "fast"
-    mined = cached_fast_candidates(fast_name, train, tc.mine_k, progress)
-    config, init, previous = SlowConfig(), None, None
+    config, init, previous, priors = SlowConfig(), None, None, None
     if req.init:  # warm start: `vlsearch train slow --init CHECKPOINT`
         init, previous, init_path = load_model(req.init)
         if not isinstance(init, SlowModel):
@@ -264,11 +284,26 @@ def train_and_save(req: TrainRequest) -> Path:
             )
         config = init.config
     elif not req.no_fast_prior:  # default: start from the Fast model's ranking
-        fast, _, _ = load_model(fast_name)
+        fast, fast_meta, _ = load_model(fast_name)
         config = SlowConfig(fast_prior=asdict(fast.config))
         init = SlowModel(config)
         init.set_prior(fast)
-    model, history = train_slow(train, mined["neg_img"], config, tc, progress=progress, log=log, init=init)
+    if config.fast_prior is not None and tc.prior_folds >= 2:
+        fast, fast_meta, _ = load_model(fast_name)
+        priors = fold_priors(
+            train, fast, fast_meta.get("train", {}), tc.prior_folds, tc.mine_k, tc.seed, progress, log
+        )
+        oof = out_of_fold_metrics(priors, train)
+        log(
+            "out-of-fold priors, t2i R@1 on their held-out folds: "
+            + ", ".join(f"{m['t2i']['r1']:.1f}" for m in oof)
+        )
+        neg_img = priors.neg_img
+    else:
+        neg_img = cached_fast_candidates(fast_name, train, tc.mine_k, progress)["neg_img"]
+    model, history = train_slow(
+        train, neg_img, config, tc, progress=progress, log=log, init=init, priors=priors
+    )
     log(
         f"trained {history['steps']} steps ({history['epochs']:.2f} epochs) in {history['train_seconds'] / 60:.1f} min"
     )
@@ -287,6 +322,8 @@ def train_and_save(req: TrainRequest) -> Path:
         }
     meta["loss_last"] = float(np.mean(history["loss"][-50:])) if history["loss"] else None
     meta["fast_model"] = str(fast_name)
+    if priors is not None:
+        meta["out_of_fold_priors"] = {"folds": tc.prior_folds, "held_out_fold_recall": oof}
     out = checkpoint_out(req.out, "slow")
     # saved before the dev step with a neutral fusion weight: a long run is never lost to what follows
     model.config.fusion_weight = model.config.fusion_weight_i2t = 0.02
