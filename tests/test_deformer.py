@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -315,6 +315,59 @@ def test_joint_training_with_frozen_streams_keeps_the_fast_model(tiny_deformers,
             joint.encode_text(states, lengths), fast.encode_text(states, lengths), atol=1e-4
         )
         assert torch.tanh(joint.cross_gate).abs().max() > 0  # while the interaction did train
+
+
+def test_joint_training_on_out_of_fold_streams(tiny_fast_checkpoint, mini_flickr, tmp_path, monkeypatch):
+    """With stream_folds, each step runs on the streams of a Fast model that never saw that step's images,
+    every list stays inside one fold, and the saved model carries the full Fast model's streams."""
+    from vlsearch.models.checkpoint import save_checkpoint
+    from vlsearch.models.fast import set_concepts
+    from vlsearch.models.registry import load_model
+    from vlsearch.models.slow import SlowConfig, SlowModel
+    from vlsearch.settings import home
+    from vlsearch.training import deformer as training
+    from vlsearch.training.crossfit import fold_assignment
+
+    loaded, lists = [], []
+    real_load, real_teacher = training._load_streams, training.teacher_list_logits
+
+    def recording_load(model, fast):
+        loaded.append(fast)
+        real_load(model, fast)
+
+    def recording_teacher(model, teacher, train, t_rows, i_rows, q):
+        assert teacher.prior is loaded[-1]  # the teacher's Fast prior is out of fold too: the same model
+        lists.append(train.caption_image[t_rows].numpy().tolist() + i_rows.numpy().tolist())
+        return real_teacher(model, teacher, train, t_rows, i_rows, q)
+
+    # the teacher: a Slow model with the full Fast model as its prior, the named `slow` of this test
+    fast = load_model(tiny_fast_checkpoint)[0].eval()
+    teacher = SlowModel(SlowConfig(n_layers=1, fast_prior=asdict(fast.config)), init_from_pretrained=False)
+    teacher.set_prior(fast)
+    save_checkpoint(home() / "models" / "slow", teacher, {"note": "prior only"})
+
+    monkeypatch.setattr(training, "_load_streams", recording_load)
+    monkeypatch.setattr(training, "teacher_list_logits", recording_teacher)
+    req = TrainRequest(data_root=str(mini_flickr), epochs=2, out=str(tmp_path / "joint"), quiet=True)
+    extra = {"batch_size": 8, "itm_queries": 4, "itm_hard": 2, "mine_k": 5, "warmup_steps": 1}
+    path = training.train_joint_and_save(
+        req,
+        extra={**extra, "fast_model": "fast", "stream_folds": 2},
+        config=DeformerConfig(n_layers=1, image_grid=2),
+    )
+    assert len({id(m) for m in loaded if m is not loaded[-1]}) == 2  # both fold models took turns
+    assert loaded[-1].config == fast.config and loaded[-1] is not loaded[0]
+    fold_of = fold_assignment(60, 2, seed=0)
+    assert lists and all(len(set(fold_of[rows].tolist())) == 1 for rows in lists)
+    joint = load_model(path)[0].set_mode("decomposed").eval()
+    set_concepts(fast, False)
+    grid, _, states, lengths = fake_inputs(n_images=4, n_texts=4)
+    with torch.no_grad():
+        assert torch.allclose(joint.encode_image(grid), fast.encode_image(grid), atol=1e-4)
+        assert torch.allclose(
+            joint.encode_text(states, lengths), fast.encode_text(states, lengths), atol=1e-4
+        )
+    assert json.loads((path / "config.json").read_text())["train"]["stream_folds"] == 2
 
 
 def test_teacher_target_is_the_fused_rerank_score():

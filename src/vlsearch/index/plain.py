@@ -293,6 +293,7 @@ def write_gallery(
             db.executemany(
                 "INSERT INTO captions VALUES (?, ?, ?)", [(r, t, i) for r, (t, i) in enumerate(captions)]
             )
+            db.execute("CREATE INDEX captions_image ON captions(image_row)")  # a deleted image's captions
             cv = make_vector_index(config.dim, len(captions), "flat")
             cv.add(caption_embeddings)
             cv.write(tmp / "captions.faiss")

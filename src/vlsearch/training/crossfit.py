@@ -32,12 +32,14 @@ from vlsearch.training.mining import features_fingerprint, mine_from_embeddings
 
 @dataclass
 class FoldPriors:
-    """Fold id of every train image, the Fast model that did not see each fold, and every caption's hard
-    negatives as that model ranks them among its own fold's images (global image rows)."""
+    """Fold id of every train image, the Fast model that did not see each fold, every caption's hard
+    negative images and every image's hard negative captions as that model ranks them inside its own fold
+    (global rows)."""
 
     fold_of_image: np.ndarray  # [N]
     models: list[FastModel]
     neg_img: np.ndarray  # [M, k]
+    neg_cap: np.ndarray  # [N, k]
 
 
 def fold_assignment(n_images: int, folds: int, seed: int) -> np.ndarray:
@@ -100,13 +102,16 @@ def fold_priors(
         models.append(model)
         part = select_images(train, held)
         img, txt = embed_features(model, part)
-        local, _ = mine_from_embeddings(img, txt, part.caption_image.numpy(), mine_k)
-        mined.append(held[local])  # within the fold, as global image rows
-    k_min = min(m.shape[1] for m in mined)  # a small fold holds fewer than mine_k other images
-    neg_img = np.zeros((len(train.states), k_min), dtype=np.int64)
-    for k, m in enumerate(mined):
-        neg_img[np.flatnonzero(cap_fold == k)] = m[:, :k_min]
-    return FoldPriors(fold_of, models, neg_img)
+        local_img, local_cap = mine_from_embeddings(img, txt, part.caption_image.numpy(), mine_k)
+        held_caps = np.flatnonzero(cap_fold == k)  # select_images keeps captions in row order
+        mined.append((held_caps, held[local_img], held, held_caps[local_cap]))  # global rows
+    k_img = min(m[1].shape[1] for m in mined)  # a small fold holds fewer than mine_k others
+    k_cap = min(m[3].shape[1] for m in mined)
+    neg_img = np.zeros((len(train.states), k_img), dtype=np.int64)
+    neg_cap = np.zeros((train.n_images, k_cap), dtype=np.int64)
+    for caps, ni, imgs, nc in mined:
+        neg_img[caps], neg_cap[imgs] = ni[:, :k_img], nc[:, :k_cap]
+    return FoldPriors(fold_of, models, neg_img, neg_cap)
 
 
 @torch.no_grad()

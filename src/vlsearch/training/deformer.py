@@ -18,6 +18,7 @@ budgets runs out first.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -45,6 +46,7 @@ from vlsearch.training.common import (
     optimizer_step,
     warmup_cosine,
 )
+from vlsearch.training.crossfit import FoldPriors, fold_priors
 from vlsearch.training.losses import candidate_kl, info_nce
 from vlsearch.training.mining import mine_hard_negatives
 
@@ -84,6 +86,11 @@ class JointTrainConfig:
     # plain ITM target is nearly solved before any interaction; the teacher says what re-ranking adds.
     teacher: str = "slow"  # "" (or "none" on the CLI): plain ITM
     teacher_weight: float = 1.0
+    # >= 2 (with frozen streams): out-of-fold streams (training/crossfit.py). Each step's images come from
+    # one fold, and the streams are, for that step, a Fast model trained without that fold (as is the
+    # teacher's Fast prior), so the interaction learns on stream scores like those of unseen images; the
+    # saved model carries the full ``fast_model`` streams.
+    stream_folds: int = 0
     seed: int = 0
     bf16: bool = True
 
@@ -136,6 +143,24 @@ def _image_inputs(feats: DatasetFeatures, rows, flip: bool, dropout: float, gen:
     return grid, mid
 
 
+def _fold_batches(pools: list[np.ndarray], batch_size: int, rng) -> list[tuple[int, np.ndarray]]:
+    """One epoch of (fold, image rows) batches: each batch from one fold's shuffled pool (at least one,
+    short if the fold is), folds interleaved in a random order (one fold, without folds)."""
+    batches = [
+        (k, order[s * batch_size : (s + 1) * batch_size])
+        for k, pool in enumerate(pools)
+        for order in [rng.permutation(pool)]
+        for s in range(max(1, len(pool) // batch_size))
+    ]
+    return [batches[i] for i in rng.permutation(len(batches))]
+
+
+@torch.no_grad()
+def _load_streams(model: DeformerModel, fast) -> None:
+    """The separately run streams become this Fast model's (the interaction parameters stay)."""
+    model.init_from_fast(fast)
+
+
 @torch.no_grad()
 def embed_decomposed(model: DeformerModel, feats: DatasetFeatures, batch: int = 512):
     """(image embeddings [N,D], caption embeddings [M,D]) of the separately run streams, numpy."""
@@ -182,10 +207,12 @@ def train_joint(
     log=print,
     fast=None,
     teacher=None,
+    folds: FoldPriors | None = None,
 ) -> tuple[DeformerModel, dict]:
     """``hard`` = (neg_images_per_caption [M,k], neg_captions_per_image [N,k]) on ``train``, best first;
     ``fast``: the FastModel to warm-start from when ``tc.init_from == "fast"``; ``teacher``: the pair
-    scorer named by ``tc.teacher`` (its features: ``train`` with mid)."""
+    scorer named by ``tc.teacher`` (its features: ``train`` with mid); ``folds``: out-of-fold streams
+    (``hard`` then comes from the fold models, inside each fold)."""
     config = config or DeformerConfig()
     tc = tc or JointTrainConfig()
     config.mode = "joint"
@@ -216,7 +243,13 @@ def train_joint(
     neg_cap = torch.from_numpy(np.asarray(hard[1])[:, : tc.mine_k])
     caps_of = captions_of_images(train.caption_image, train.n_images)
     pool = np.array([i for i, c in enumerate(caps_of) if c])
-    steps_per_epoch = max(1, len(pool) // tc.batch_size)
+    if folds is not None and not frozen:
+        raise VLSearchError("out-of-fold streams need frozen streams from a Fast warm start")
+    fold_of = np.zeros(train.n_images, np.int64) if folds is None else folds.fold_of_image
+    n_folds = int(fold_of.max()) + 1
+    fold_pools = [pool[fold_of[pool] == k] for k in range(n_folds)]
+    fold_caps = [np.flatnonzero(fold_of[train.caption_image.numpy()] == k) for k in range(n_folds)]
+    steps_per_epoch = max(1, sum(len(p) // tc.batch_size for p in fold_pools))
     total = steps_per_epoch * tc.epochs
     budget = 60 * tc.minutes
     use_mid = config.use_mid
@@ -228,24 +261,28 @@ def train_joint(
     t0 = time.time()
     step = 0
     done = False
+    streams_of = None  # the fold whose streams the model holds now (None: the full model's)
     for epoch in range(tc.epochs):
         model.train()
-        order = rng.permutation(pool)
-        for s in range(steps_per_epoch):
+        batches = _fold_batches(fold_pools, tc.batch_size, rng)
+        for fold, batch in batches:
             frac = _progress(step, total, t0, budget)
             if frac >= 1.0:
                 done = True
                 break
             _set_lr(opt, warmup_cosine(step, tc.warmup_steps, frac))
-            imgs = torch.from_numpy(order[s * tc.batch_size : (s + 1) * tc.batch_size])
+            if folds is not None and streams_of != fold:
+                _load_streams(model, folds.models[fold])
+                streams_of = fold
+            imgs = torch.from_numpy(batch)
             caps = torch.tensor([caps_of[i][rng.integers(len(caps_of[i]))] for i in imgs.tolist()])
             # ITM lists: caption -> [own image, hard images.., random images..]; image -> [own caption, ..]
             qc, qi = caps[:q], imgs[:q]
             hard_i = neg_img[qc][:, torch.randperm(neg_img.shape[1], generator=gen)[: tc.itm_hard]]
-            rand_i = torch.from_numpy(rng.choice(pool, (q, tc.itm_random)))
+            rand_i = torch.from_numpy(rng.choice(fold_pools[fold], (q, tc.itm_random)))
             list_img = torch.cat([qi[:, None], hard_i, rand_i], 1)  # [q, n_list]
             hard_c = neg_cap[qi][:, torch.randperm(neg_cap.shape[1], generator=gen)[: tc.itm_hard]]
-            rand_c = torch.from_numpy(rng.integers(0, len(train.states), (q, tc.itm_random)))
+            rand_c = torch.from_numpy(rng.choice(fold_caps[fold], (q, tc.itm_random)))
             list_cap = torch.cat([qc[:, None], hard_c, rand_c], 1)  # [q, n_list]
             # all images needed this step get one token computation (shared augmentation)
             need = torch.unique(torch.cat([imgs, list_img.reshape(-1)]))
@@ -272,7 +309,13 @@ def train_joint(
                     target = torch.zeros(2 * q, dtype=torch.long)
                     loss = loss + tc.itm_weight * F.cross_entropy(logits, target)
                     if teacher is not None and tc.teacher_weight:
-                        wanted = teacher_list_logits(model, teacher, train, t_rows, i_rows, q)
+                        swap = contextlib.nullcontext()
+                        if folds is not None and getattr(teacher, "prior", None) is not None:
+                            swap = teacher.prior_swapped(
+                                folds.models[fold]
+                            )  # the teacher's prior out of fold too
+                        with swap:
+                            wanted = teacher_list_logits(model, teacher, train, t_rows, i_rows, q)
                         loss = loss + tc.teacher_weight * candidate_kl(logits, wanted.view(2 * q, n_list))
             optimizer_step(model, opt, loss)
             step += 1
@@ -280,12 +323,17 @@ def train_joint(
             bar.update(1)
             bar.set_postfix(loss=f"{float(loss.detach()):.3f}", T=f"{1 / float(model.scale.detach()):.3f}")
         if dev is not None and (done or epoch == tc.epochs - 1 or (epoch + 1) % max(1, tc.epochs // 4) == 0):
+            if streams_of is not None:  # dev sees the full model's streams, as the saved model will
+                _load_streams(model, fast)
+                streams_of = None
             m = decomposed_metrics(model, dev)
             history["dev"].append({"epoch": epoch + 1, "step": step, "streams": m})
             log(f"epoch {epoch + 1} step {step}: dev (separate streams) {_fmt(m)} ({time.time() - t0:.0f}s)")
         if done:
             break
     bar.close()
+    if streams_of is not None:
+        _load_streams(model, fast)
     model.requires_grad_(True)
     history["steps"] = step
     history["train_seconds"] = time.time() - t0
@@ -340,13 +388,28 @@ def train_joint_and_save(req: TrainRequest, extra: dict | None = None, config: D
     teacher, teacher_path = load_model(tc.teacher)[::2] if tc.teacher else (None, None)
 
     t0 = time.time()
-    fast, _, fast_path = load_model(tc.fast_model)
-    hard = fast_hard_negatives(fast, train, tc.mine_k)
+    fast, fast_meta, fast_path = load_model(tc.fast_model)
+    folds = None
+    if tc.stream_folds >= 2:
+        recipe = fast_meta.get("train", {})
+        folds = fold_priors(train, fast, recipe, tc.stream_folds, tc.mine_k, tc.seed, req.progress, log)
+        hard = (folds.neg_img, folds.neg_cap)
+    else:
+        hard = fast_hard_negatives(fast, train, tc.mine_k)
     log(
         f"mined {hard[0].shape[1]} hard negatives per caption with {tc.fast_model!r} ({time.time() - t0:.0f}s)"
     )
     model, history = train_joint(
-        train, hard, config, tc, dev=dev, progress=req.progress, log=log, fast=fast, teacher=teacher
+        train,
+        hard,
+        config,
+        tc,
+        dev=dev,
+        progress=req.progress,
+        log=log,
+        fast=fast,
+        teacher=teacher,
+        folds=folds,
     )
     meta = {
         "train": asdict(tc),
