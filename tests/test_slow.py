@@ -222,6 +222,39 @@ def test_out_of_fold_priors(tiny_fast_checkpoint, mini_flickr, session_home):
     assert lines == [] and (again_priors.neg_img == priors.neg_img).all()
 
 
+def test_distillation_teacher_scores_train_out_of_fold(tiny_slow_checkpoint, mini_flickr):
+    """A Slow model trained on out-of-fold priors teaches from out-of-fold scores: each caption's
+    candidates come from its own fold, scored with that fold's Fast model as the prior; the target is the
+    Slow score itself (it already holds Fast's cosine)."""
+    from vlsearch.data import load_dataset
+    from vlsearch.encoders.dataset_features import DatasetFeatures
+    from vlsearch.models.registry import load_model
+    from vlsearch.search.pair_scoring import score_pairs_grouped
+    from vlsearch.training.crossfit import fold_priors
+    from vlsearch.training.distill import DistillConfig, distillation_teacher, teacher_logits
+
+    slow, meta, _ = load_model(tiny_slow_checkpoint)
+    assert meta["out_of_fold_priors"]["folds"] == 2
+    train = DatasetFeatures.load(load_dataset(str(mini_flickr), "train"), mid=True, progress=False)
+    cand, scores, _, _ = teacher_logits(tiny_slow_checkpoint, train, DistillConfig(), "fast", progress=False)
+    fast, fast_meta, _ = load_model("fast")
+    priors = fold_priors(train, fast, fast_meta["train"], 2, 31, progress=False, log=lambda *_: None)
+    ci = train.caption_image.numpy()
+    scored = np.flatnonzero(cand[:, 0] >= 0)
+    assert len(scored) == train.n_images and (cand[scored, 0] == ci[scored]).all()
+    assert (priors.fold_of_image[cand[scored]] == priors.fold_of_image[ci[scored]][:, None]).all()
+    row = int(scored[0])
+    args = (train.states, train.lengths, train.grid, train.mid, np.full(cand.shape[1], row), cand[row])
+    with slow.prior_swapped(priors.models[int(priors.fold_of_image[ci[row]])]):
+        out_of_fold = score_pairs_grouped(slow, *args)
+    assert np.allclose(scores[row], out_of_fold, atol=1e-4)
+    assert not np.allclose(scores[row], score_pairs_grouped(slow, *args), atol=1e-4)  # not the full prior
+    teacher, _ = distillation_teacher(
+        str(tiny_slow_checkpoint), TrainRequest(data_root=str(mini_flickr), quiet=True)
+    )
+    assert torch.allclose(teacher.logits[scored], torch.from_numpy(scores[scored]))  # target: the Slow score
+
+
 def test_mining_excludes_positives():
     from vlsearch.training.mining import mine_from_embeddings
 

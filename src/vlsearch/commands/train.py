@@ -16,7 +16,7 @@ from vlsearch.training.common import TrainRequest
 TRAINERS = {
     "fast": "vlsearch.training.fast:train_and_save",
     "slow": "vlsearch.training.slow:train_and_save",
-    "fast-distilled": "vlsearch.training.fast:train_distilled_and_save",
+    "fast-distilled": "vlsearch.training.distill:train_distilled_and_save",
     "deformer-joint": "vlsearch.training.deformer:train_joint_and_save",
     "deformer": "vlsearch.training.decompose:train_decomposed_and_save",
 }

@@ -3,7 +3,9 @@ fixed Fast candidates, cached on disk, and the extra loss term ``train_fast`` ad
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -15,7 +17,9 @@ from vlsearch.models.registry import fingerprint, load_model
 from vlsearch.precision import autocast
 from vlsearch.search.pair_scoring import score_pairs_grouped
 from vlsearch.settings import home
+from vlsearch.training import fast as fast_training
 from vlsearch.training.common import TrainRequest, load_split
+from vlsearch.training.crossfit import fold_priors
 from vlsearch.training.losses import candidate_kl
 from vlsearch.training.mining import cached_fast_candidates, features_fingerprint
 
@@ -23,7 +27,10 @@ from vlsearch.training.mining import cached_fast_candidates, features_fingerprin
 @dataclass
 class DistillConfig:
     k: int = 7  # candidates per train caption: its image + the Fast top-k wrong images
-    target: str = "fused"  # "fused" (fast + w * slow, in the Fast logit scale) or "slow" (the Slow score)
+    # "fused" (fast + w * slow, in the Fast logit scale), "slow" (the Slow score), or "auto": "slow" for a
+    # Slow model with a Fast prior (its score already is prior_scale x Fast cosine + what cross-attention
+    # adds), "fused" otherwise
+    target: str = "auto"
     captions_per_step: int = 96  # batch captions that get the KL term (all get InfoNCE)
     captions_per_image: int = 1  # train captions with teacher scores (fixed, seeded); others: InfoNCE only
     weight: float = 1.0
@@ -74,20 +81,33 @@ class SlowTeacher:
 def teacher_logits(slow_name, train: DatasetFeatures, dc: DistillConfig, fast_name="fast", progress=True):
     """Candidates [M, 1+k] (each train caption's image first, then the Fast top-k wrong images) and their
     Slow scores, cached under $VLSEARCH_HOME/distill keyed by the Slow and Fast fingerprints. Returns
-    (candidates, slow_scores, fast_cosines, fast_scale)."""
-    slow, _, slow_path = load_model(slow_name)
-    _, _, fast_path = load_model(fast_name)
+    (candidates, slow_scores, fast_cosines, fast_scale).
+
+    A Slow model trained on out-of-fold priors (training/crossfit.py) scores train out of fold too: each
+    caption's candidates are its fold's hard negatives under the fold's Fast model, scored with that model
+    as the prior. With the full Fast model as its prior, the teacher would mostly repeat Fast's memorised
+    train scores."""
+    slow, slow_meta, slow_path = load_model(slow_name)
+    fast, fast_meta, fast_path = load_model(fast_name)
+    oof = slow_meta.get("out_of_fold_priors") if getattr(slow, "prior", None) is not None else None
     key = (
         f"{fingerprint(slow_path)}-{fingerprint(fast_path)}-{features_fingerprint(train)}"
-        f"-k{dc.k}-c{dc.captions_per_image}"
+        f"-k{dc.k}-c{dc.captions_per_image}{'-oof' if oof else ''}"
     )
     cache = home() / "distill" / f"{key}.npz"
     z = read_npz(cache)
     if z is not None:
         return z["candidates"], z["slow"], z["fast"], float(z["scale"])
     mined = cached_fast_candidates(fast_name, train, max(dc.k, 31), progress)
+    priors = None
+    if oof:
+        seed = slow_meta.get("train", {}).get("seed", 0)
+        priors = fold_priors(
+            train, fast, fast_meta.get("train", {}), oof["folds"], max(dc.k, 31), seed, progress
+        )
     ci = train.caption_image.numpy()
-    cand = np.concatenate([ci[:, None], mined["neg_img"][:, : dc.k]], axis=1)
+    negatives = mined["neg_img"] if priors is None else priors.neg_img
+    cand = np.concatenate([ci[:, None], negatives[:, : dc.k]], axis=1)
     M = len(cand)
     # a fixed, seeded subset of each image's captions gets teacher scores; the others are marked -1
     rng = np.random.default_rng(0)
@@ -95,19 +115,23 @@ def teacher_logits(slow_name, train: DatasetFeatures, dc: DistillConfig, fast_na
     by_image = np.argsort(ci, kind="stable")
     for caps in np.split(by_image, np.flatnonzero(np.diff(ci[by_image])) + 1):
         keep[rng.permutation(caps)[: dc.captions_per_image]] = True
-    rows = np.flatnonzero(keep)
     slow_scores = np.zeros(cand.shape, dtype=np.float32)
-    slow_scores[rows] = score_pairs_grouped(
-        slow,
-        train.states,
-        train.lengths,
-        train.grid,
-        train.mid,
-        np.repeat(rows, cand.shape[1]),
-        cand[rows].ravel(),
-        progress,
-        "distill: slow teacher scores",
-    ).reshape(len(rows), cand.shape[1])
+    caption_fold = np.zeros(M, np.int64) if priors is None else priors.fold_of_image[ci]
+    for fold in np.unique(caption_fold):
+        rows = np.flatnonzero(keep & (caption_fold == fold))
+        swap = slow.prior_swapped(priors.models[fold]) if priors is not None else contextlib.nullcontext()
+        with swap:
+            slow_scores[rows] = score_pairs_grouped(
+                slow,
+                train.states,
+                train.lengths,
+                train.grid,
+                train.mid,
+                np.repeat(rows, cand.shape[1]),
+                cand[rows].ravel(),
+                progress,
+                "distill: slow teacher scores",
+            ).reshape(len(rows), cand.shape[1])
     cand[~keep] = -1
     fast_cos = np.einsum("md,mkd->mk", mined["text_emb"], mined["image_emb"][np.maximum(cand, 0)])
     write_npz(
@@ -127,7 +151,10 @@ def distillation_teacher(name, req: TrainRequest):
     slow, meta, _ = load_model(name)
     fast_name = meta.get("fast_model", "fast")
     cand, slow_scores, fast_cos, scale = teacher_logits(name, train, dc, fast_name, progress=req.progress)
-    if dc.target == "fused":
+    target = dc.target
+    if target == "auto":
+        target = "slow" if getattr(slow, "prior", None) is not None else "fused"
+    if target == "fused":
         logits = scale * (fast_cos + slow.config.fusion_weight * slow_scores)
     else:
         logits = slow_scores
@@ -141,3 +168,9 @@ def distillation_teacher(name, req: TrainRequest):
         "distill_teacher": str(name),
     }
     return teacher, settings
+
+
+def train_distilled_and_save(req: TrainRequest) -> Path:
+    """`vlsearch train fast --distill SLOW`: the same recipe plus KL to the Slow model's in-batch scores."""
+    teacher, settings = distillation_teacher(req.distill or "slow", req)
+    return fast_training.train_and_save(req, teacher=teacher, extra=settings)

@@ -32,7 +32,6 @@ from vlsearch.training.common import (
     warmup_cosine,
 )
 from vlsearch.training.concepts import attach_concepts, choose_concept_weight
-from vlsearch.training.distill import distillation_teacher
 from vlsearch.training.losses import info_nce
 
 
@@ -182,9 +181,3 @@ def train_and_save(req: TrainRequest, teacher=None, extra: dict | None = None) -
         if req.init:
             meta["concepts"]["fast_weights_from"] = str(req.init)
     return save_checkpoint(checkpoint_out(req.out, name), model, meta)
-
-
-def train_distilled_and_save(req: TrainRequest) -> Path:
-    """`vlsearch train fast --distill SLOW`: the same recipe plus KL to the Slow model's in-batch scores."""
-    teacher, settings = distillation_teacher(req.distill or "slow", req)
-    return train_and_save(req, teacher=teacher, extra=settings)
