@@ -51,6 +51,8 @@ class Reranker:
                 f"{path or 'this model'}: a {model.model_type!r} model has no compact features"
             )
         self.compact = bool(compact)
+        # named by the checkpoint's own weights: the inference copy may hold them in bf16 (AMX machines)
+        self._compact_digest = model.compact_digest() if self.compact else None
         self._compact_store = None
         # keys -> image files, for features the cache lost (pruned, another VLSEARCH_HOME, built elsewhere)
         self.locate: Callable[[list[str]], dict[str, str]] | None = None
@@ -70,7 +72,7 @@ class Reranker:
             self._compact_store = compact_store(
                 full.root,
                 self.model.compact_shapes(),
-                self.model.compact_digest(),
+                self._compact_digest,
                 {"model_type": self.model.model_type, "full": full.root.name},
             )
         return self._compact_store
