@@ -21,7 +21,7 @@ from vlsearch.encoders.features import FeatureExtractor
 from vlsearch.errors import CheckpointError, QueryError
 from vlsearch.models.contracts import has_compact_images, is_pair_scorer
 from vlsearch.models.registry import load_model
-from vlsearch.precision import autocast, inference_copy
+from vlsearch.precision import autocast, inference_copy, use_bf16
 from vlsearch.search.explain import word_maps
 
 
@@ -51,8 +51,11 @@ class Reranker:
                 f"{path or 'this model'}: a {model.model_type!r} model has no compact features"
             )
         self.compact = bool(compact)
-        # named by the checkpoint's own weights: the inference copy may hold them in bf16 (AMX machines)
-        self._compact_digest = model.compact_digest() if self.compact else None
+        # named by the checkpoint's own weights (the inference copy may hold them in bf16) and by the
+        # precision the copy computes the parts in, as the feature cache's folders are
+        self._compact_digest = None
+        if self.compact:
+            self._compact_digest = model.compact_digest() + ("-bf16" if use_bf16() else "")
         self._compact_store = None
         # keys -> image files, for features the cache lost (pruned, another VLSEARCH_HOME, built elsewhere)
         self.locate: Callable[[list[str]], dict[str, str]] | None = None
