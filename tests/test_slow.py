@@ -28,6 +28,29 @@ def tiny_slow_checkpoint(tiny_fast_checkpoint, mini_flickr, session_home):
     return slow_training.train_and_save(req)
 
 
+@pytest.fixture(scope="session")
+def tiny_prior_slow_checkpoint(tiny_fast_checkpoint, mini_flickr, session_home):
+    """`vlsearch train slow --fast-prior` for a few seconds: trained on out-of-fold Fast priors."""
+    from vlsearch.training import slow as slow_training
+
+    req = TrainRequest(
+        data_root=str(mini_flickr),
+        out=str(session_home / "trained" / "slow-prior"),
+        quiet=True,
+        minutes=0.05,
+        fast_prior=True,
+    )
+    return slow_training.train_and_save(req)
+
+
+def test_slow_trains_without_a_prior_by_default(tiny_slow_checkpoint):
+    from vlsearch.models.registry import load_model
+
+    slow, meta, _ = load_model(tiny_slow_checkpoint)
+    assert slow.config.fast_prior is None and getattr(slow, "prior", None) is None
+    assert "out_of_fold_priors" not in meta
+
+
 def _small_model():
     from vlsearch.models.slow import SlowConfig, SlowModel
 
@@ -222,7 +245,7 @@ def test_out_of_fold_priors(tiny_fast_checkpoint, mini_flickr, session_home):
     assert lines == [] and (again_priors.neg_img == priors.neg_img).all()
 
 
-def test_distillation_teacher_scores_train_out_of_fold(tiny_slow_checkpoint, mini_flickr):
+def test_distillation_teacher_scores_train_out_of_fold(tiny_prior_slow_checkpoint, mini_flickr):
     """A Slow model trained on out-of-fold priors teaches from out-of-fold scores: each caption's
     candidates come from its own fold, scored with that fold's Fast model as the prior; the target is the
     Slow score itself (it already holds Fast's cosine)."""
@@ -233,10 +256,12 @@ def test_distillation_teacher_scores_train_out_of_fold(tiny_slow_checkpoint, min
     from vlsearch.training.crossfit import fold_priors
     from vlsearch.training.distill import DistillConfig, distillation_teacher, teacher_logits
 
-    slow, meta, _ = load_model(tiny_slow_checkpoint)
+    slow, meta, _ = load_model(tiny_prior_slow_checkpoint)
     assert meta["out_of_fold_priors"]["folds"] == 2
     train = DatasetFeatures.load(load_dataset(str(mini_flickr), "train"), mid=True, progress=False)
-    cand, scores, _, _ = teacher_logits(tiny_slow_checkpoint, train, DistillConfig(), "fast", progress=False)
+    cand, scores, _, _ = teacher_logits(
+        tiny_prior_slow_checkpoint, train, DistillConfig(), "fast", progress=False
+    )
     fast, fast_meta, _ = load_model("fast")
     priors = fold_priors(train, fast, fast_meta["train"], 2, 31, progress=False, log=lambda *_: None)
     ci = train.caption_image.numpy()
@@ -250,7 +275,7 @@ def test_distillation_teacher_scores_train_out_of_fold(tiny_slow_checkpoint, min
     assert np.allclose(scores[row], out_of_fold, atol=1e-4)
     assert not np.allclose(scores[row], score_pairs_grouped(slow, *args), atol=1e-4)  # not the full prior
     teacher, _ = distillation_teacher(
-        str(tiny_slow_checkpoint), TrainRequest(data_root=str(mini_flickr), quiet=True)
+        str(tiny_prior_slow_checkpoint), TrainRequest(data_root=str(mini_flickr), quiet=True)
     )
     assert torch.allclose(teacher.logits[scored], torch.from_numpy(scores[scored]))  # target: the Slow score
 

@@ -79,9 +79,10 @@ def register(sub):
         help="fast: the image tower also takes the concept vector as input (trained with it)",
     )
     p.add_argument(
-        "--no-fast-prior",
+        "--fast-prior",
         action="store_true",
-        help="slow: no frozen Fast towers inside the model (its score is the cross-attention head alone)",
+        help="slow: frozen Fast towers inside the model (score = Fast cosine + head, trained on out-of-fold "
+        "priors); default: the cross-attention head alone, which re-ranks better (docs/slow.md)",
     )
     p.add_argument("--force", action="store_true", help="retrain even when the checkpoint exists (train all)")
     add_quiet(p)

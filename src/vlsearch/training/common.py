@@ -38,7 +38,7 @@ class TrainRequest:
     no_concepts: bool = False
     concept_input: bool = False
     fast_model: str | None = None  # slow: the dual encoder that mines hard negatives (default: fast)
-    no_fast_prior: bool = False  # slow: no frozen Fast towers inside the model
+    fast_prior: bool = False  # slow: frozen Fast towers inside the model (score = Fast cosine + head)
 
     @property
     def progress(self) -> bool:

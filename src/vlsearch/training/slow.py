@@ -275,7 +275,7 @@ def train_and_save(req: TrainRequest) -> Path:
     progress, log = req.progress, req.log
     train = load_split(req, "train", mid=True)
     fast_name = req.fast_model or "fast"
-    config, init, previous, priors = SlowConfig(), None, None, None
+    config, init, previous, priors, fast = SlowConfig(), None, None, None, None
     if req.init:  # warm start: `vlsearch train slow --init CHECKPOINT`
         init, previous, init_path = load_model(req.init)
         if not isinstance(init, SlowModel):
@@ -283,13 +283,14 @@ def train_and_save(req: TrainRequest) -> Path:
                 f"--init {req.init}: a {init.model_type!r} model, not a Slow model: give a Slow checkpoint"
             )
         config = init.config
-    elif not req.no_fast_prior:  # default: start from the Fast model's ranking
+    elif req.fast_prior:  # opt-in: start from the Fast model's ranking (session 11: re-ranks worse)
         fast, fast_meta, _ = load_model(fast_name)
         config = SlowConfig(fast_prior=asdict(fast.config))
         init = SlowModel(config)
         init.set_prior(fast)
     if config.fast_prior is not None and tc.prior_folds >= 2:
-        fast, fast_meta, _ = load_model(fast_name)
+        if fast is None:  # a warm start with a prior: the Fast model is not loaded yet
+            fast, fast_meta, _ = load_model(fast_name)
         priors = fold_priors(
             train, fast, fast_meta.get("train", {}), tc.prior_folds, tc.mine_k, tc.seed, progress, log
         )
