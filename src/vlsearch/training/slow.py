@@ -55,7 +55,7 @@ from vlsearch.training.mining import cached_fast_candidates
 
 @dataclass
 class SlowTrainConfig:
-    minutes: float = 25.0  # wall-clock budget for the optimisation (the cosine schedule follows it)
+    minutes: float = 30.0  # wall-clock budget for the optimisation (the cosine schedule follows it)
     max_epochs: float = 30.0  # cap in passes over the train images as group seeds
     group_size: int = 16
     group_hard: int = 12  # images from the seed caption's Fast hard negatives; the rest are random
@@ -269,7 +269,7 @@ def choose_fusion_weights(
 
 
 def train_and_save(req: TrainRequest) -> Path:
-    """`vlsearch train slow`: mine Fast hard negatives on Flickr8k train, train (default 20 min), choose
+    """`vlsearch train slow`: mine Fast hard negatives on Flickr8k train, train (default 30 min), choose
     the fusion weights on dev, save the named model `slow`."""
     tc = apply_overrides(SlowTrainConfig(seed=req.seed), req, epochs_field="max_epochs")
     progress, log = req.progress, req.log
