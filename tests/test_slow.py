@@ -482,3 +482,27 @@ def test_search_rerank_and_explain(tiny_slow_checkpoint, mini_flickr, tmp_path, 
     assert len([f for f in files if f.endswith(".png")]) == 3
     first = json.loads((exp_dir / files[0]).read_text())
     assert first["tokens"] == ["dog", "beach"] and len(first["maps"]) == 2
+
+
+def test_feature_dropout_changes_training_and_off_is_deterministic(mini_flickr):
+    """`SlowTrainConfig.feature_dropout` reaches the feature maps: the same seed and steps give the same
+    weights with it off, and other weights with it on."""
+    from vlsearch.data import load_dataset
+    from vlsearch.encoders.dataset_features import DatasetFeatures
+    from vlsearch.models.slow import SlowConfig
+    from vlsearch.training.slow import SlowTrainConfig, train_slow
+
+    train = DatasetFeatures.load(load_dataset(str(mini_flickr), "train"), mid=True, progress=False)
+    neg_img = np.stack([(np.arange(6) + 1 + i) % train.n_images for i in range(train.n_images)])
+    neg_img = neg_img[train.caption_image.numpy()]
+
+    def weights(dropout):
+        tc = SlowTrainConfig(group_size=6, group_hard=3, mine_k=6, feature_dropout=dropout, flip=False)
+        kw = dict(progress=False, log=lambda *_: None, init_from_pretrained=False, max_steps=2)
+        model, history = train_slow(train, neg_img, SlowConfig(n_layers=1), tc, **kw)
+        assert history["steps"] == 2
+        return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+    off = weights(0.0)
+    assert torch.equal(off, weights(0.0))
+    assert not torch.allclose(off, weights(0.5))

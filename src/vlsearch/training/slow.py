@@ -68,6 +68,7 @@ class SlowTrainConfig:
     bucket: int = 40  # captions per length bucket within a group
     i2t_weight: float = 1.0
     flip: bool = True  # random horizontal flip of both feature maps
+    feature_dropout: float = 0.0  # element dropout on both feature maps (against memorising train)
     fusion_k: int = 20  # the re-ranking depth the fusion weights are chosen for, on dev
     seed: int = 0
     # With a Fast prior: train on out-of-fold priors (training/crossfit.py), one Fast model per fold trained
@@ -201,6 +202,9 @@ def train_slow(
             grid = train.grid[imgs] if config.use_grid else None
             if tc.flip and rng.random() < 0.5:
                 mid, grid = hflip(mid), hflip(grid)
+            if tc.feature_dropout > 0:
+                mid = F.dropout(mid, tc.feature_dropout)
+                grid = None if grid is None else F.dropout(grid, tc.feature_dropout)
             # captions sorted by length and scored in buckets: each bucket pads only to its own longest
             order = np.argsort(train.lengths[torch.from_numpy(captions)].numpy(), kind="stable")
             captions, cap_img = captions[order], cap_img[order]
