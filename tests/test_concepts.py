@@ -22,6 +22,8 @@ def test_class_list_is_checked():
     assert names[281] == "tabby" and "tabby cat" in lemmas[281] and names[963] == "pizza"
     with pytest.raises(CheckpointError, match="1000"):
         C.class_lemmas("0" * 64)
+    glosses = C.class_definitions()  # same synsets, same order, hash-checked
+    assert len(glosses) == 1000 and "cat" in glosses[281] and "pie" in glosses[963]
 
 
 def test_head_from_cached_grid_is_the_backbones_classifier():
@@ -128,3 +130,37 @@ def test_mismatched_class_list_is_refused(concept_fast, tmp_path):
     (bad / "config.json").write_text(json.dumps(meta))
     with pytest.raises(CheckpointError, match="concept class list"):
         load_model(bad)
+
+
+def test_pseudo_captions_name_confident_images_and_train(mini_flickr):
+    """Pseudo-captions go to the images whose top ImageNet class is confident, name that class, and give
+    the training a term of their own (same seed: other weights than without them)."""
+    from vlsearch.data import load_dataset
+    from vlsearch.encoders import concepts as C
+    from vlsearch.encoders.dataset_features import DatasetFeatures
+    from vlsearch.encoders.image import ImageBackbone
+    from vlsearch.models.fast import FastConfig
+    from vlsearch.training.concepts import PseudoCaptions
+    from vlsearch.training.fast import FastTrainConfig, train_fast
+
+    train = DatasetFeatures.load(load_dataset(str(mini_flickr), "train"), progress=False)
+    pseudo = PseudoCaptions(train.grid, threshold=0.3)
+    assert 2 <= pseudo.n_images < train.n_images, pseudo.n_images
+    weight, bias = C.classifier_head(ImageBackbone().net)
+    probs = C.concept_distribution(C.logits_from_grid(train.grid, weight, bias))
+    confident = probs.max(-1).values >= 0.3
+    assert torch.equal(pseudo.label >= 0, confident)
+    assert torch.equal(pseudo.label[confident], probs.argmax(-1)[confident])
+    for c, texts in pseudo.texts_of.items():
+        assert all(any(name in pseudo.texts[t] for name in C.class_lemmas()[c]) for t in texts)
+
+    tc = dict(epochs=1, batch_size=16, warmup_steps=1, seed=0)
+    runs = {}
+    for w in (0.0, 1.0):
+        cfg = FastTrainConfig(**tc, pseudo_weight=w, pseudo_threshold=0.3)
+        model, history = train_fast(train, FastConfig(), cfg, progress=False, log=lambda *_: None)
+        runs[w] = (model, history)
+    assert runs[1.0][1]["pseudo"] == {"images": pseudo.n_images, "classes": pseudo.n_classes}
+    assert "pseudo" not in runs[0.0][1]
+    a, b = (runs[w][0].text_proj.weight for w in (0.0, 1.0))
+    assert not torch.allclose(a, b)

@@ -79,6 +79,15 @@ def register(sub):
         help="fast: the image tower also takes the concept vector as input (trained with it)",
     )
     p.add_argument(
+        "--pseudo-captions",
+        dest="pseudo_weight",
+        type=float,
+        default=None,
+        metavar="WEIGHT",
+        help="fast: also train on pseudo-captions from the backbone's confident ImageNet labels, with "
+        "this weight (0 = off)",
+    )
+    p.add_argument(
         "--fast-prior",
         action="store_true",
         help="slow: frozen Fast towers inside the model (score = Fast cosine + head, trained on out-of-fold "

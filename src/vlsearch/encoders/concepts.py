@@ -25,6 +25,11 @@ from vlsearch.encoders.text import TextBackbone, masked_mean
 from vlsearch.errors import CheckpointError
 
 CLASSES_FILE = "imagenet_classes.txt"
+# WordNet glosses of the same synsets, same order (timm's ``imagenet_synset_to_definition.txt``): "tabby"
+# alone says little to MiniLM, "tabby, a cat with a grey or tawny coat" says cat.
+DEFINITIONS_FILE = "imagenet_definitions.txt"
+DEFINITIONS_SHA256 = "ebd07cd510fca8e7a4f359e6e62dbd0d846dc16754b55ca551a490e84a5710c9"
+GLOSS_PROMPT = "a photo of a {}, {}."
 N_CLASSES = 1000
 # sha256 of CLASSES_FILE; FastConfig records it, so a checkpoint's label embeddings name the right logits.
 CLASSES_SHA256 = "c98cf8e050b2f67f824762ebdb5bcf683adc7955382b9ff8b1c0f49548bb449b"
@@ -48,6 +53,21 @@ def class_lemmas(expected_sha256: str = CLASSES_SHA256) -> tuple[tuple[str, ...]
             f"{N_CLASSES} ({expected_sha256[:16]}): reinstall vlsearch or retrain the model"
         )
     return tuple(tuple(x.strip() for x in lemmas.split(",") if x.strip()) for _, lemmas in rows)
+
+
+@lru_cache(maxsize=1)
+def class_definitions() -> tuple[str, ...]:
+    """Per class (classifier output order), its WordNet gloss. Checks count, hash and synset order."""
+    data = resources.files("vlsearch.encoders").joinpath(DEFINITIONS_FILE).read_bytes()
+    rows = [ln.split("\t", 1) for ln in data.decode("utf-8").splitlines() if ln.strip()]
+    synsets = [ln.split("\t", 1)[0] for ln in _classes_text().decode("utf-8").splitlines() if ln.strip()]
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != DEFINITIONS_SHA256 or [r[0] for r in rows] != synsets:
+        raise CheckpointError(
+            f"concept definitions {DEFINITIONS_FILE} do not match the class list (sha256 {digest[:16]}): "
+            "reinstall vlsearch"
+        )
+    return tuple(r[1].strip() for r in rows)
 
 
 def class_names() -> list[str]:
@@ -87,15 +107,21 @@ def sentence_states(states: torch.Tensor, lengths: torch.Tensor, layers) -> torc
 
 
 @torch.no_grad()
-def label_embeddings(layers, prompts: tuple[str, ...] = (PROMPT,), names_per_class: int = 1) -> torch.Tensor:
-    """[1000,384] unit MiniLM embeddings of the class names, averaged over prompts x name variants."""
+def label_embeddings(
+    layers, prompts: tuple[str, ...] = (PROMPT,), names_per_class: int = 1, gloss: bool = False
+) -> torch.Tensor:
+    """[1000,384] unit MiniLM embeddings of the class names, averaged over prompts x name variants; with
+    ``gloss``, of "a photo of a {name}, {its WordNet definition}." instead (``prompts`` unused)."""
     backbone = TextBackbone()
     texts, owner = [], []
+    definitions = class_definitions() if gloss else None
     for c, lemmas in enumerate(class_lemmas()):
         for name in _name_variants(lemmas, names_per_class):
-            for p in prompts:
-                texts.append(p.format(name))
-                owner.append(c)
+            variants = (
+                [GLOSS_PROMPT.format(name, definitions[c])] if gloss else [p.format(name) for p in prompts]
+            )
+            texts += variants
+            owner += [c] * len(variants)
     out = []
     for s in range(0, len(texts), 256):
         states, _ = backbone.encode(texts[s : s + 256])

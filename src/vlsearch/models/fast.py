@@ -41,7 +41,9 @@ class FastConfig:
     concept_weight: float = 0.0  # zero-shot score added to the Fast score (chosen on dev after training)
     concept_temperature: float = 1.0  # softmax temperature on the ImageNet logits
     concept_topk: int = 0  # keep only the k most likely classes (0: all 1,000)
-    concept_prompts: str = "single"  # "single" ("a photo of a {}.") or "ensemble" (4 prompts x 2 lemmas)
+    # "single" ("a photo of a {}."), "ensemble" (4 prompts x 2 lemmas) or "gloss" ("a photo of a {name},
+    # {its WordNet definition}.")
+    concept_prompts: str = "single"
     concept_input: bool = False  # image tower also sees the concept vector (needs training)
     concept_classes_sha256: str = ""  # the class list the label embeddings were made from
 
@@ -167,10 +169,11 @@ class ConceptChannel(nn.Module):
 
     @torch.no_grad()
     def set_prompts(self, kind: str) -> None:
-        if kind not in ("single", "ensemble"):
-            raise VLSearchError(f"concept_prompts must be 'single' or 'ensemble', not {kind!r}")
-        prompts, names = ((C.PROMPT,), 1) if kind == "single" else (C.PROMPTS, 2)
-        self.labels.copy_(C.label_embeddings(self.query_layers, prompts, names))
+        kinds = {"single": ((C.PROMPT,), 1), "ensemble": (C.PROMPTS, 2), "gloss": ((C.PROMPT,), 1)}
+        if kind not in kinds:
+            raise VLSearchError(f"concept_prompts must be one of {', '.join(kinds)}, not {kind!r}")
+        prompts, names = kinds[kind]
+        self.labels.copy_(C.label_embeddings(self.query_layers, prompts, names, gloss=kind == "gloss"))
         self.config.concept_prompts = kind
 
     def probs(self, grid: torch.Tensor) -> torch.Tensor:

@@ -37,6 +37,7 @@ class TrainRequest:
     subset: float | None = None  # deformer: fraction of train for the decomposition
     no_concepts: bool = False
     concept_input: bool = False
+    pseudo_weight: float | None = None  # fast: weight of the pseudo-caption term (training.concepts)
     fast_model: str | None = None  # slow: the dual encoder that mines hard negatives (default: fast)
     fast_prior: bool = False  # slow: frozen Fast towers inside the model (score = Fast cosine + head)
 

@@ -76,3 +76,65 @@ def choose_concept_weight(model: FastModel, dev: DatasetFeatures, weights=WEIGHT
         "sweep": [{"weight": r["weight"], "rsum": r["rsum"], "t2i_r1": r["t2i"]["r1"]} for r in rows],
         "concepts_alone_rsum": alone["rsum"],
     }
+
+
+class PseudoCaptions:
+    """Extra training pairs from what the backbone's ImageNet head is sure of: an image whose top class
+    has probability >= ``threshold`` is also captioned "a photo of a {name}." (a random prompt and name
+    variant each time). They teach the Fast towers the names of things Flickr8k's captions rarely say,
+    with no human caption. Rows that share a class are not pushed apart (info_nce's ``same`` mask)."""
+
+    def __init__(self, grid: torch.Tensor, threshold: float = 0.5, batch: int = 1024):
+        from vlsearch.encoders import concepts as C
+        from vlsearch.encoders.features import pad
+        from vlsearch.encoders.image import ImageBackbone
+        from vlsearch.encoders.text import TextBackbone
+
+        weight, bias = C.classifier_head(ImageBackbone().net)
+        probs = torch.cat(
+            [
+                C.concept_distribution(C.logits_from_grid(grid[s : s + batch], weight, bias))
+                for s in range(0, len(grid), batch)
+            ]
+        )
+        top, cls = probs.max(-1)
+        self.label = torch.where(top >= threshold, cls, torch.full_like(cls, -1))
+        classes = sorted(set(self.label[self.label >= 0].tolist()))
+        texts, self.texts_of = [], {}
+        for c in classes:
+            variants = [p.format(n) for n in C._name_variants(C.class_lemmas()[c], 2) for p in C.PROMPTS]
+            self.texts_of[c] = list(range(len(texts), len(texts) + len(variants)))
+            texts += variants
+        self.texts = texts
+        if texts:
+            backbone, states = TextBackbone(), []
+            for s in range(0, len(texts), 256):
+                states += backbone.encode(texts[s : s + 256])[0]
+            self.lengths = torch.tensor([len(x) for x in states])
+            self.states = torch.from_numpy(pad(states))
+
+    @property
+    def n_images(self) -> int:
+        return int((self.label >= 0).sum())
+
+    @property
+    def n_classes(self) -> int:
+        return len(self.texts_of)
+
+    def loss(self, model, imgs: torch.Tensor, image_emb: torch.Tensor, rng, bf16: bool = True):
+        """InfoNCE between the batch's confident images (their embeddings as trained this step) and
+        their pseudo-captions; 0 when fewer than two rows of the batch are confident."""
+        from vlsearch.precision import autocast
+        from vlsearch.training.losses import info_nce
+
+        lab = self.label[imgs]
+        rows = torch.nonzero(lab >= 0).squeeze(1)
+        if len(rows) < 2:
+            return image_emb.new_zeros(())
+        lab = lab[rows]
+        pick = torch.tensor([self.texts_of[c][rng.integers(len(self.texts_of[c]))] for c in lab.tolist()])
+        lengths = self.lengths[pick]
+        states = self.states[pick, : int(lengths.max())]
+        with autocast(bf16):
+            text = model.encode_text(states, lengths)
+        return info_nce(image_emb[rows], text.float(), model.scale, lab[:, None] == lab[None, :])

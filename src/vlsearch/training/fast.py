@@ -31,7 +31,7 @@ from vlsearch.training.common import (
     optimizer_step,
     warmup_cosine,
 )
-from vlsearch.training.concepts import attach_concepts, choose_concept_weight
+from vlsearch.training.concepts import PseudoCaptions, attach_concepts, choose_concept_weight
 from vlsearch.training.losses import info_nce
 
 
@@ -56,6 +56,13 @@ class FastTrainConfig:
     concept_topk: int = 10  # sparse form: chosen on Flickr8k dev (RSUM 286.9 against 285.3 with all 1,000)
     concept_temperature: float = 1.0
     concept_input: bool = False  # the image tower also sees the concept vector (trained with it)
+    # Pseudo-captions (training.concepts.PseudoCaptions): weight of their InfoNCE term (0 = none), and the
+    # top-class probability an image needs to get one.
+    pseudo_weight: float = 0.0
+    pseudo_threshold: float = 0.5
+    # Train the towers on the fused score (Fast + w x concepts, the frozen zero-shot channel in the loss),
+    # so they learn what the concepts lack; 0 = Fast alone, the channel added after training.
+    concept_train_weight: float = 0.0
 
 
 def augment_grid(grid: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -106,6 +113,10 @@ def train_fast(
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(total, tc.warmup_steps))
     rng = np.random.default_rng(tc.seed)
     history = {"loss": [], "dev": []}
+    pseudo = PseudoCaptions(train.grid, tc.pseudo_threshold) if tc.pseudo_weight > 0 else None
+    if pseudo is not None:
+        history["pseudo"] = {"images": pseudo.n_images, "classes": pseudo.n_classes}
+        log(f"pseudo-captions: {pseudo.n_images} of {train.n_images} images, {pseudo.n_classes} classes")
     bar = tqdm(total=total, desc="train fast", disable=not progress, file=sys.stderr, dynamic_ncols=True)
     t0 = time.time()
     for epoch in range(tc.epochs):
@@ -130,6 +141,8 @@ def train_fast(
                 loss = loss + tc.distill_weight * teacher.loss(
                     model, train, imgs, caps, im, tx, tc.distill_temperature
                 )
+            if pseudo is not None:
+                loss = loss + tc.pseudo_weight * pseudo.loss(model, imgs, im, rng, tc.bf16)
             optimizer_step(model, opt, loss)
             sched.step()
             history["loss"].append(float(loss.detach()))
@@ -157,6 +170,8 @@ def train_and_save(req: TrainRequest, teacher=None, extra: dict | None = None) -
         tc.concepts = False
     if req.concept_input:
         tc.concept_input = True
+    if req.pseudo_weight is not None:
+        tc.pseudo_weight = float(req.pseudo_weight)
     progress = req.progress
     dev = load_dev(req)
     name = "fast-distilled" if teacher is not None else "fast"
@@ -167,7 +182,13 @@ def train_and_save(req: TrainRequest, teacher=None, extra: dict | None = None) -
         tc = FastTrainConfig(**{**init_meta.get("train", {}), **keep})
     else:
         train = load_split(req, "train")
-        config = FastConfig(concepts=tc.concept_input, concept_input=tc.concept_input)
+        fused = tc.concept_train_weight > 0
+        config = FastConfig(
+            concepts=tc.concept_input or fused,
+            concept_input=tc.concept_input,
+            concept_weight=tc.concept_train_weight,
+            concept_topk=tc.concept_topk,  # the tower sees the distribution it is served with
+        )
         model, history = train_fast(train, config, tc, dev=dev, teacher=teacher, progress=progress)
     meta = {
         "train": asdict(tc),
@@ -175,6 +196,8 @@ def train_and_save(req: TrainRequest, teacher=None, extra: dict | None = None) -
         "dev": history["dev"][-1:] if history["dev"] else None,
         "train_seconds": history["train_seconds"],
     }
+    if "pseudo" in history:
+        meta["pseudo_captions"] = history["pseudo"]
     if tc.concepts and dev is not None:
         attach_concepts(model, tc.concept_prompts, tc.concept_temperature, tc.concept_topk)
         meta["concepts"] = choose_concept_weight(model, dev, log=print if progress else lambda *_: None)
