@@ -26,7 +26,7 @@ from vlsearch.models.fast import FastConfig, FastModel
 from vlsearch.models.registry import load_model
 from vlsearch.settings import home
 from vlsearch.training.common import select_images
-from vlsearch.training.fast import FastTrainConfig, train_fast
+from vlsearch.training.fast import FastTrainConfig, fast_config, train_fast
 from vlsearch.training.mining import features_fingerprint, mine_from_embeddings
 
 
@@ -91,7 +91,7 @@ def fold_priors(
             model = load_model(path)[0]
         else:
             log(f"out-of-fold prior {k + 1}/{folds}: Fast on {len(seen)} of {train.n_images} train images")
-            config = FastConfig(concepts=tc.concept_input, concept_input=tc.concept_input)
+            config = fast_config(tc)
             fold_tc = replace(tc, batch_size=min(tc.batch_size, len(seen)))  # a tiny train set: >= 1 step
             model, history = train_fast(
                 select_images(train, seen), config, fold_tc, progress=progress, log=log

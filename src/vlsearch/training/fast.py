@@ -60,6 +60,7 @@ class FastTrainConfig:
     # top-class probability an image needs to get one.
     pseudo_weight: float = 0.0
     pseudo_threshold: float = 0.5
+    pseudo_text_only: bool = False  # the pseudo term trains the text tower only (image side detached)
     # Train the towers on the fused score (Fast + w x concepts, the frozen zero-shot channel in the loss),
     # so they learn what the concepts lack; 0 = Fast alone, the channel added after training.
     concept_train_weight: float = 0.0
@@ -76,6 +77,20 @@ def augment_grid(grid: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     size = int(torch.randint(side - 2, side + 1, (), generator=gen))
     y0, x0 = (int(torch.randint(0, side + 1 - size, (), generator=gen)) for _ in range(2))
     return g[:, y0 : y0 + size, x0 : x0 + size].reshape(B, -1, C)
+
+
+def fast_config(tc: FastTrainConfig) -> FastConfig:
+    """The model shape a training config trains: the concept channel is inside the model during training
+    when the tower takes it as input or the loss sees the fused score, with the prompts, temperature and
+    top-k it will be served with."""
+    return FastConfig(
+        concepts=tc.concept_input or tc.concept_train_weight > 0,
+        concept_input=tc.concept_input,
+        concept_weight=tc.concept_train_weight,
+        concept_topk=tc.concept_topk,
+        concept_temperature=tc.concept_temperature,
+        concept_prompts=tc.concept_prompts,
+    )
 
 
 def _lr_lambda(total: int, warmup: int):
@@ -142,7 +157,9 @@ def train_fast(
                     model, train, imgs, caps, im, tx, tc.distill_temperature
                 )
             if pseudo is not None:
-                loss = loss + tc.pseudo_weight * pseudo.loss(model, imgs, im, rng, tc.bf16)
+                loss = loss + tc.pseudo_weight * pseudo.loss(
+                    model, imgs, im.detach() if tc.pseudo_text_only else im, rng, tc.bf16
+                )
             optimizer_step(model, opt, loss)
             sched.step()
             history["loss"].append(float(loss.detach()))
@@ -182,13 +199,7 @@ def train_and_save(req: TrainRequest, teacher=None, extra: dict | None = None) -
         tc = FastTrainConfig(**{**init_meta.get("train", {}), **keep})
     else:
         train = load_split(req, "train")
-        fused = tc.concept_train_weight > 0
-        config = FastConfig(
-            concepts=tc.concept_input or fused,
-            concept_input=tc.concept_input,
-            concept_weight=tc.concept_train_weight,
-            concept_topk=tc.concept_topk,  # the tower sees the distribution it is served with
-        )
+        config = fast_config(tc)
         model, history = train_fast(train, config, tc, dev=dev, teacher=teacher, progress=progress)
     meta = {
         "train": asdict(tc),
