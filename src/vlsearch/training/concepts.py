@@ -14,7 +14,7 @@ from vlsearch.encoders.dataset_features import DatasetFeatures
 from vlsearch.eval.metrics import retrieval_metrics
 from vlsearch.models.fast import ConceptChannel, FastModel
 
-WEIGHTS = (0.0, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.7, 1.0)
+WEIGHTS = (0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.5, 0.7, 1.0)
 
 
 def attach_concepts(
