@@ -23,9 +23,9 @@ def main():
     p.add_argument("--model", default="fast")
     p.add_argument("--data-root", default=None)
     p.add_argument("--coco", default="../shared/data/coco-mini")
-    p.add_argument("--prompts", default="single,ensemble")
+    p.add_argument("--prompts", default="single,ensemble,gloss")
     p.add_argument("--temperatures", default="1")
-    p.add_argument("--topk", default="0")
+    p.add_argument("--topk", default="10")
     args = p.parse_args()
     net, _, _ = load_model(args.model)
     galleries = {
