@@ -1,8 +1,9 @@
-"""Calibrating the concept channel of a trained Fast model: nothing is trained, one weight is chosen.
+"""The concept channel in training: calibrating it on a trained Fast model, and pseudo-captions from it.
 
-The zero-shot concept score (vlsearch.encoders.concepts) is added to the Fast score with the weight that
-gives the best RSUM on Flickr8k dev; the weight is saved in the checkpoint's config. Other galleries
-(coco-mini) are only ever used to check it, never to choose it.
+Calibration trains nothing: the zero-shot concept score (vlsearch.encoders.concepts) is added to the Fast
+score with the weight that gives the best RSUM on Flickr8k dev; the weight is saved in the checkpoint's
+config. Other galleries (coco-mini) are only ever used to check it, never to choose it. Pseudo-captions
+(``PseudoCaptions``) turn the backbone's confident ImageNet labels into extra training pairs.
 """
 
 from __future__ import annotations
@@ -10,9 +11,15 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from vlsearch.encoders import concepts as C
 from vlsearch.encoders.dataset_features import DatasetFeatures
+from vlsearch.encoders.features import pad
+from vlsearch.encoders.image import ImageBackbone
+from vlsearch.encoders.text import TextBackbone
 from vlsearch.eval.metrics import retrieval_metrics
 from vlsearch.models.fast import ConceptChannel, FastModel
+from vlsearch.precision import autocast
+from vlsearch.training.losses import info_nce
 
 WEIGHTS = (0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.5, 0.7, 1.0)
 
@@ -85,11 +92,6 @@ class PseudoCaptions:
     with no human caption. Rows that share a class are not pushed apart (info_nce's ``same`` mask)."""
 
     def __init__(self, grid: torch.Tensor, threshold: float = 0.5, batch: int = 1024):
-        from vlsearch.encoders import concepts as C
-        from vlsearch.encoders.features import pad
-        from vlsearch.encoders.image import ImageBackbone
-        from vlsearch.encoders.text import TextBackbone
-
         weight, bias = C.classifier_head(ImageBackbone().net)
         probs = torch.cat(
             [
@@ -124,9 +126,6 @@ class PseudoCaptions:
     def loss(self, model, imgs: torch.Tensor, image_emb: torch.Tensor, rng, bf16: bool = True):
         """InfoNCE between the batch's confident images (their embeddings as trained this step) and
         their pseudo-captions; 0 when fewer than two rows of the batch are confident."""
-        from vlsearch.precision import autocast
-        from vlsearch.training.losses import info_nce
-
         lab = self.label[imgs]
         rows = torch.nonzero(lab >= 0).squeeze(1)
         if len(rows) < 2:
