@@ -164,3 +164,20 @@ def test_pseudo_captions_name_confident_images_and_train(mini_flickr):
     assert "pseudo" not in runs[0.0][1]
     a, b = (runs[w][0].text_proj.weight for w in (0.0, 1.0))
     assert not torch.allclose(a, b)
+
+
+def test_training_sees_the_channel_it_is_served_with():
+    """The fused loss puts the concept channel in the model during training, with the prompts and top-k
+    it will be calibrated and served with; without it the towers train alone."""
+    from vlsearch.training.fast import FastTrainConfig, fast_config
+
+    tc = FastTrainConfig()
+    cfg = fast_config(tc)
+    assert cfg.concepts and cfg.concept_weight == tc.concept_train_weight > 0
+    assert (cfg.concept_prompts, cfg.concept_topk, cfg.concept_temperature) == (
+        tc.concept_prompts,
+        tc.concept_topk,
+        tc.concept_temperature,
+    )
+    assert not fast_config(FastTrainConfig(concept_train_weight=0.0)).concepts
+    assert fast_config(FastTrainConfig(concept_train_weight=0.0, concept_input=True)).concept_input
