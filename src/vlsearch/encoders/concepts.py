@@ -106,6 +106,17 @@ def sentence_states(states: torch.Tensor, lengths: torch.Tensor, layers) -> torc
     return torch.nn.functional.normalize(masked_mean(h, mask), dim=-1)
 
 
+def class_texts(
+    c: int, prompts: tuple[str, ...] = PROMPTS, names_per_class: int = 2, gloss: bool = False
+) -> list[str]:
+    """The texts that name class ``c``: each prompt for each of its first name variants, or with ``gloss``
+    "a photo of a {name}, {its WordNet definition}." per name."""
+    names = _name_variants(class_lemmas()[c], names_per_class)
+    if gloss:
+        return [GLOSS_PROMPT.format(name, class_definitions()[c]) for name in names]
+    return [p.format(name) for name in names for p in prompts]
+
+
 @torch.no_grad()
 def label_embeddings(
     layers, prompts: tuple[str, ...] = (PROMPT,), names_per_class: int = 1, gloss: bool = False
@@ -114,14 +125,10 @@ def label_embeddings(
     ``gloss``, of "a photo of a {name}, {its WordNet definition}." instead (``prompts`` unused)."""
     backbone = TextBackbone()
     texts, owner = [], []
-    definitions = class_definitions() if gloss else None
-    for c, lemmas in enumerate(class_lemmas()):
-        for name in _name_variants(lemmas, names_per_class):
-            variants = (
-                [GLOSS_PROMPT.format(name, definitions[c])] if gloss else [p.format(name) for p in prompts]
-            )
-            texts += variants
-            owner += [c] * len(variants)
+    for c in range(N_CLASSES):
+        variants = class_texts(c, prompts, names_per_class, gloss)
+        texts += variants
+        owner += [c] * len(variants)
     out = []
     for s in range(0, len(texts), 256):
         states, _ = backbone.encode(texts[s : s + 256])

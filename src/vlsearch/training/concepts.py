@@ -104,14 +104,12 @@ class PseudoCaptions:
         classes = sorted(set(self.label[self.label >= 0].tolist()))
         texts, self.texts_of = [], {}
         for c in classes:
-            variants = [p.format(n) for n in C._name_variants(C.class_lemmas()[c], 2) for p in C.PROMPTS]
+            variants = C.class_texts(c)  # 4 prompts x 2 names
             self.texts_of[c] = list(range(len(texts), len(texts) + len(variants)))
             texts += variants
         self.texts = texts
         if texts:
-            backbone, states = TextBackbone(), []
-            for s in range(0, len(texts), 256):
-                states += backbone.encode(texts[s : s + 256])[0]
+            states, _ = TextBackbone().encode(texts)  # a few thousand short prompts: one batch
             self.lengths = torch.tensor([len(x) for x in states])
             self.states = torch.from_numpy(pad(states))
 
