@@ -79,6 +79,43 @@ def test_block_pairs_and_forward_agree():
     assert torch.allclose(short[0], block[1], atol=1e-4)
 
 
+def test_fused_attention_scores_as_the_materialised_weights_do():
+    """Scores without word maps go through fused attention (scaled_dot_product_attention, bf16 tokens
+    under autocast); with maps through explicit softmax weights. Both are the same function: equal in
+    fp32, and within bf16's noise of fp32 on the inference copy."""
+    from vlsearch.precision import autocast, inference_copy
+
+    model = _small_model()
+    states, lengths = torch.randn(2, 11, 384), torch.tensor([11, 6])
+    mid, grid = torch.randn(40, 196, 112), torch.randn(40, 49, 1280)
+    with torch.no_grad():
+        text, image = model.text_state(states, lengths), model.image_state(grid, mid)
+        fused = model.score(text, image)
+        explained, maps = model.score_with_maps(text, image)
+    assert torch.allclose(fused, explained, atol=1e-5)
+    assert maps.shape == (2, 40, 11, 196)
+    fast = inference_copy(model)
+    with torch.no_grad(), autocast():
+        low = fast.score(fast.text_state(states, lengths), fast.image_state(grid, mid)).float()
+    assert torch.corrcoef(torch.stack([low.flatten(), fused.flatten()]))[0, 1] > 0.99
+
+
+def test_allocator_keeps_freed_memory_once(monkeypatch):
+    """glibc keeps freed blocks for the next query (settings.keep_freed_memory); asking again is a no-op,
+    and VLSEARCH_MALLOC=default opts out before the first call."""
+    import platform
+
+    from vlsearch import settings
+
+    monkeypatch.setattr(settings, "_allocator_tuned", False)
+    monkeypatch.setenv("VLSEARCH_MALLOC", "default")
+    assert settings.keep_freed_memory() is False
+    monkeypatch.delenv("VLSEARCH_MALLOC")
+    applied = settings.keep_freed_memory()
+    assert applied == (platform.system() == "Linux" and platform.libc_ver()[0] == "glibc")
+    assert settings.keep_freed_memory() is applied
+
+
 def test_fast_prior_starts_as_fast_and_carries_through_every_path(tiny_fast_checkpoint, monkeypatch):
     """A Slow model with a Fast prior scores exactly prior_scale x Fast cosine before training (its head's
     last layer is zero), in blocks, pairs and through the helpers that split and stack states; once the

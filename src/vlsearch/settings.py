@@ -69,9 +69,46 @@ def model_threads() -> int:
     return int(os.environ.get("VLSEARCH_THREADS", os.cpu_count() or 1))
 
 
+# glibc mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
+_MMAP_THRESHOLD_MAX = 32 << 20  # glibc's largest on 64-bit
+_allocator_tuned = False
+
+
+def keep_freed_memory() -> bool:
+    """Let glibc keep freed memory for the next tensor instead of handing it back to the kernel.
+
+    A re-ranking query allocates tens of MB of short-lived tensors (keys and values of 50 images). glibc
+    returns such blocks to the kernel on free (mmap below 32 MB is dynamic, the heap top is trimmed), so
+    every query pays the page faults of touching fresh memory again: on the bench VM that was a third of
+    a Fast+Slow query (docs/bench.md). Blocks up to 32 MB now come from a heap that is never trimmed;
+    larger ones are still mmapped and freed at once. The resident size stays at its peak, which a
+    service reaches on its first queries anyway. ``VLSEARCH_MALLOC=default`` leaves glibc alone; other
+    C libraries are left alone. Returns whether the setting was applied."""
+    global _allocator_tuned
+    if _allocator_tuned or os.environ.get("VLSEARCH_MALLOC", "").strip().lower() == "default":
+        return _allocator_tuned
+    import ctypes
+    import ctypes.util
+    import platform
+
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        ok = libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX) == 1
+        ok = ok and libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1) == 1
+        ok = ok and libc.mallopt(_M_TOP_PAD, 64 << 20) == 1
+    except (OSError, AttributeError):
+        return False
+    _allocator_tuned = ok
+    return ok
+
+
 def configure_torch() -> None:
-    """Offline hub access and both cores for intra-op work."""
+    """Offline hub access, both cores for intra-op work, and an allocator that keeps freed memory."""
     set_offline()
+    keep_freed_memory()
     import torch  # here: settings is a foundation that `vlsearch --help` imports without torch
 
     threads = model_threads()

@@ -32,6 +32,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from vlsearch.models.fast import FastConfig, FastModel
@@ -64,14 +65,29 @@ class SlowConfig:
         return self.mid_side**2 + (self.grid_side**2 if self.use_grid else 0)
 
 
-def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """softmax(q k^T / sqrt(d)) v in the keys' dtype (bf16 when they were made under autocast): the
-    [.., Lq, Lk] weights are the biggest tensors here, so no fp32 round trip. q broadcasts over k's batch."""
+def _attend(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep_weights: bool = False
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """softmax(q k^T / sqrt(d)) v in the keys' dtype (bf16 when they were made under autocast); q
+    broadcasts over k's batch. Without ``keep_weights`` it is one fused ``scaled_dot_product_attention``:
+    the [.., Lq, Lk] weights are never materialised and k, v are read in the strides they were made in
+    (the matmul form copied each transposed key block on every call: half the time of a Fast+Slow query)."""
     dtype = k.dtype
     with torch.autocast("cpu", enabled=False):
+        if not keep_weights:
+            q = q.to(dtype).expand(k.shape[0], *q.shape[1:])
+            return F.scaled_dot_product_attention(q, k, v.to(dtype)), None
         q = (q * (1.0 / math.sqrt(q.shape[-1]))).to(dtype)
         w = torch.matmul(q, k.transpose(-1, -2)).softmax(-1)
         return torch.matmul(w, v.to(dtype)), w
+
+
+def _inference_dtype(default: torch.dtype = torch.float32) -> torch.dtype:
+    """The dtype autocast computes in (bf16) when it is on and nothing is trained, else ``default``:
+    training keeps its fp32 normalisations."""
+    if torch.is_autocast_enabled("cpu") and not torch.is_grad_enabled():
+        return torch.get_autocast_dtype("cpu")
+    return default
 
 
 class SlowModel(nn.Module):
@@ -148,17 +164,23 @@ class SlowModel(nn.Module):
         if mid is None:
             raise ValueError("the Slow model attends to the 14x14 mid map: pass mid features")
         N = mid.shape[0]
+        dtype = _inference_dtype()  # under autocast the tokens stay bf16: half the bytes of each pass
         pos = (self.mid_row[:, None, :] + self.mid_col[None, :, :]).reshape(-1, c.text_dim)
-        x = self.mid_proj(self.mid_norm(mid.float())) + pos
+        parts = [self.mid_proj(self.mid_norm(mid.float())).to(dtype) + pos.to(dtype)]
         if c.use_grid:
             if grid_tokens is None:
                 if grid is None:
                     raise ValueError("this Slow model attends to the 7x7 grid too: pass grid features")
                 grid_tokens = self.project_grid(grid)
             gpos = (self.grid_row[:, None, :] + self.grid_col[None, :, :]).reshape(-1, c.text_dim)
-            x = torch.cat([x, grid_tokens.to(x.dtype) + gpos + self.grid_type], dim=1)
+            parts.append(grid_tokens.to(dtype) + (gpos + self.grid_type).to(dtype))
+        x = torch.cat(parts, dim=1)
         assert x.shape[:2] == (N, c.n_image_tokens)
-        return self.image_norm(x)
+        norm = self.image_norm
+        with torch.autocast("cpu", enabled=False):  # autocast would run it, and return it, in fp32
+            return F.layer_norm(
+                x, norm.normalized_shape, norm.weight.to(dtype), norm.bias.to(dtype), norm.eps
+            )
 
     def project_grid(self, grid: torch.Tensor) -> torch.Tensor:
         """The grid's learned projection [N,49,D], before positions: what a compact store keeps of it."""
@@ -175,6 +197,7 @@ class SlowModel(nn.Module):
 
     def _kv(self, tokens: torch.Tensor, prior: torch.Tensor | None) -> ImageKV:
         N, Lk, _ = tokens.shape
+        tokens = tokens.to(_inference_dtype(tokens.dtype))  # cast once, not once per projection
         out = []
         for layer in self.layers:
             ca = layer.cross_attn
@@ -279,7 +302,7 @@ class SlowModel(nn.Module):
         k, v = kv[0]
         NI, H, _, hd = k.shape
         q = text.q.permute(1, 0, 2, 3).reshape(1, H, T * L, hd)  # every image sees the same queries
-        ctx, w = _attend(q, k, v)  # [NI,H,T*L,hd], [NI,H,T*L,Lk]
+        ctx, w = _attend(q, k, v, keep_weights)  # [NI,H,T*L,hd], [NI,H,T*L,Lk]
         maps = w.float().mean(1).view(NI, T, L, -1).transpose(0, 1) if keep_weights else None
         ctx = ctx.view(NI, H, T, L, hd).permute(0, 2, 1, 3, 4).reshape(NI * T, H, L, hd)
         h0 = text.h[None].expand(NI, *text.h.shape).reshape(NI * T, L, -1)
@@ -299,7 +322,7 @@ class SlowModel(nn.Module):
         """Arbitrary pairs (text_index[p], image_index[p]) -> scores [P] (and weights [P, L, Lk])."""
         k, v = (x.index_select(0, image_index) for x in kv[0])
         q = text.q.index_select(0, text_index)
-        ctx, w = _attend(q, k, v)  # [P,H,L,hd]
+        ctx, w = _attend(q, k, v, keep_weights)  # [P,H,L,hd]
         maps = w.float().mean(1) if keep_weights else None
         h0, mask = text.h.index_select(0, text_index), text.mask.index_select(0, text_index)
         scores = self._upper(h0, ctx, mask, kv, image_index=image_index)
