@@ -28,6 +28,9 @@ def joint_vs_decomposed_cost(
     index_kind: str = "flat",
     batch: int = 256,
     seed: int = 0,
+    query_texts: list[str] | None = None,
+    embed_query=None,
+    text_states=None,
 ) -> list[dict]:
     """Per text query cost of the joint model (score every gallery image) vs the decomposed one, one run.
 
@@ -43,6 +46,11 @@ def joint_vs_decomposed_cost(
       synthetic 10k/100k galleries), both timed at every size.
 
     Both models run as the search path runs them: copies with bf16 linear weights (``inference_copy``).
+
+    From text (``query_texts`` with ``embed_query``, the search path's text -> embedding, e.g. an
+    ``Embedder``'s on the query runtime, and ``text_states``, text -> the MiniLM states both models start
+    from): the decomposed query is timed from its text, and the joint model is charged its text states
+    too. Rows then also carry ``*_from_text`` figures.
     """
     joint, decomposed = inference_copy(joint), inference_copy(decomposed)
     n_real = len(grid)
@@ -89,6 +97,19 @@ def joint_vs_decomposed_cost(
         encode_batched = (time.perf_counter() - t0) / len(states)
     per_pair = float(np.mean(joint_s)) / m
     encode = float(np.mean(encode_s))
+    from_text = None
+    if query_texts:
+        for t in query_texts:  # warm-up: every fixed-length query model and tokeniser path
+            embed_query(t), text_states([t])
+        enc_t, states_t = [], []
+        for t in query_texts:
+            t0 = time.perf_counter()
+            embed_query(t)
+            enc_t.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            text_states([t])
+            states_t.append(time.perf_counter() - t0)
+        from_text = (float(np.median(enc_t)), float(np.median(states_t)))
     qv = np.concatenate(queries)
     rng = np.random.default_rng(seed)
     rows = []
@@ -126,4 +147,14 @@ def joint_vs_decomposed_cost(
                 "speedup_batched": joint_ms / dec_batched_ms,
             }
         )
+        if from_text is not None:
+            dec_text_ms = 1e3 * (from_text[0] + search)
+            rows[-1].update(
+                {
+                    "decomposed_query_from_text_ms": 1e3 * from_text[0],
+                    "joint_text_states_ms": 1e3 * from_text[1],
+                    "decomposed_ms_per_query_from_text": dec_text_ms,
+                    "speedup_from_text": (joint_ms + 1e3 * from_text[1]) / dec_text_ms,
+                }
+            )
     return rows

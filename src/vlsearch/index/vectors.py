@@ -147,6 +147,13 @@ class _IVF(VectorIndex):
         if nprobe:
             faiss.extract_index_ivf(self.index).nprobe = int(nprobe)
 
+    def search(self, queries, k):
+        """One query scans its ``nprobe`` lists on every core (faiss parallel_mode 1: 3.75 -> 2.08 ms at
+        1M, 640-d, nprobe 64, 2 cores, same results); a batch splits its queries over the cores (mode
+        0). Both modes return the same rows, so concurrent callers may race on the switch."""
+        faiss.extract_index_ivf(self.index).parallel_mode = 1 if len(queries) == 1 else 0
+        return super().search(queries, k)
+
 
 class IVFFlatIndex(_IVF):
     """Inverted lists of full float32 vectors: exact scores within the ``nprobe`` nearest lists."""
