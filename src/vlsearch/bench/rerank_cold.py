@@ -3,7 +3,8 @@
 In the bench galleries a synthetic row reuses the feature key of the real image it was drawn near, so a
 query's K candidates share keys and the re-ranker computes each shared key once: fewer than K images.
 Here each timed query's K candidates get features of their own (their source image's, perturbed, under a
-key no other candidate has) in a store of their own. The engine runs its real path (``engine.search(...,
+key no other candidate has) in a store of their own, written in a random order so that a query's
+candidates lie scattered over it as a gallery's top-K lie over its feature cache. The engine runs its real path (``engine.search(...,
 rerank=K)`` through the project's ``Reranker``); only the keys it hands the re-ranker are swapped, by
 position, for the candidates' own. The cold case drops the store's files from the page cache
 (``posix_fadvise(DONTNEED)``) and the re-ranker's memo before every query, and counts the bytes the
@@ -61,23 +62,31 @@ def run(engine, reranker: Reranker, texts: list[str], K: int, work, seed: int = 
         progress=False,
     )
     rng = np.random.default_rng(seed)
-    plans = []
+    plans, items = [], []
     for q, text in enumerate(texts):
         hits = engine.search(text, k=K).hits
         src = [r.key for r in engine.index.records(np.array([h.row for h in hits]))]
         keys = [f"q{q:04d}-c{j:03d}" for j in range(len(src))]
-        parts = {}
         for name in ("grid", "mid"):
             x = source.get_stacked(src, name).astype(np.float32)
             x *= 1.0 + 0.01 * rng.standard_normal(x.shape, dtype=np.float32)  # distinct items
-            parts[name] = list(x)
-        own.images.put(keys, parts)
+            items += [(k, name, row) for k, row in zip(keys, x, strict=True)]
         plans.append((text, keys, len(set(src))))
+    # stored in a random order: a query's candidates lie scattered over the store, as a gallery's top-K
+    # lie over its feature cache (written together, they would be read as one sequential run)
+    by_key: dict[str, dict] = {}
+    for k, name, row in items:
+        by_key.setdefault(k, {})[name] = row
+    order = list(by_key)
+    rng.shuffle(order)
+    for s in range(0, len(order), 256):
+        part = order[s : s + 256]
+        own.images.put(part, {n: [by_key[k][n] for k in part] for n in ("grid", "mid")})
     mine = Reranker(reranker.model, reranker.meta, reranker.path, extractor=own)
     cases = [("warm", mine, own.images), ("cold", mine, own.images)]
     if has_compact_images(reranker.model):  # the same candidates from the compact store (int8 parts)
         small = Reranker(reranker.model, reranker.meta, reranker.path, extractor=own, compact=True)
-        small.fill_compact([k for _, keys, _ in plans for k in keys])  # index-time work: not timed
+        small.fill_compact(order)  # index-time work, not timed; scattered in the same random order
         cases += [
             ("compact warm", small, small.compact_store()),
             ("compact cold", small, small.compact_store()),

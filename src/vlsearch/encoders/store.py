@@ -19,6 +19,28 @@ from vlsearch.config import atomic_write_json, check_stamp, stamp
 from vlsearch.errors import VLSearchError
 
 
+def _prefetch(data: np.ndarray, start: int, stop: int) -> None:
+    """Ask the kernel to read rows [start, stop) of a memory-mapped array ahead (madvise WILLNEED).
+
+    Called for every item of a batch before any is copied, so the reads of items that are not in the page
+    cache go to the disk together instead of one page fault (and its readahead) after another: a
+    re-ranking query's 50 candidates, cold. A no-op where the array is not a memory map."""
+    mm = getattr(data, "_mmap", None)
+    if mm is None or stop <= start or not hasattr(mm, "madvise"):
+        return
+    import mmap
+
+    base = int(getattr(data, "offset", 0)) % mmap.ALLOCATIONGRANULARITY  # where the array starts in mm
+    row = data.strides[0]
+    lo = base + start * row
+    hi = base + stop * row
+    lo -= lo % mmap.PAGESIZE
+    try:
+        mm.madvise(mmap.MADV_WILLNEED, lo, min(hi, len(mm)) - lo)
+    except (OSError, ValueError):
+        pass
+
+
 class TokenStore:
     def __init__(self, root: str | Path, fields: dict[str, tuple[int, str]], meta: dict):
         """fields: name -> (dim, numpy dtype name). meta: what made the features (backbone, resolution...)."""
@@ -97,14 +119,18 @@ class TokenStore:
     def get(self, keys: list[str], name: str) -> list[np.ndarray]:
         """Item arrays for keys (each [n_i, dim]); raises KeyError naming a missing key."""
         where = self._lookup(list(dict.fromkeys(keys)))
-        out = []
         for k in keys:
             if k not in where:
                 raise KeyError(f"feature cache {self.root} has no item {k}")
+        spans = []
+        for k in keys:
             chunk, row = where[k]
             data, offsets = self._open(chunk, name)
-            out.append(np.asarray(data[offsets[row] : offsets[row + 1]]))
-        return out
+            spans.append((data, int(offsets[row]), int(offsets[row + 1])))
+        if len(spans) > 1:
+            for data, a, b in spans:
+                _prefetch(data, a, b)
+        return [np.asarray(data[a:b]) for data, a, b in spans]
 
     def evict_page_cache(self) -> int:
         """Close the memory maps and drop the chunk files from the OS page cache (posix_fadvise
