@@ -100,7 +100,8 @@ def joint_vs_decomposed_cost(
     from_text = None
     if query_texts:
         for t in query_texts:  # warm-up: every fixed-length query model and tokeniser path
-            embed_query(t), text_states([t])
+            embed_query(t)
+            text_states([t])
         enc_t, states_t = [], []
         for t in query_texts:
             t0 = time.perf_counter()

@@ -4,12 +4,12 @@ In the bench galleries a synthetic row reuses the feature key of the real image 
 query's K candidates share keys and the re-ranker computes each shared key once: fewer than K images.
 Here each timed query's K candidates get features of their own (their source image's, perturbed, under a
 key no other candidate has) in a store of their own, written in a random order so that a query's
-candidates lie scattered over it as a gallery's top-K lie over its feature cache. The engine runs its real path (``engine.search(...,
-rerank=K)`` through the project's ``Reranker``); only the keys it hands the re-ranker are swapped, by
-position, for the candidates' own. The cold case drops the store's files from the page cache
-(``posix_fadvise(DONTNEED)``) and the re-ranker's memo before every query, and counts the bytes the
-query read from disk. With a model that has compact parts (the Slow model), the same candidates are
-timed again from the compact store (int8 parts, encoders/compact.py), warm and cold.
+candidates lie scattered over it as a gallery's top-K lie over its feature cache. The engine runs its
+real path (``engine.search(..., rerank=K)`` through the project's ``Reranker``); only the keys it hands
+the re-ranker are swapped, by position, for the candidates' own. The cold case drops the store's files
+from the page cache (``posix_fadvise(DONTNEED)``) and the re-ranker's memo before every query, and counts
+the bytes the query read from disk. With a model that has compact parts (the Slow model), the same
+candidates are timed again from the compact store (int8 parts, encoders/compact.py), warm and cold.
 """
 
 from __future__ import annotations
@@ -62,7 +62,8 @@ def run(engine, reranker: Reranker, texts: list[str], K: int, work, seed: int = 
         progress=False,
     )
     rng = np.random.default_rng(seed)
-    plans, items = [], []
+    plans: list = []
+    by_key: dict[str, dict] = {}  # key -> {"grid": row, "mid": row}
     for q, text in enumerate(texts):
         hits = engine.search(text, k=K).hits
         src = [r.key for r in engine.index.records(np.array([h.row for h in hits]))]
@@ -70,13 +71,11 @@ def run(engine, reranker: Reranker, texts: list[str], K: int, work, seed: int = 
         for name in ("grid", "mid"):
             x = source.get_stacked(src, name).astype(np.float32)
             x *= 1.0 + 0.01 * rng.standard_normal(x.shape, dtype=np.float32)  # distinct items
-            items += [(k, name, row) for k, row in zip(keys, x, strict=True)]
+            for k, row in zip(keys, x, strict=True):
+                by_key.setdefault(k, {})[name] = row
         plans.append((text, keys, len(set(src))))
     # stored in a random order: a query's candidates lie scattered over the store, as a gallery's top-K
     # lie over its feature cache (written together, they would be read as one sequential run)
-    by_key: dict[str, dict] = {}
-    for k, name, row in items:
-        by_key.setdefault(k, {})[name] = row
     order = list(by_key)
     rng.shuffle(order)
     for s in range(0, len(order), 256):

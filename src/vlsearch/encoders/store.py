@@ -8,6 +8,7 @@ SQLite, so a killed run loses at most the chunk in flight and the next run resum
 from __future__ import annotations
 
 import json
+import mmap
 import sqlite3
 import threading
 import uuid
@@ -28,8 +29,6 @@ def _prefetch(data: np.ndarray, start: int, stop: int) -> None:
     mm = getattr(data, "_mmap", None)
     if mm is None or stop <= start or not hasattr(mm, "madvise"):
         return
-    import mmap
-
     base = int(getattr(data, "offset", 0)) % mmap.ALLOCATIONGRANULARITY  # where the array starts in mm
     row = data.strides[0]
     lo = base + start * row
