@@ -4,7 +4,10 @@ The library API is small: ``vlsearch.load(index_dir)`` returns a :class:`~vlsear
 with ``.search(text, k)``, ``.search_image(image, k)`` and ``.add(paths)``.
 """
 
+from vlsearch.settings import short_openmp_spin
 from vlsearch.version import FORMAT_VERSION, __version__
+
+short_openmp_spin()  # before anything loads torch (settings.py says why)
 
 __all__ = ["FORMAT_VERSION", "__version__", "load"]
 
