@@ -53,7 +53,7 @@ def test_bench_quick_writes_json_plot_and_table(
         assert pairs[key]["available"] is True and pairs[key]["pairs_per_s"] > 0, pairs[key]
     assert pairs["slow"]["weights"].startswith("checkpoint "), pairs["slow"]
     assert pairs["deformer_joint"]["weights"].startswith("random weights"), pairs["deformer_joint"]
-    kinds = {"flat", "hnsw", "ivfflat", "ivfpq"}
+    kinds = {"flat", "hnsw", "ivfflat", "ivfsq", "ivfpq"}
     assert result["gallery_sizes"] == [60, 300]
     fast = [r for r in result["latency"] if r["pipeline"] == "fast"]
     assert {(r["n"], r["kind"]) for r in fast} == {(n, k) for n in (60, 300) for k in kinds}
@@ -80,7 +80,7 @@ def test_bench_quick_writes_json_plot_and_table(
     assert not (out / ".work").exists()
 
 
-@pytest.mark.parametrize("kind", ["hnsw", "ivfflat", "ivfpq"])
+@pytest.mark.parametrize("kind", ["hnsw", "ivfflat", "ivfsq", "ivfpq"])
 def test_approximate_kinds_find_the_exact_neighbours(kind, tmp_path):
     """Clustered unit vectors (as embeddings are): each kind keeps most of the exact top-10, and an index
     folder of it re-opens with the same answers (IVF-PQ re-checks against the memory-mapped embeddings)."""

@@ -129,6 +129,15 @@ def test_killed_index_run_full_chunks(tiny_fast_checkpoint, mini_flickr, tmp_pat
     assert done == 512
 
 
+def test_the_cli_offers_every_vector_index_kind():
+    """settings.VECTOR_INDEX_KINDS (what `vlsearch index --kind` and `eval --index` offer without loading
+    faiss) names exactly the kinds index/vectors.py implements."""
+    from vlsearch.index.vectors import KINDS
+    from vlsearch.settings import VECTOR_INDEX_KINDS
+
+    assert tuple(KINDS) == VECTOR_INDEX_KINDS
+
+
 def test_ivf_single_queries_match_the_batch():
     """One query searches its lists on every core (faiss parallel_mode 1), a batch splits its queries
     (mode 0): the same rows and scores either way."""
@@ -139,7 +148,7 @@ def test_ivf_single_queries_match_the_batch():
     rng = np.random.default_rng(0)
     x = rng.standard_normal((3000, 32)).astype(np.float32)
     x /= np.linalg.norm(x, axis=1, keepdims=True)
-    for kind in ("ivfflat", "ivfpq"):
+    for kind in ("ivfflat", "ivfsq", "ivfpq"):
         index = make_vector_index(32, len(x), kind)
         index.add(x)
         q = x[:20] + 0.05 * rng.standard_normal((20, 32)).astype(np.float32)
@@ -148,3 +157,23 @@ def test_ivf_single_queries_match_the_batch():
             scores, rows = index.search(q[i : i + 1], 10)
             assert (rows[0] == batch_rows[i]).all()
             assert np.allclose(scores[0], batch_scores[i], atol=1e-6)
+
+
+def test_openmp_workers_spin_briefly_unless_the_user_says_otherwise():
+    """Importing vlsearch before torch shortens libgomp's idle spin (settings.short_openmp_spin) for
+    every OpenMP runtime the process loads (PyTorch's, which faiss's loops run on, and faiss's own); a
+    GOMP_SPINCOUNT the user set is kept."""
+    from vlsearch.settings import OPENMP_SPINCOUNT
+
+    code = "import vlsearch.index.vectors, torch; torch.ones(64, 64) @ torch.ones(64, 64)"
+    base = {k: v for k, v in os.environ.items() if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
+    for preset, want in ((None, OPENMP_SPINCOUNT), ("50000", "50000")):
+        env = {**base, "OMP_DISPLAY_ENV": "verbose"}  # libgomp prints its settings when it loads
+        if preset:
+            env["GOMP_SPINCOUNT"] = preset
+        run = subprocess.run(
+            [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
+        )
+        assert run.returncode == 0, run.stderr
+        spins = re.findall(r"GOMP_SPINCOUNT = '(\d+)'", run.stderr)
+        assert len(spins) == 2 and set(spins) == {want}, run.stderr  # PyTorch's libgomp and faiss's

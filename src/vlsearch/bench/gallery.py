@@ -29,7 +29,7 @@ from vlsearch.index.vectors import make_vector_index
 from vlsearch.precision import autocast
 from vlsearch.search.engine import SearchEngine
 
-KINDS = ("flat", "hnsw", "ivfflat", "ivfpq")
+KINDS = ("flat", "hnsw", "ivfflat", "ivfsq", "ivfpq")
 RERANK_KS = (10, 50, 100)
 
 
@@ -43,8 +43,8 @@ def _touched_bytes(vi, n: int, d: int, k: int, ndis: float | None) -> float:
     ivf = faiss.extract_index_ivf(vi.index)
     coarse = ivf.nlist * d * 4
     frac = min(1.0, ivf.nprobe / ivf.nlist)
-    if kind == "ivfflat":
-        return coarse + frac * n * d * 4
+    if kind in ("ivfflat", "ivfsq"):
+        return coarse + frac * n * ivf.code_size
     code = ivf.code_size
     return coarse + frac * n * code + k * getattr(vi, "k_factor", 1) * d * 2
 

@@ -56,7 +56,7 @@ def _params(vi) -> dict:
     if vi.kind == "hnsw":
         h = vi.index.hnsw
         return {"M": h.nb_neighbors(1), "efConstruction": h.efConstruction, "efSearch": h.efSearch}
-    if vi.kind in ("ivfflat", "ivfpq"):
+    if vi.kind in ("ivfflat", "ivfsq", "ivfpq"):
         ivf = faiss.extract_index_ivf(vi.index)
         out = {"nlist": ivf.nlist, "nprobe": ivf.nprobe}
         if vi.kind == "ivfpq":

@@ -265,7 +265,7 @@ def plot(r: dict, path: Path) -> Path:
     # (c) latency
     ax = axes[1, 0]
     lat = r["latency"]
-    styles = {"flat": "o-", "hnsw": "s-", "ivfflat": "^-", "ivfpq": "d-"}
+    styles = {"flat": "o-", "hnsw": "s-", "ivfflat": "^-", "ivfsq": "v-", "ivfpq": "d-"}
     for kind, st in styles.items():
         pts = [(x["n"], x["p50_ms"]) for x in lat if x["kind"] == kind and x["pipeline"] == "fast"]
         if pts:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from vlsearch.commands._common import add_data_args, add_model_arg, add_quiet, fmt_metrics, print_json
 from vlsearch.errors import QueryError
+from vlsearch.settings import VECTOR_INDEX_KINDS
 
 # Heavy imports (torch, faiss, FastAPI and the vlsearch layers on them) are inside the functions: `vlsearch`
 # imports every command module to build its parser, and only the command that runs should load them.
@@ -26,7 +27,7 @@ def register(sub):
     p.add_argument(
         "--index",
         default="flat",
-        choices=["flat", "hnsw", "ivfpq", "auto"],
+        choices=[*VECTOR_INDEX_KINDS, "auto"],
         help="also measure an approximate index",
     )
     p.add_argument(

@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 from vlsearch.commands._common import add_model_arg, add_quiet
-from vlsearch.settings import default_index_dir
+from vlsearch.settings import VECTOR_INDEX_KINDS, default_index_dir
 
 # Heavy imports (torch, faiss, FastAPI and the vlsearch layers on them) are inside the functions: `vlsearch`
 # imports every command module to build its parser, and only the command that runs should load them.
@@ -20,9 +20,7 @@ def register(sub):
     p.add_argument("--split", default="dev", help="dataset split when SOURCE is a dataset (default: dev)")
     add_model_arg(p)
     p.add_argument("--out", default=None, help="index folder (default: ~/.cache/vlsearch/indexes/default)")
-    p.add_argument(
-        "--kind", default="auto", choices=["auto", "flat", "hnsw", "ivfpq"], help="vector index type"
-    )
+    p.add_argument("--kind", default="auto", choices=["auto", *VECTOR_INDEX_KINDS], help="vector index type")
     p.add_argument(
         "--add", metavar="FOLDER", default=None, help="add the images of FOLDER to the existing index --out"
     )
