@@ -138,6 +138,20 @@ def test_the_cli_offers_every_vector_index_kind():
     assert tuple(KINDS) == VECTOR_INDEX_KINDS
 
 
+def test_auto_picks_the_kind_by_gallery_size():
+    """Exact search for small galleries, then HNSW, fp16 IVF lists, and PQ codes only when fp16 codes would
+    not fit in memory (the thresholds' reasons are in index/vectors.py)."""
+    from vlsearch.index import vectors as V
+
+    for n, want in (
+        (1_000, "flat"),
+        (V.AUTO_THRESHOLD, "hnsw"),
+        (V.AUTO_IVF_THRESHOLD, "ivfsq"),
+        (V.AUTO_IVFPQ_THRESHOLD, "ivfpq"),
+    ):
+        assert V.make_vector_index(64, n, "auto").kind == want, n
+
+
 def test_ivf_single_queries_match_the_batch():
     """One query searches its lists on every core (faiss parallel_mode 1), a batch splits its queries
     (mode 0): the same rows and scores either way."""

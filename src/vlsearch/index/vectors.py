@@ -1,12 +1,13 @@
 """One small interface over faiss indexes of unit vectors searched by inner product (cosine).
 
-Exact search (Flat) below ``AUTO_THRESHOLD`` vectors; an HNSW graph above it and IVF-PQ from
-``AUTO_IVFPQ_THRESHOLD``: their recall against exact search `vlsearch eval --index` and `vlsearch bench`
-report. IVF-Flat (inverted lists of full vectors)
-builds much faster than HNSW on few cores; IVF-SQ keeps the same lists as fp16 codes, half the bytes a
-query scans, for the same recall. IVF-PQ is for galleries that no longer fit in memory as float32:
-it keeps 32-byte codes in memory and re-checks its top ``k * k_factor`` candidates exactly against the
-fp16 embeddings (the gallery's memory-mapped ``embeddings.npy``, attached with ``attach_vectors``).
+``make_vector_index(kind="auto")`` picks by gallery size: exact search (Flat) below ``AUTO_THRESHOLD``
+vectors, an HNSW graph up to ``AUTO_IVF_THRESHOLD``, IVF-SQ (inverted lists of fp16 codes) up to
+``AUTO_IVFPQ_THRESHOLD``, and IVF-PQ beyond, where even fp16 codes would not fit in memory. Their recall
+against exact search `vlsearch eval --index` and `vlsearch bench` report. IVF-Flat (inverted lists of full
+vectors) builds much faster than HNSW on few cores; IVF-SQ keeps the same lists in half the bytes, for
+the same recall. IVF-PQ keeps 32-byte codes in memory and re-checks its top ``k * k_factor`` candidates
+exactly against the fp16 embeddings (the gallery's memory-mapped ``embeddings.npy``, attached with
+``attach_vectors``).
 """
 
 from __future__ import annotations
@@ -19,10 +20,12 @@ import faiss
 import numpy as np
 
 AUTO_THRESHOLD = 50_000
-# Above this, "auto" picks IVF-PQ: on 2 cores an HNSW graph of 1M vectors takes 8-11 min to build and
-# needs efSearch 512 to keep recall@10 >= 0.95, where IVF-PQ builds in ~4 min, keeps 0.96 at 1/30 of
-# the memory and answers faster (`vlsearch bench`, docs/bench.md).
-AUTO_IVFPQ_THRESHOLD = 500_000
+# From here "auto" picks IVF-SQ: on 2 cores an HNSW graph of 1M 640-d vectors takes 2.5-3.5 min to build
+# and keeps only recall@10 0.88 at efSearch 512, where IVF-SQ keeps 0.98 (IVF-PQ 0.89) at 1.3 GB per
+# million vectors (`vlsearch bench`, docs/bench.md).
+AUTO_IVF_THRESHOLD = 500_000
+# From here IVF-PQ: fp16 codes of 8M 640-d vectors fill 10 GB; PQ codes take 1/40 of it.
+AUTO_IVFPQ_THRESHOLD = 8_000_000
 
 
 class VectorIndex(ABC):
@@ -262,6 +265,8 @@ def make_vector_index(dim: int, n_expected: int, kind: str = "auto") -> VectorIn
             "flat"
             if n_expected < AUTO_THRESHOLD
             else "hnsw"
+            if n_expected < AUTO_IVF_THRESHOLD
+            else "ivfsq"
             if n_expected < AUTO_IVFPQ_THRESHOLD
             else "ivfpq"
         )
