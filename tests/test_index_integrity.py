@@ -152,6 +152,23 @@ def test_auto_picks_the_kind_by_gallery_size():
         assert V.make_vector_index(64, n, "auto").kind == want, n
 
 
+def test_inner_products_of_stored_rows_match_numpy(tmp_path):
+    """The re-check and filtered scores (vectors.inner_products, on PyTorch's threads) equal numpy's
+    matmul, for a read-only slice of a memory-mapped fp16 file and for gathered rows."""
+    import numpy as np
+
+    from vlsearch.index.vectors import inner_products
+
+    rng = np.random.default_rng(0)
+    np.save(tmp_path / "e.npy", rng.standard_normal((500, 48)).astype(np.float16))
+    emb = np.load(tmp_path / "e.npy", mmap_mode="r")
+    q = rng.standard_normal(48).astype(np.float32)
+    for rows in (emb[100:300], emb[np.array([3, 499, 7])]):
+        want = np.asarray(rows, np.float32) @ q
+        got = inner_products(rows, q[None])
+        assert got.dtype == np.float32 and np.allclose(got, want, atol=1e-4)
+
+
 def test_ivf_single_queries_match_the_batch():
     """One query searches its lists on every core (faiss parallel_mode 1), a batch splits its queries
     (mode 0): the same rows and scores either way."""

@@ -16,6 +16,7 @@ import faiss
 import numpy as np
 
 from vlsearch.data.metadata import PhotoMeta
+from vlsearch.index.vectors import inner_products
 
 COLUMNS = PhotoMeta.columns()
 EARTH_KM = 6371.0088
@@ -173,7 +174,7 @@ def search_filtered(
     q = np.ascontiguousarray(query, dtype=np.float32).reshape(1, -1)
     if len(allowed) <= EXACT_SUBSET and embeddings is not None:
         flat = _fp32_view(vi)  # the faiss index's own float32 vectors when it keeps them, else fp16
-        scores = (flat[allowed] if flat is not None else np.asarray(embeddings[allowed], np.float32)) @ q[0]
+        scores = inner_products(flat[allowed] if flat is not None else embeddings[allowed], q[0])
         top = np.argpartition(-scores, k - 1)[:k] if k < len(scores) else np.arange(len(scores))
         top = top[np.lexsort((allowed[top], -scores[top]))]
         return scores[top], allowed[top]

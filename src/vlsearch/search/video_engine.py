@@ -13,6 +13,7 @@ import time
 import numpy as np
 
 from vlsearch.errors import QueryError
+from vlsearch.index.vectors import inner_products
 from vlsearch.models.embedder import check_query
 from vlsearch.search.results import MAX_RERANK, CaptionHit, Hit, SearchResult, check_k
 from vlsearch.search.video import (
@@ -51,7 +52,7 @@ def row_scores(engine, q: np.ndarray) -> np.ndarray:
         a, c = int(lay.first[v]), int(lay.count[v])
         for s in range(a, a + c, BLOCK):
             e = min(a + c, s + BLOCK)
-            out[s:e] = np.asarray(emb[s:e], dtype=np.float32) @ q
+            out[s:e] = inner_products(emb[s:e], q)
     return out
 
 
