@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 # Text queries are truncated to this many word-pieces by the tokenizer; longer input is rejected above
@@ -85,8 +86,6 @@ def short_openmp_spin() -> bool:
     ms, 4.5-4.6 with 10,000 turns; one text x 50 Slow pairs is unchanged (docs/bench.md). libgomp reads
     the variable once, when it is loaded, so this runs when the package is imported and does nothing once
     torch is. A ``GOMP_SPINCOUNT`` or ``OMP_WAIT_POLICY`` already set wins. Returns whether it was set."""
-    import sys
-
     if "torch" in sys.modules or "GOMP_SPINCOUNT" in os.environ or "OMP_WAIT_POLICY" in os.environ:
         return False
     os.environ["GOMP_SPINCOUNT"] = OPENMP_SPINCOUNT  # inherited by the workers this process starts

@@ -43,9 +43,9 @@ def _touched_bytes(vi, n: int, d: int, k: int, ndis: float | None) -> float:
     ivf = faiss.extract_index_ivf(vi.index)
     coarse = ivf.nlist * d * 4
     frac = min(1.0, ivf.nprobe / ivf.nlist)
-    if kind in ("ivfflat", "ivfsq"):
-        return coarse + frac * n * ivf.code_size
     code = ivf.code_size
+    if kind in ("ivfflat", "ivfsq"):
+        return coarse + frac * n * code
     return coarse + frac * n * code + k * getattr(vi, "k_factor", 1) * d * 2
 
 
