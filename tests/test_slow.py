@@ -79,6 +79,36 @@ def test_block_pairs_and_forward_agree():
     assert torch.allclose(short[0], block[1], atol=1e-4)
 
 
+def test_one_query_scores_through_the_weights_as_from_keys_and_values():
+    """A query's few words go through the key/value weights onto the image tokens (no keys/values are
+    computed, the state keeps none); a block of many texts computes them once and keeps them. Both give
+    score_block's scores: equal in fp32, within bf16's noise of fp32 on the inference copy."""
+    from vlsearch.models.slow import through_weights
+    from vlsearch.precision import autocast, inference_copy
+
+    model = _small_model()
+    states, lengths = torch.randn(10, 13, 384), torch.tensor([13, 4, 9, 13, 7, 2, 13, 5, 11, 3])
+    mid, grid = torch.randn(7, 196, 112), torch.randn(7, 49, 1280)
+    with torch.no_grad():
+        text, kv = model.text_state(states, lengths), model.image_kv(grid, mid)
+        want = model.score_block(text, kv)
+        one = model.image_state(grid, mid)
+        for i in range(len(states)):
+            got = model.score(text.rows(slice(i, i + 1)), one)
+            assert torch.allclose(got, want[i : i + 1], atol=1e-4)
+        assert one.kv is None  # one query at a time computed no keys/values
+        assert not through_weights(10, 13, model.layers[0].cross_attn.heads, 384)
+        many = model.image_state(grid, mid)
+        assert torch.allclose(model.score(text, many), want, atol=1e-4)
+        assert many.kv is not None and torch.equal(many.kv[0][0], kv[0][0])  # kept for the next block
+        assert torch.allclose(model.score(text, many.rows(slice(2, 5))), want[:, 2:5], atol=1e-4)
+    low_model = inference_copy(model)
+    with torch.no_grad(), autocast():
+        low_text, low_image = low_model.text_state(states, lengths), low_model.image_state(grid, mid)
+        low = torch.cat([low_model.score(low_text.rows(slice(i, i + 1)), low_image) for i in range(10)])
+    assert torch.corrcoef(torch.stack([low.float().flatten(), want.flatten()]))[0, 1] > 0.99
+
+
 def test_fused_attention_scores_as_the_materialised_weights_do():
     """Scores without word maps go through fused attention (scaled_dot_product_attention, bf16 tokens
     under autocast); with maps through explicit softmax weights. Both are the same function: equal in

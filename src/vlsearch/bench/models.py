@@ -15,7 +15,7 @@ import torch
 
 from vlsearch.errors import VLSearchError
 from vlsearch.models.registry import load_model
-from vlsearch.precision import bf16_linears
+from vlsearch.precision import autocast, bf16_linears
 
 # ViT-B/32 as released by OpenAI (Radford et al. 2021): 12 x 768 vision, 12 x 512 text, 77 positions.
 CLIP_VISION = dict(
@@ -176,6 +176,19 @@ def pair_scorer_fn(m: OurModel):
     def fn(states, lengths, grid, mid):
         out = model.score_texts_images(states, lengths, grid, mid)
         return out.reshape(-1)
+
+    return fn
+
+
+def slow_keys_values_fn(m: OurModel):
+    """pair_scorer_fn's call the way the Slow model scored one query before it went through the key/value
+    weights (models/slow.py): each image's cross-attention keys and values computed, then attended."""
+    model = m.model
+
+    def fn(states, lengths, grid, mid):
+        with torch.no_grad(), autocast():
+            text = model.text_state(states, lengths)
+            return model.score_from_keys_values(text, model.image_state(grid, mid)).float().reshape(-1)
 
     return fn
 

@@ -337,6 +337,7 @@ def run_bench(
         q_gflops = result.get("query_gflops")
         q_floor = Floors(result["hardware"]).flop_ms(q_gflops * 1e9) if q_gflops else None
         result["targets"]["lines"] += runtimes.targets(result.get("runtimes"), q_floor)
+        result["targets"]["lines"] += throughput.pair_targets(result.get("pair_scoring"))
     finally:
         shutil.rmtree(work, ignore_errors=True)
     log("report")

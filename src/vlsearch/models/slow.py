@@ -16,6 +16,9 @@ Layout, chosen for pair throughput on CPU (docs/slow.md):
 - the image side (tokens and each layer's cross-attention keys/values, ``image_kv``) never depends on the
   text: computed once per image and reused by every text scored against it. ``score_block`` scores all
   texts x images without copying per pair; ``score_pairs`` takes arbitrary pairs. bf16 autocast.
+- one query against its K candidates (re-ranking) computes no keys/values at all: its few queries go
+  through the key and value weights onto the image tokens (``_attend_through_weights``), the same scores
+  for a fifth of the work (``score`` picks the cheaper way per block).
 
 A Fast prior (``SlowConfig.fast_prior``, the default for `vlsearch train slow`): the model carries a frozen
 copy of the trained Fast towers, and its score is ``prior_scale * fast_cosine + ITM head``, with the head's
@@ -80,6 +83,40 @@ def _attend(
         q = (q * (1.0 / math.sqrt(q.shape[-1]))).to(dtype)
         w = torch.matmul(q, k.transpose(-1, -2)).softmax(-1)
         return torch.matmul(w, v.to(dtype)), w
+
+
+def _attend_through_weights(attn: Attention, q: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """``_attend(q, attn.k(tokens), attn.v(tokens))`` without computing any key or value: q [B,H,M,hd]
+    (B = 1, shared by every image, or one block per image), tokens [N,Lk,D] -> [N,H,M,hd].
+
+    A score q.k_j = (Wk_h^T q).t_j + q.bk, and the last term is the same for every key j, so softmax drops
+    it; a context sum_j a_j (Wv t_j + bv) = Wv (sum_j a_j t_j) + bv, since the weights sum to 1. Queries go
+    through the key weights and the weighted tokens through the value weights: 2*H*M*Lk*D + M*D*D
+    multiply-adds per image instead of 2*Lk*D*D for the keys and values alone, less whenever
+    M < ~100 (one text: M is its length, 8-32)."""
+    N, Lk, D = tokens.shape
+    B, H, M, hd = q.shape
+    dtype = tokens.dtype
+    with torch.autocast("cpu", enabled=False):
+        wk = attn.k.weight.view(H, hd, D)
+        qk = torch.matmul(q.transpose(0, 1).reshape(H, B * M, hd).to(wk.dtype), wk)  # [H, B*M, D]
+        qk = qk.view(H, B, M, D).transpose(0, 1).reshape(B, H * M, D).to(dtype)
+        if B == 1:  # one matmul over every image's tokens
+            s = (tokens.reshape(N * Lk, D) @ qk[0].t()).view(N, Lk, H * M).transpose(1, 2)
+        else:
+            s = torch.bmm(qk, tokens.transpose(1, 2))  # [N, H*M, Lk]
+        w = (s.float() * (1.0 / math.sqrt(hd))).softmax(-1).to(dtype)
+        mixed = torch.bmm(w, tokens).view(N, H, M, D).transpose(0, 1).reshape(H, N * M, D)
+        wv = attn.v.weight.view(H, hd, D).transpose(1, 2).to(dtype)  # [H, D, hd]
+        ctx = torch.bmm(mixed, wv).view(H, N, M, hd).transpose(0, 1)
+        return ctx + attn.v.bias.view(1, H, 1, hd).to(dtype)
+
+
+def through_weights(text_rows: int, length: int, heads: int, dim: int) -> bool:
+    """Whether a block of ``text_rows`` texts of ``length`` tokens is scored cheaper through the weights
+    (``_attend_through_weights``) than from computed keys/values: when its cross-attention queries number
+    at most dim/heads (96 here; the break-even is ~100 for 245 image tokens)."""
+    return text_rows * length * heads <= dim
 
 
 def _inference_dtype(default: torch.dtype = torch.float32) -> torch.dtype:
@@ -189,11 +226,19 @@ class SlowModel(nn.Module):
     def image_kv(self, grid: torch.Tensor | None, mid: torch.Tensor) -> ImageKV:
         """Each fusion layer's cross-attention keys and values for these images: [(k, v)] [N,H,Lk,hd]
         (then the prior's image vectors, with a Fast prior)."""
-        prior = None
-        if self.prior is not None:
-            with torch.no_grad():
-                prior = self.prior.encode_image(grid).float()
-        return self._kv(self.image_tokens(grid, mid), prior)
+        return self._kv(self.image_tokens(grid, mid), self._prior_images(grid))
+
+    def _prior_images(self, grid: torch.Tensor | None) -> torch.Tensor | None:
+        if self.prior is None:
+            return None
+        with torch.no_grad():
+            return self.prior.encode_image(grid).float()
+
+    def keys_values(self, image: SlowImageState) -> ImageKV:
+        """The state's keys/values, computed from its tokens on first use and kept in it."""
+        if image.kv is None:
+            image.kv = self._kv(image.tokens, image.prior)
+        return image.kv
 
     def _kv(self, tokens: torch.Tensor, prior: torch.Tensor | None) -> ImageKV:
         N, Lk, _ = tokens.shape
@@ -230,8 +275,7 @@ class SlowModel(nn.Module):
 
     def image_state_from_parts(self, parts: dict[str, torch.Tensor]) -> SlowImageState:
         prior = parts["prior"][:, 0, :].float() if self.prior is not None else None
-        tokens = self.image_tokens(None, parts["mid"], parts.get("grid_tokens"))
-        return SlowImageState(self._kv(tokens, prior))
+        return SlowImageState(self.image_tokens(None, parts["mid"], parts.get("grid_tokens")), prior)
 
     def compact_digest(self) -> str:
         """Names a compact store: a hash of the weights that make the parts (another checkpoint's parts
@@ -245,11 +289,12 @@ class SlowModel(nn.Module):
                 h.update(value.detach().float().contiguous().numpy().tobytes())
         return h.hexdigest()[:12]
 
-    def _prior_scores(self, text: TextState, kv: ImageKV, text_index=None, image_index=None):
-        """prior_scale x Fast cosine: for the block [T, NI], or for the pairs [P]; 0 without a prior."""
+    def _prior_scores(self, text: TextState, e: torch.Tensor | None, text_index=None, image_index=None):
+        """prior_scale x Fast cosine with the images' prior vectors e [NI, E]: for the block [T, NI], or
+        for the pairs [P]; 0 without a prior."""
         if self.prior is None:
             return 0.0
-        t, e = text.prior, kv[len(self.layers)][0]
+        t = text.prior
         if text_index is None:
             return self.prior_scale * (t @ e.t())
         return self.prior_scale * (t.index_select(0, text_index) * e.index_select(0, image_index)).sum(-1)
@@ -273,16 +318,27 @@ class SlowModel(nn.Module):
 
     # -- the PairScorer contract (models/contracts.py) ------------------------------------------------------
     def image_state(self, grid: torch.Tensor | None, mid: torch.Tensor | None = None) -> SlowImageState:
-        return SlowImageState(self.image_kv(grid, mid))
+        return SlowImageState(self.image_tokens(grid, mid), self._prior_images(grid))
 
     def score(self, text: TextState, image: SlowImageState) -> torch.Tensor:
-        """score_block on the texts trimmed to their longest, rounded up to 8 tokens: blocks of any rows
-        see few distinct shapes, so the CPU kernels made for one shape serve the next."""
-        return self.score_block(self._trim(text), image.kv)
+        """Every text with every image [T, N], on the texts trimmed to their longest, rounded up to 8
+        tokens (blocks of any rows see few distinct shapes, so the CPU kernels made for one shape serve the
+        next). A few texts (one query) go through the key/value weights, many from computed keys/values
+        (``through_weights``): the same scores to bf16 rounding."""
+        trimmed = self._trim(text)
+        ca = self.layers[0].cross_attn
+        if through_weights(len(trimmed), trimmed.mask.shape[1], ca.heads, self.config.text_dim):
+            return self._score_through_weights(trimmed, image)
+        return self.score_from_keys_values(text, image)
+
+    def score_from_keys_values(self, text: TextState, image: SlowImageState) -> torch.Tensor:
+        """``score`` from the images' computed keys/values, whatever the block's size (the bench's
+        before-and-after row, and blocks of many texts)."""
+        return self.score_block(self._trim(text), self.keys_values(image))
 
     def score_with_maps(self, text: TextState, image: SlowImageState) -> tuple[torch.Tensor, torch.Tensor]:
         """Scores [T, N] and each pair's word-to-region maps [T, N, L, 196] (what explains a result)."""
-        scores, weights = self.score_block(self._trim(text), image.kv, keep_weights=True)
+        scores, weights = self.score_block(self._trim(text), self.keys_values(image), keep_weights=True)
         return scores, torch.stack([self.attention_maps(w) for w in weights])
 
     @staticmethod
@@ -308,8 +364,27 @@ class SlowModel(nn.Module):
         h0 = text.h[None].expand(NI, *text.h.shape).reshape(NI * T, L, -1)
         mask = text.mask[None].expand(NI, T, L).reshape(NI * T, L)
         scores = self._upper(h0, ctx, mask, kv, block=(NI, T)).view(NI, T).t()
-        scores = scores + self._prior_scores(text, kv)
+        scores = scores + self._prior_scores(text, self._kv_prior(kv))
         return (scores, maps) if keep_weights else scores
+
+    def _score_through_weights(self, text: TextState, image: SlowImageState) -> torch.Tensor:
+        """score_block's scores [T, NI] from the image tokens, with no keys/values computed."""
+        T, L = text.mask.shape
+        tokens = image.tokens.to(_inference_dtype(image.tokens.dtype))
+        NI = len(tokens)
+        ca = self.layers[0].cross_attn
+        H, hd = ca.heads, ca.head_dim
+        q = text.q.permute(1, 0, 2, 3).reshape(1, H, T * L, hd)  # every image sees the same queries
+        ctx = _attend_through_weights(ca, q, tokens)  # [NI,H,T*L,hd]
+        ctx = ctx.view(NI, H, T, L, hd).permute(0, 2, 1, 3, 4).reshape(NI * T, H, L, hd)
+        h0 = text.h[None].expand(NI, *text.h.shape).reshape(NI * T, L, -1)
+        mask = text.mask[None].expand(NI, T, L).reshape(NI * T, L)
+        scores = self._upper(h0, ctx, mask, None, block=(NI, T), tokens=tokens).view(NI, T).t()
+        return scores + self._prior_scores(text, image.prior)
+
+    def _kv_prior(self, kv: ImageKV) -> torch.Tensor | None:
+        """The prior's image vectors, the last ImageKV entry (with a prior)."""
+        return kv[len(self.layers)][0] if self.prior is not None else None
 
     def score_pairs(
         self,
@@ -326,13 +401,14 @@ class SlowModel(nn.Module):
         maps = w.float().mean(1) if keep_weights else None
         h0, mask = text.h.index_select(0, text_index), text.mask.index_select(0, text_index)
         scores = self._upper(h0, ctx, mask, kv, image_index=image_index)
-        scores = scores + self._prior_scores(text, kv, text_index, image_index)
+        scores = scores + self._prior_scores(text, self._kv_prior(kv), text_index, image_index)
         return (scores, maps) if keep_weights else scores
 
-    def _upper(self, h0, ctx, mask, kv, block=None, image_index=None) -> torch.Tensor:
+    def _upper(self, h0, ctx, mask, kv, block=None, image_index=None, tokens=None) -> torch.Tensor:
         """Finish the first cross-attention (ctx [P,H,L,hd]), run the remaining fusion layers (the last one
         only for the [CLS] query: nothing else reaches the head) and score. ``block=(NI, T)``: pairs are
-        image-major over NI images x T texts; else pair p uses image ``image_index[p]``."""
+        image-major over NI images x T texts; else pair p uses image ``image_index[p]``. With ``tokens``
+        (block only) the cross-attentions go through the weights, and ``kv`` is not read."""
         P, L = mask.shape
         ca = self.layers[0].cross_attn
         h = ca.merge(h0, ctx.to(h0.dtype))
@@ -350,14 +426,17 @@ class SlowModel(nn.Module):
             x = sa.merge(x, att @ vv)
             cx = layer.cross_attn
             q = cx.q(x).view(P, Lq, cx.heads, cx.head_dim).transpose(1, 2)  # [P,H,Lq,hd]
-            k, v = kv[j]
             if block is not None:
                 NI, T = block
                 H, hd = q.shape[1], q.shape[3]
                 qb = q.reshape(NI, T, H, Lq, hd).permute(0, 2, 1, 3, 4).reshape(NI, H, T * Lq, hd)
-                c, _ = _attend(qb, k, v)
+                if tokens is not None:
+                    c = _attend_through_weights(cx, qb, tokens)
+                else:
+                    c, _ = _attend(qb, *kv[j])
                 c = c.view(NI, H, T, Lq, hd).permute(0, 2, 1, 3, 4).reshape(P, H, Lq, hd)
             else:
+                k, v = kv[j]
                 c, _ = _attend(q, k.index_select(0, image_index), v.index_select(0, image_index))
             h = layer.feed_forward(cx.merge(x, c.to(x.dtype)))
         return run_fp32(self.head, h[:, 0]).squeeze(-1)
@@ -390,10 +469,9 @@ class SlowModel(nn.Module):
         word-to-region maps [P, L, 196] with keep_weights)."""
         with autocast():
             text = self.text_state(states, lengths)
-            kv = self.image_kv(grid, mid)
             if text_index is None:
-                out = self.score_block(text, kv)
-                return out.float()
+                return self.score(text, self.image_state(grid, mid)).float()
+            kv = self.image_kv(grid, mid)
             scores, maps = [], []
             for s in range(0, len(text_index), batch_pairs):
                 r = self.score_pairs(

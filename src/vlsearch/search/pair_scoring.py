@@ -130,24 +130,61 @@ def score_pairs_grouped(
     return out
 
 
+@torch.no_grad()
+def score_each_text(
+    model,
+    states: torch.Tensor,
+    lengths: torch.Tensor,
+    grid: torch.Tensor | None,
+    mid: torch.Tensor | None,
+    candidates: np.ndarray,
+    progress: bool = False,
+    desc: str = "pair scorer: each text's candidates",
+) -> np.ndarray:
+    """Each text against its own candidate images, one text per ``score`` call, the call the online
+    re-ranker makes for a query (search/rerank.Reranker): candidates [M, K] image rows -> scores [M, K].
+    Each candidate image's state is computed once (held for all of them: ~190 KB per image for Slow)."""
+    model.eval()
+    M, K = candidates.shape
+    out = np.zeros((M, K), dtype=np.float32)
+    if out.size == 0:
+        return out
+    images, where = np.unique(candidates, return_inverse=True)
+    where = where.reshape(M, K)
+    text = text_states(model, states, lengths)
+    bar = _bar(out.size, desc, progress)
+    with autocast():
+        parts = []
+        for c0 in range(0, len(images), 256):
+            sel = torch.as_tensor(images[c0 : c0 + 256], dtype=torch.long)
+            parts.append(model.image_state(_rows(grid, sel), _rows(mid, sel)))
+        image = type(parts[0]).stack(parts)
+        for i in range(M):
+            block = image.rows(torch.as_tensor(where[i], dtype=torch.long))
+            out[i] = model.score(text.rows(slice(i, i + 1)), block)[0].float().numpy()
+            bar.update(K)
+    bar.close()
+    return out
+
+
 def rerank_candidates(model, feats, sim: np.ndarray, K: int, progress: bool = True):
-    """Pair scores of each caption's dual-encoder top-K images and each image's top-K captions.
+    """Pair scores of each caption's dual-encoder top-K images (one caption per call, as a query is
+    re-ranked online) and each image's top-K captions (grouped by image).
 
     Returns (cand_t2i [M,K], slow_t2i [M,K], cand_i2t [N,K], slow_i2t [N,K], seconds_t2i, seconds_i2t)."""
     M, N = sim.shape
     cand_t2i = top_k(sim, K)
     t0 = time.perf_counter()
-    slow_t2i = score_pairs_grouped(
+    slow_t2i = score_each_text(  # as a query is re-ranked online: one caption, its K images
         model,
         feats.states,
         feats.lengths,
         feats.grid,
         feats.mid,
-        np.repeat(np.arange(M), cand_t2i.shape[1]),
-        cand_t2i.ravel(),
+        cand_t2i,
         progress,
         f"{model.model_type}: re-rank top-{K} (t2i)",
-    ).reshape(cand_t2i.shape)
+    )
     t1 = time.perf_counter()
     cand_i2t = top_k(sim.T, K)
     slow_i2t = score_pairs_grouped(
