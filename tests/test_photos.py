@@ -138,6 +138,13 @@ def test_draft_decode_of_a_12_megapixel_photo_embeds_like_a_full_decode(tmp_path
     a = embedder.extractor.encode_image_arrays([fast, full])
     e = embedder._image(a["grid"], a["mid"])
     assert cos(e[0], e[1]) >= 0.99
+    # its features are keyed apart from those of earlier decodes of the same file (plain, or draft v1)
+    from vlsearch.data.photo import DRAFT_VARIANT, decode_variant
+    from vlsearch.encoders.features import file_key, photo_key
+
+    with Image.open(big) as img:
+        assert decode_variant(img, 224) == DRAFT_VARIANT
+    assert photo_key(big, 224) != file_key(big)
 
 
 def test_hidden_files_os_metadata_and_exclude_are_skipped(tmp_path):

@@ -199,6 +199,10 @@ def markdown(r: dict) -> str:
         out.append("")
         out.append("| path | images/s | decode ms/image (1 thread) | embedding cosine to full decode |")
         out.append("|---|---:|---:|---:|")
+        if "filed_images_per_s" in dec:
+            out.append(
+                f"| as filed: {dec['filed']} | {_f(dec['filed_images_per_s'])} | {_f(dec['decode_full_ms'])} | 1 |"
+            )
         out.append(f"| old: {dec['old']} | {_f(dec['old_images_per_s'])} | {_f(dec['decode_full_ms'])} | 1 |")
         out.append(
             f"| new: {dec['new']} | {_f(dec['new_images_per_s'])} | {_f(dec['decode_draft_ms'])} | "

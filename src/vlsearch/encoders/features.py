@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import hashlib
 import sys
+from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +29,10 @@ from vlsearch.precision import use_bf16
 from vlsearch.settings import cache_dir
 
 CHUNK = 512
+# Images per backbone call while indexing: the graph runtimes run micro-batches of 4 (encoders/runtime.py),
+# so 8 is as fast per image as 64, and the backbone's first call waits for 8 decodes, not 64. On 48
+# 12-megapixel JPEGs (bench `photos_decode`) that start-up was a third of the run.
+MODEL_BATCH = 8
 
 
 def file_key(path: str | Path) -> str:
@@ -181,14 +187,20 @@ class FeatureExtractor:
         bar = _progress(len(items), "image features", self.progress)
         pending_keys: list[str] = []
         pending: dict[str, list[np.ndarray]] = {"grid": [], "mid": []}
-        batches = [items[s : s + self.batch_size] for s in range(0, len(items), self.batch_size)]
-        # A pipeline: decode threads work on the next batches while the backbone runs on this one.
+        todo = iter(items)
+        in_flight: deque = deque()
+        # A pipeline: decode threads keep up to two batches of images decoding ahead, and the backbone
+        # takes them MODEL_BATCH at a time, so it starts after the first few decodes, not a whole batch.
         with ThreadPoolExecutor(max_workers=self.decode_threads) as pool:
-            ahead = [[pool.submit(decode, it) for it in b] for b in batches[:2]]
-            for n_batch in range(len(batches)):
-                decoded = [f.result() for f in ahead.pop(0)]
-                if n_batch + 2 < len(batches):
-                    ahead.append([pool.submit(decode, it) for it in batches[n_batch + 2]])
+
+            def top_up() -> None:
+                for item in islice(todo, max(0, 2 * self.batch_size - len(in_flight))):
+                    in_flight.append(pool.submit(decode, item))
+
+            top_up()
+            while in_flight:
+                decoded = [in_flight.popleft().result() for _ in range(min(MODEL_BATCH, len(in_flight)))]
+                top_up()
                 good = [(k, a) for k, a, err in decoded if err is None]
                 for k, _, err in decoded:
                     if err is not None:
@@ -199,7 +211,7 @@ class FeatureExtractor:
                     pending_keys += [k for k, _ in good]
                     for name in pending:
                         pending[name] += list(out[name])
-                if len(pending_keys) >= CHUNK or n_batch == len(batches) - 1:
+                if len(pending_keys) >= CHUNK or not in_flight:
                     self.images.put(pending_keys, pending)
                     pending_keys, pending = [], {"grid": [], "mid": []}
                 bar.update(len(decoded))
