@@ -521,6 +521,29 @@ def test_rerank_eval_keeps_each_rows_candidates(tiny_slow_checkpoint, mini_flick
     assert cost["slow_alone_pairs_per_query"] == feats.n_images
 
 
+def test_each_caption_scored_alone_as_the_grouped_pairs_are(tiny_slow_checkpoint, mini_flickr, monkeypatch):
+    """Eval re-ranks each caption's top-K in one call, as a query is re-ranked online
+    (score_each_text); the scores are those of the same pairs grouped by image (fp32: exactly the
+    same function, through the weights or from keys/values)."""
+    from vlsearch.data import load_dataset
+    from vlsearch.encoders.dataset_features import DatasetFeatures
+    from vlsearch.models.registry import load_model
+    from vlsearch.search.pair_scoring import score_each_text, score_pairs_grouped
+
+    feats = DatasetFeatures.load(load_dataset(mini_flickr, "dev"), mid=True, progress=False)
+    monkeypatch.setenv("VLSEARCH_PRECISION", "fp32")  # the scoring, not the cached features
+    model, _, _ = load_model("slow")
+    rng = np.random.default_rng(0)
+    M, K = 12, 5
+    cand = np.stack([rng.choice(feats.n_images, K, replace=False) for _ in range(M)])
+    alone = score_each_text(model, feats.states[:M], feats.lengths[:M], feats.grid, feats.mid, cand)
+    grouped = score_pairs_grouped(
+        model, feats.states, feats.lengths, feats.grid, feats.mid, np.repeat(np.arange(M), K), cand.ravel()
+    ).reshape(M, K)
+    assert alone.shape == (M, K) and alone.std() > 0
+    np.testing.assert_allclose(alone, grouped, atol=1e-4)
+
+
 def test_search_rerank_and_explain(tiny_slow_checkpoint, mini_flickr, tmp_path, capsys):
     import vlsearch
     from vlsearch.index.build import build_index
