@@ -30,8 +30,8 @@ from vlsearch.settings import cache_dir
 
 CHUNK = 512
 # Images per backbone call while indexing: the graph runtimes run micro-batches of 4 (encoders/runtime.py),
-# so 8 is as fast per image as 64, and the backbone's first call waits for 8 decodes, not 64. On 48
-# 12-megapixel JPEGs (bench `photos_decode`) that start-up was a third of the run.
+# so 8 is as fast per image as 64, and the backbone's first call waits for 8 decodes, not a whole batch.
+# On the bench's 48 12-megapixel JPEGs (`photos_decode`, run alone) that took 87.5 to 90.4 images/s.
 MODEL_BATCH = 8
 
 
