@@ -356,31 +356,32 @@ class SlowModel(nn.Module):
         cross-attention. With keep_weights also the word-to-region weights [T, NI, L, Lk] (head mean)."""
         T, L = text.mask.shape
         k, v = kv[0]
-        NI, H, _, hd = k.shape
-        q = text.q.permute(1, 0, 2, 3).reshape(1, H, T * L, hd)  # every image sees the same queries
-        ctx, w = _attend(q, k, v, keep_weights)  # [NI,H,T*L,hd], [NI,H,T*L,Lk]
-        maps = w.float().mean(1).view(NI, T, L, -1).transpose(0, 1) if keep_weights else None
-        ctx = ctx.view(NI, H, T, L, hd).permute(0, 2, 1, 3, 4).reshape(NI * T, H, L, hd)
-        h0 = text.h[None].expand(NI, *text.h.shape).reshape(NI * T, L, -1)
-        mask = text.mask[None].expand(NI, T, L).reshape(NI * T, L)
-        scores = self._upper(h0, ctx, mask, kv, block=(NI, T)).view(NI, T).t()
-        scores = scores + self._prior_scores(text, self._kv_prior(kv))
+        ctx, w = _attend(self._block_queries(text), k, v, keep_weights)  # [NI,H,T*L,hd], [NI,H,T*L,Lk]
+        maps = w.float().mean(1).view(len(k), T, L, -1).transpose(0, 1) if keep_weights else None
+        scores = self._finish_block(text, ctx, kv=kv) + self._prior_scores(text, self._kv_prior(kv))
         return (scores, maps) if keep_weights else scores
 
     def _score_through_weights(self, text: TextState, image: SlowImageState) -> torch.Tensor:
         """score_block's scores [T, NI] from the image tokens, with no keys/values computed."""
-        T, L = text.mask.shape
         tokens = image.tokens.to(_inference_dtype(image.tokens.dtype))
-        NI = len(tokens)
-        ca = self.layers[0].cross_attn
-        H, hd = ca.heads, ca.head_dim
-        q = text.q.permute(1, 0, 2, 3).reshape(1, H, T * L, hd)  # every image sees the same queries
-        ctx = _attend_through_weights(ca, q, tokens)  # [NI,H,T*L,hd]
+        ctx = _attend_through_weights(self.layers[0].cross_attn, self._block_queries(text), tokens)
+        return self._finish_block(text, ctx, tokens=tokens) + self._prior_scores(text, image.prior)
+
+    def _block_queries(self, text: TextState) -> torch.Tensor:
+        """The first cross-attention's queries of every text as one block [1, H, T*L, hd]: every image of
+        a block sees the same queries."""
+        T, H, L, hd = text.q.shape
+        return text.q.permute(1, 0, 2, 3).reshape(1, H, T * L, hd)
+
+    def _finish_block(self, text: TextState, ctx: torch.Tensor, kv=None, tokens=None) -> torch.Tensor:
+        """The first cross-attention's context of a block, ctx [NI,H,T*L,hd], -> the fusion layers' scores
+        [T, NI] (without the prior), reading the images through ``kv`` or their ``tokens`` (``_upper``)."""
+        T, L = text.mask.shape
+        NI, H, _, hd = ctx.shape
         ctx = ctx.view(NI, H, T, L, hd).permute(0, 2, 1, 3, 4).reshape(NI * T, H, L, hd)
         h0 = text.h[None].expand(NI, *text.h.shape).reshape(NI * T, L, -1)
         mask = text.mask[None].expand(NI, T, L).reshape(NI * T, L)
-        scores = self._upper(h0, ctx, mask, None, block=(NI, T), tokens=tokens).view(NI, T).t()
-        return scores + self._prior_scores(text, image.prior)
+        return self._upper(h0, ctx, mask, kv, block=(NI, T), tokens=tokens).view(NI, T).t()
 
     def _kv_prior(self, kv: ImageKV) -> torch.Tensor | None:
         """The prior's image vectors, the last ImageKV entry (with a prior)."""
