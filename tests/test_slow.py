@@ -381,7 +381,17 @@ def test_place_candidates_never_drops_nor_duplicates():
         assert list(np.argsort(-out[r])[K:]) == rest  # non-candidates keep their order
 
 
-def test_distillation_loss_zero_when_student_and_teacher_agree():
+# The Fast model as `vlsearch train fast` makes it (the concept channel fused into the score), plain, and
+# with the concept vector as a tower input: the teacher's cached tower inputs must serve each shape.
+_STUDENTS = {
+    "plain": {},
+    "fused concepts": {"concepts": True, "concept_weight": 0.2, "concept_topk": 10},
+    "concept input": {"concepts": True, "concept_input": True, "concept_weight": 0.2},
+}
+
+
+@pytest.mark.parametrize("student", list(_STUDENTS))
+def test_distillation_loss_zero_when_student_and_teacher_agree(student):
     from vlsearch.models.fast import FastConfig, FastModel
     from vlsearch.training.losses import candidate_kl
     from vlsearch.training.slow import SlowTeacher
@@ -392,12 +402,15 @@ def test_distillation_loss_zero_when_student_and_teacher_agree():
     assert float(candidate_kl(s, torch.randn(8, 16))) > 0
     # the hook itself: teacher logits equal to the student's own scores give zero
     torch.manual_seed(0)
-    model = FastModel(FastConfig(text_layers=1), init_from_pretrained=False).eval()
+    model = FastModel(FastConfig(text_layers=1, **_STUDENTS[student]), init_from_pretrained=False).eval()
+    if model.concept is not None:  # a random head and label space, so the concept vector is not zero
+        model.concept.head_weight.normal_(0, 0.05)
+        model.concept.labels.normal_()
     grid = torch.randn(20, 49, 1280).half()
     train = SimpleNamespace(grid=grid)
     cands = torch.randint(0, 20, (10, 6))
     caps = torch.arange(10)
-    text = torch.nn.functional.normalize(torch.randn(10, model.config.embed_dim), dim=-1)
+    text = torch.nn.functional.normalize(torch.randn(10, model.embed_dim), dim=-1)
     with torch.no_grad(), autocast():
         emb = model.encode_image(grid).float()
     logits = model.scale.detach() * (text[:, None, :] * emb[cands]).sum(-1)

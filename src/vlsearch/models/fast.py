@@ -103,9 +103,18 @@ class FastModel(nn.Module):
 
     def encode_image(self, grid: torch.Tensor, mid: torch.Tensor | None = None) -> torch.Tensor:
         """grid [B,49,1280] -> [B,output_dim] unit vectors (Fast, fused with concepts when active)."""
+        return self.image_from_inputs(*self.image_inputs(grid))
+
+    def image_inputs(self, grid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The image tower's parameter-free part: the pooled grid, and the concept vector when the tower
+        or the fused score uses it. A trainer that scores the same un-augmented grids every step (the
+        distillation teacher) computes these once."""
         use = self.concepts_active or self.config.concept_input
-        concept = self.concept.image(grid) if use else None
-        x = self.pool_image(grid)
+        return self.pool_image(grid), (self.concept.image(grid) if use else None)
+
+    def image_from_inputs(self, pooled: torch.Tensor, concept: torch.Tensor | None) -> torch.Tensor:
+        """The trained part of the image tower, on what ``image_inputs`` returned."""
+        x = pooled
         if self.config.concept_input:
             x = torch.cat([x, concept.to(x.dtype)], -1)
         x = self.image_norm(x)

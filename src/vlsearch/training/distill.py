@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from vlsearch.config import read_npz, write_npz
 from vlsearch.encoders.dataset_features import DatasetFeatures
@@ -41,8 +40,8 @@ class SlowTeacher:
     """Precomputed teacher logits over fixed candidates; ``loss`` is the train_fast hook.
 
     The student's scores over the same candidates use its image tower on the un-augmented grids; the
-    mean+max pooling has no parameters, so the pooled grids are computed once and only the MLP runs per
-    step."""
+    tower's parameter-free inputs (the pooled grid and the frozen concept vector,
+    ``FastModel.image_inputs``) are computed once, and only its trained part runs per step."""
 
     def __init__(
         self, candidates: torch.Tensor, logits: torch.Tensor, captions_per_step: int = 128, seed: int = 0
@@ -50,18 +49,19 @@ class SlowTeacher:
         self.candidates, self.logits = candidates.long(), logits.float()
         self.captions_per_step = captions_per_step
         self.gen = torch.Generator().manual_seed(seed)
-        self._pooled: torch.Tensor | None = None
+        self._inputs: tuple[torch.Tensor, torch.Tensor | None] | None = None
 
     def _image_emb(self, model, train, rows: torch.Tensor) -> torch.Tensor:
-        if not all(hasattr(model, a) for a in ("pool_image", "image_norm", "image_mlp", "image_skip")):
+        if not hasattr(model, "image_inputs"):
             return model.encode_image(train.grid[rows])
-        if self._pooled is None or len(self._pooled) != len(train.grid):
+        if self._inputs is None or len(self._inputs[0]) != len(train.grid):
             with torch.no_grad():
-                self._pooled = torch.cat(
-                    [model.pool_image(train.grid[s : s + 512]) for s in range(0, len(train.grid), 512)]
-                )
-        x = model.image_norm(self._pooled[rows])
-        return F.normalize(model.image_mlp(x) + model.image_skip(x), dim=-1)
+                parts = [model.image_inputs(train.grid[s : s + 512]) for s in range(0, len(train.grid), 512)]
+            pooled = torch.cat([p for p, _ in parts])
+            concept = torch.cat([c for _, c in parts]) if parts[0][1] is not None else None
+            self._inputs = (pooled, concept)
+        pooled, concept = self._inputs
+        return model.image_from_inputs(pooled[rows], None if concept is None else concept[rows])
 
     def loss(self, model, train, imgs, caps, image_emb, text_emb, temperature) -> torch.Tensor:
         rows = torch.nonzero(self.candidates[caps, 0] >= 0).flatten()  # captions the teacher scored
