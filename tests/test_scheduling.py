@@ -117,7 +117,8 @@ def test_reranker_keeps_the_most_recently_used_images(mini_flickr):
     assert torch.equal(first.tokens[0], again.tokens[1]) and torch.equal(first.tokens[1], again.tokens[0])
 
 
-@pytest.mark.slow  # 2.5 CPU-minutes (7.5 min wall on a loaded 2-core machine): `pytest -m slow`
+# In the default set since session 17 (31 s on 2 idle cores): it is the one test of `make models` end to
+# end, and while it was marked slow `fast-distilled` crashed for four sessions unseen.
 def test_train_all_trains_each_named_model_once(mini_flickr, capsys):
     """`vlsearch train all --force` on a tiny budget: every named model, in dependency order, saved where
     `vlsearch search/eval` find it; run again without --force it keeps them all."""
