@@ -123,9 +123,8 @@ def train_fast(
     captions_of = captions_of_images(train.caption_image, train.n_images)
     has_caps = np.array([len(c) > 0 for c in captions_of])
     image_pool = np.flatnonzero(has_caps)
-    # a split smaller than one batch trains on all of it each step, rather than taking no step at all
-    batch_size = min(tc.batch_size, len(image_pool))
-    steps_per_epoch = len(image_pool) // batch_size
+    # a split smaller than one batch takes one step on all of it, not none (as the deformer trainers do)
+    steps_per_epoch = max(1, len(image_pool) // tc.batch_size)
     total = steps_per_epoch * tc.epochs
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(total, tc.warmup_steps))
     rng = np.random.default_rng(tc.seed)
@@ -140,7 +139,7 @@ def train_fast(
         model.train()
         order = rng.permutation(image_pool)
         for s in range(steps_per_epoch):
-            imgs = torch.from_numpy(order[s * batch_size : (s + 1) * batch_size])
+            imgs = torch.from_numpy(order[s * tc.batch_size : (s + 1) * tc.batch_size])
             caps = torch.tensor([captions_of[i][rng.integers(len(captions_of[i]))] for i in imgs.tolist()])
             grid = train.grid[imgs].float()
             if tc.grid_augment:
