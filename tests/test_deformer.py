@@ -107,6 +107,47 @@ def test_warm_start_from_fast_is_exactly_that_fast_model():
         DeformerModel(tiny_config(n_layers=1), init_from_pretrained=False).init_from_fast(fast)
 
 
+def test_warm_start_from_a_concept_fast_model_carries_its_concept_channel(tmp_path):
+    """Fast's fused score (stream cosine + w x concept cosine) is what both modes start from."""
+    from vlsearch.models.checkpoint import save_checkpoint
+    from vlsearch.models.fast import FastConfig, FastModel, set_concepts
+    from vlsearch.models.registry import load_model
+
+    torch.manual_seed(0)
+    fast = FastModel(FastConfig(embed_dim=32, concepts=True, concept_weight=0.3), False).eval()
+    with torch.no_grad():  # (an untrained channel is all zeros: give it a head and label embeddings)
+        fast.concept.head_weight.normal_(std=0.05)
+        fast.concept.labels.copy_(torch.nn.functional.normalize(torch.randn_like(fast.concept.labels), dim=-1))
+    config = tiny_config(n_layers=2).aligned_with_fast(fast.config)
+    assert config.concepts and config.concept_weight == 0.3
+    model = DeformerModel(config, init_from_pretrained=False).eval()
+    model.init_from_fast(fast)
+    with torch.no_grad():
+        model.itm_head[-1].weight.zero_()
+    grid, mid, states, lengths = fake_inputs(n_images=4, n_texts=4)
+    with torch.no_grad():
+        assert model.embed_dim == fast.embed_dim == 32 + 384
+        e_img, e_txt = model.encode_image(grid), model.encode_text(states, lengths)
+        assert torch.allclose(e_img, fast.encode_image(grid), atol=1e-5)
+        assert torch.allclose(e_txt, fast.encode_text(states, lengths), atol=1e-5)
+        joint = model.score_pairs(grid, None, states, lengths)
+        assert torch.allclose(joint, fast.scale * (e_img * e_txt).sum(-1), atol=1e-3)
+        # the pair-scorer contract fuses the same concept score
+        grid_scores = model.score(model.text_state(states, lengths), model.image_state(grid))
+        assert torch.allclose(grid_scores.diagonal(), joint, atol=1e-3)
+        set_concepts(model, False)  # switched off: the streams alone, as Fast's
+        assert model.encode_image(grid).shape[1] == 32
+        set_concepts(model, True)
+    model.requires_grad_(True)
+    assert not any(p.requires_grad for p in model.concept.parameters())  # frozen, whatever trains
+    save_checkpoint(tmp_path / "dec", model, {})
+    again = load_model(tmp_path / "dec")[0].eval()
+    with torch.no_grad():
+        assert torch.allclose(again.encode_text(states, lengths), e_txt, atol=1e-6)
+    with pytest.raises(CheckpointError, match="concept channel"):
+        DeformerModel(tiny_config(n_layers=2, embed_dim=32), False).init_from_fast(fast)
+
+
 def test_decomposition_fine_tunes_the_joint_weights():
     from vlsearch.encoders.dataset_features import DatasetFeatures
     from vlsearch.training.decompose import DecomposeTrainConfig, subset_features, train_decomposed
@@ -262,9 +303,12 @@ def test_tiny_decomposed_model_plugs_into_index_and_search(
     out = tmp_path / "idx"
     build_index(out, mini_flickr, "dev", model=str(dec), progress=False)
     idx = GalleryIndex.open(out)
-    # the warm start from the Fast model fixes the embedding size to the Fast model's (not the config's 64)
-    fast_dim = json.loads((Path(tiny_fast_checkpoint) / "config.json").read_text())["config"]["embed_dim"]
+    # the warm start from the Fast model fixes the embedding size to the Fast model's (not the config's
+    # 64), its concept space included, and the index records the channel as it does for Fast
+    fast = json.loads((Path(tiny_fast_checkpoint) / "config.json").read_text())["config"]
+    fast_dim = fast["embed_dim"] + (fast["text_dim"] if fast["concepts"] and fast["concept_weight"] > 0 else 0)
     assert idx.config.model_type == "deformer" and idx.config.dim == fast_dim and idx.config.n_images == 40
+    assert idx.config.concepts == (fast_dim > fast["embed_dim"])
     engine = vlsearch.load(out)
     res = engine.search("a dog runs through the grass", k=5)
     assert len(res.hits) == 5 and res.hits[0].score >= res.hits[-1].score
@@ -302,12 +346,10 @@ def test_eval_joint_and_rerank(tiny_deformers, mini_flickr, capsys):
 
 def test_joint_training_with_frozen_streams_keeps_the_fast_model(tiny_deformers, tiny_fast_checkpoint):
     """The joint model adds interaction on top of its warm start: run apart, it is still that Fast model."""
-    from vlsearch.models.fast import set_concepts
     from vlsearch.models.registry import load_model
 
     joint = load_model(tiny_deformers[0])[0].set_mode("decomposed").eval()
-    fast = load_model(tiny_fast_checkpoint)[0].eval()
-    set_concepts(fast, False)  # the joint model warm-starts from Fast's towers, not its concept channel
+    fast = load_model(tiny_fast_checkpoint)[0].eval()  # its towers and its concept channel
     grid, _, states, lengths = fake_inputs(n_images=4, n_texts=4)
     with torch.no_grad():
         assert torch.allclose(joint.encode_image(grid), fast.encode_image(grid), atol=1e-4)
@@ -321,7 +363,6 @@ def test_joint_training_on_out_of_fold_streams(tiny_fast_checkpoint, mini_flickr
     """With stream_folds, each step runs on the streams of a Fast model that never saw that step's images,
     every list stays inside one fold, and the saved model carries the full Fast model's streams."""
     from vlsearch.models.checkpoint import save_checkpoint
-    from vlsearch.models.fast import set_concepts
     from vlsearch.models.registry import load_model
     from vlsearch.models.slow import SlowConfig, SlowModel
     from vlsearch.settings import home
@@ -359,8 +400,7 @@ def test_joint_training_on_out_of_fold_streams(tiny_fast_checkpoint, mini_flickr
     assert loaded[-1].config == fast.config and loaded[-1] is not loaded[0]
     fold_of = fold_assignment(60, 2, seed=0)
     assert lists and all(len(set(fold_of[rows].tolist())) == 1 for rows in lists)
-    joint = load_model(path)[0].set_mode("decomposed").eval()
-    set_concepts(fast, False)
+    joint = load_model(path)[0].set_mode("decomposed").eval()  # Fast's towers and concept channel
     grid, _, states, lengths = fake_inputs(n_images=4, n_texts=4)
     with torch.no_grad():
         assert torch.allclose(joint.encode_image(grid), fast.encode_image(grid), atol=1e-4)

@@ -58,8 +58,9 @@ def joint_vs_decomposed_cost(
         m = min(joint_measured, max(gallery_sizes))
         reps = -(-m // n_real)
         img = joint.image_tokens(grid, mid)
+        parts = (img.tokens, img.tower, img.concept)
         img_tok = ImageTokens(
-            img.tokens.repeat(reps, 1, 1)[:m], None if img.tower is None else img.tower.repeat(reps, 1)[:m]
+            *(None if x is None else x.repeat(reps, *[1] * (x.dim() - 1))[:m] for x in parts)
         )
         real_emb = torch.cat(
             [
@@ -82,11 +83,16 @@ def joint_vs_decomposed_cost(
             encode_s.append(time.perf_counter() - t0)
         for st, ln in single:
             txt, mask = joint.text_tokens(st, ln)
-            joint.joint_logits(img_tok[:8], txt.expand(8, -1, -1), mask.expand(8, -1))  # warm-up
+            concept = joint.text_concept(st, ln)
+
+            def rows(x, b):
+                return None if x is None else x.expand(b, *x.shape[1:])
+
+            joint.joint_logits(img_tok[:8], rows(txt, 8), rows(mask, 8), rows(concept, 8))  # warm-up
             t0 = time.perf_counter()
             for s in range(0, m, batch):
                 b = min(batch, m - s)
-                joint.joint_logits(img_tok[s : s + b], txt.expand(b, -1, -1), mask.expand(b, -1))
+                joint.joint_logits(img_tok[s : s + b], rows(txt, b), rows(mask, b), rows(concept, b))
             joint_s.append(time.perf_counter() - t0)
     # the same queries encoded as one padded batch: the per-query cost of a batch of queries (the joint
     # model's pairs are batched too, ``batch`` per forward pass)

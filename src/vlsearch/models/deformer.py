@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vlsearch.errors import CheckpointError, VLSearchError
+from vlsearch.models.fast import ConceptChannel, FastConfig, fuse_concepts
 from vlsearch.models.layers import (
     TransformerLayer,
     image_tower,
@@ -68,6 +69,15 @@ class DeformerConfig:
     # fused = dual cosine + fusion_weight * ITM logit (t2i; fusion_weight_i2t for i2t), as for the Slow model
     fusion_weight: float = 1.0
     fusion_weight_i2t: float = 1.0
+    # The Fast model's concept channel (models/fast.py ConceptChannel), copied with a Fast warm start:
+    # decomposed vectors are fused exactly as Fast's are, and the joint "sim+mlp" score fuses the same
+    # concept cosine into its stream cosine. Frozen; the same fields as FastConfig's.
+    concepts: bool = False
+    concept_weight: float = 0.0
+    concept_temperature: float = 1.0
+    concept_topk: int = 0
+    concept_prompts: str = "single"
+    concept_classes_sha256: str = ""
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -85,6 +95,26 @@ class DeformerConfig:
             embed_dim=fast_config.embed_dim,
             image_tower=True,
             image_tower_hidden=fast_config.image_hidden,
+            concepts=bool(fast_config.concepts),
+            concept_weight=fast_config.concept_weight if fast_config.concepts else 0.0,
+            concept_temperature=fast_config.concept_temperature,
+            concept_topk=fast_config.concept_topk,
+            concept_prompts=fast_config.concept_prompts,
+            concept_classes_sha256=fast_config.concept_classes_sha256,
+        )
+
+    def concept_config(self) -> FastConfig:
+        """The FastConfig a ConceptChannel reads (its text layers and class-list fields)."""
+        return FastConfig(
+            text_split_layer=self.split_layer,
+            text_dim=self.dim,
+            image_dim=self.image_dim,
+            concepts=True,
+            concept_weight=self.concept_weight,
+            concept_temperature=self.concept_temperature,
+            concept_topk=self.concept_topk,
+            concept_prompts=self.concept_prompts,
+            concept_classes_sha256=self.concept_classes_sha256,
         )
 
     @property
@@ -140,6 +170,20 @@ class DeformerModel(nn.Module):
         if config.itm_head == "sim+mlp":  # start as the dual score (a small MLP term, so it gets gradient)
             nn.init.normal_(self.itm_head[-1].weight, std=1e-3)
             nn.init.zeros_(self.itm_head[-1].bias)
+        # filled by init_from_fast (or the checkpoint): never built from the backbone here
+        self.concept = ConceptChannel(config.concept_config(), False) if config.concepts else None
+        self.use_concepts = True  # runtime switch, as FastModel's (an index built with --no-concepts)
+
+    @property
+    def concepts_active(self) -> bool:
+        return self.concept is not None and self.config.concept_weight > 0 and self.use_concepts
+
+    def requires_grad_(self, requires_grad: bool = True) -> DeformerModel:
+        """As nn.Module's, but the concept channel stays frozen (it is the backbone's, not ours)."""
+        super().requires_grad_(requires_grad)
+        if self.concept is not None:
+            self.concept.requires_grad_(False)
+        return self
 
     def image_embedding(self, pooled: torch.Tensor, img: ImageTokens) -> torch.Tensor:
         """Normalised image embedding from the pooled image-token output [B,D] (+ the image tower)."""
@@ -164,6 +208,18 @@ class DeformerModel(nn.Module):
                 "the Fast model's image tower does not match this deformer's image tower: warm-start from"
                 " a Fast checkpoint of the same shape, or train with init_from='minilm'"
             )
+        if fc.concept_input:
+            raise CheckpointError(
+                "the Fast model's image tower reads the concept vector (concept_input): warm-start from a Fast"
+                " checkpoint without it"
+            )
+        if bool(fc.concepts) != c.concepts:
+            raise CheckpointError(
+                "the Fast model's concept channel does not match this deformer's config: build the config"
+                " with aligned_with_fast"
+            )
+        if self.concept is not None:
+            self.concept.load_state_dict(fast.concept.state_dict())
         self.layers.load_state_dict(fast.text_layers.state_dict())
         self.text_embed.load_state_dict(fast.text_proj.state_dict())
         self.tower_norm.load_state_dict(fast.image_norm.state_dict())
@@ -215,12 +271,17 @@ class DeformerModel(nn.Module):
                 m = F.adaptive_avg_pool2d(m, cfg.image_grid)
             tok = tok + self.mid_proj(self.mid_norm(m.flatten(2).transpose(1, 2)))
         x = torch.cat([glob[:, None], tok], 1) + self.image_pos + self.image_type
-        return ImageTokens(self.image_ln(x), tower)
+        concept = self.concept.image(grid) if self.concepts_active else None
+        return ImageTokens(self.image_ln(x), tower, concept)
 
     def text_tokens(self, states: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """states [B,L,384], lengths [B] -> (tokens [B,L,D], mask [B,L] True = real token)."""
         mask = torch.arange(states.shape[1])[None, :] < lengths[:, None]
         return states.float() + self.text_type, mask
+
+    def text_concept(self, states: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor | None:
+        """[B,384] concept-space query vectors of these captions, or None when the channel is off."""
+        return self.concept.text(states, lengths) if self.concepts_active else None
 
     def run_layers(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         for layer in self.layers:
@@ -228,8 +289,15 @@ class DeformerModel(nn.Module):
         return x
 
     # -- joint mode: the early-interaction pair scorer -------------------------------------------------
-    def joint_logits(self, img: ImageTokens, txt_tok: torch.Tensor, txt_mask: torch.Tensor) -> torch.Tensor:
-        """Aligned rows of image tokens [B,Ni,D] and text tokens [B,L,D] (+ mask) -> ITM logits [B]."""
+    def joint_logits(
+        self,
+        img: ImageTokens,
+        txt_tok: torch.Tensor,
+        txt_mask: torch.Tensor,
+        txt_concept: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Aligned rows of image tokens [B,Ni,D] and text tokens [B,L,D] (+ mask, + the captions'
+        ``text_concept`` when the channel is on) -> ITM logits [B]."""
         L = txt_tok.shape[1]
         x = torch.cat([txt_tok, img.tokens.to(txt_tok.dtype)], 1)
         mask = torch.cat([txt_mask, torch.ones(img.tokens.shape[:2], dtype=torch.bool)], 1)
@@ -246,7 +314,13 @@ class DeformerModel(nn.Module):
         if self.config.itm_head == "sim+mlp":
             te = F.normalize(self.text_embed(t_mean).float(), dim=-1)
             ie = self.image_embedding(i_mean, img)
-            logit = logit + self.scale * (te * ie).sum(-1)
+            cosine = (te * ie).sum(-1)
+            if self.concepts_active:  # the decomposed score's fusion (fuse_concepts), on the joint cosine
+                if txt_concept is None or img.concept is None:
+                    raise ValueError("this deformer fuses concepts: pass the captions' text_concept")
+                w = self.config.concept_weight
+                cosine = (cosine + w * (txt_concept.float() * img.concept.float()).sum(-1)) / (1 + w)
+            logit = logit + self.scale * cosine
         return logit
 
     def joint_logits_bucketed(
@@ -265,7 +339,8 @@ class DeformerModel(nn.Module):
             rows = order[s : s + chunk]
             L = max(1, int(lengths[rows].max()))
             txt, mask = self.text_tokens(states[rows, :L], lengths[rows])
-            out.append(self.joint_logits(img_tok[rows], txt, mask))
+            concept = self.text_concept(states[rows, :L], lengths[rows])
+            out.append(self.joint_logits(img_tok[rows], txt, mask, concept))
         return torch.cat(out)[torch.argsort(order)]
 
     def score_pairs(
@@ -274,7 +349,8 @@ class DeformerModel(nn.Module):
         """ITM logits [B] of aligned (image row b, caption row b) pairs; higher = better match."""
         L = max(1, int(lengths.max())) if len(lengths) else 1
         txt, mask = self.text_tokens(states[:, :L], lengths)
-        return self.joint_logits(self.image_tokens(grid, mid), txt, mask)
+        concept = self.text_concept(states[:, :L], lengths)
+        return self.joint_logits(self.image_tokens(grid, mid), txt, mask, concept)
 
     # the PairScorer contract (models/contracts.py): image tokens once per image, text tokens once per
     # text; the joint layers then run once per pair (early interaction: nothing else can be shared)
@@ -282,10 +358,10 @@ class DeformerModel(nn.Module):
         return self.image_tokens(grid, mid)
 
     def text_state(self, states: torch.Tensor, lengths: torch.Tensor) -> TextTokens:
-        return TextTokens(*self.text_tokens(states, lengths))
+        return TextTokens(*self.text_tokens(states, lengths), self.text_concept(states, lengths))
 
     def score(self, text: TextTokens, image: ImageTokens) -> torch.Tensor:
-        return self.score_tokens_grid(image, text.tokens, text.mask)
+        return self.score_tokens_grid(image, text.tokens, text.mask, txt_concept=text.concept)
 
     def score_tokens_grid(
         self,
@@ -293,8 +369,10 @@ class DeformerModel(nn.Module):
         txt_tok: torch.Tensor,
         txt_mask: torch.Tensor,
         batch: int = 256,
+        txt_concept: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """All pairs of precomputed tokens: images [Ni,..] x captions [Nt,..] -> logits [Nt, Ni]."""
+        """All pairs of precomputed tokens: images [Ni,..] x captions [Nt,..] (+ their text_concept)
+        -> logits [Nt, Ni]."""
         nt, ni = len(txt_tok), len(img_tok)
         out = torch.empty(nt, ni)
         ti, ii = torch.meshgrid(torch.arange(nt), torch.arange(ni), indexing="ij")
@@ -303,7 +381,10 @@ class DeformerModel(nn.Module):
             t, i = ti[s : s + batch], ii[s : s + batch]
             m = txt_mask[t]
             L = max(1, int(m.sum(1).max()))
-            out.view(-1)[s : s + batch] = self.joint_logits(img_tok[i], txt_tok[t, :L], m[:, :L]).float()
+            concept = None if txt_concept is None else txt_concept[t]
+            out.view(-1)[s : s + batch] = self.joint_logits(
+                img_tok[i], txt_tok[t, :L], m[:, :L], concept
+            ).float()
         return out
 
     @torch.no_grad()
@@ -330,7 +411,7 @@ class DeformerModel(nn.Module):
             img = self.image_tokens(grid, mid)
             if text_index is None:
                 txt, mask = self.text_tokens(states, lengths)
-                return self.score_tokens_grid(img, txt, mask, batch_pairs)
+                return self.score_tokens_grid(img, txt, mask, batch_pairs, self.text_concept(states, lengths))
             text_index, image_index = torch.as_tensor(text_index), torch.as_tensor(image_index)
             out = torch.empty(len(text_index))
             order = torch.argsort(lengths[text_index], stable=True)  # similar lengths share a batch
@@ -339,24 +420,34 @@ class DeformerModel(nn.Module):
                 t = text_index[p]
                 L = max(1, int(lengths[t].max()))
                 txt, mask = self.text_tokens(states[t, :L], lengths[t])
-                out[p] = self.joint_logits(img[image_index[p]], txt, mask).float()
+                concept = self.text_concept(states[t, :L], lengths[t])
+                out[p] = self.joint_logits(img[image_index[p]], txt, mask, concept).float()
             return out
 
     # -- decomposed mode: the same layers on one modality at a time ------------------------------------
     @property
     def embed_dim(self) -> int:
-        """The DualEncoder contract's width (models/contracts.py), of the decomposed streams."""
-        return self.config.embed_dim
+        """The DualEncoder contract's width (models/contracts.py), of the decomposed streams, plus the
+        concept space when it is fused in (as FastModel's)."""
+        return self.config.embed_dim + (self.config.dim if self.concepts_active else 0)
 
     def encode_image(self, grid: torch.Tensor, mid: torch.Tensor | None = None) -> torch.Tensor:
         """grid [B,49,1280] (+ mid [B,196,C]) -> [B, embed_dim] unit vectors (image stream alone)."""
         img = self.image_tokens(grid, mid)
-        return self.image_embedding(self.run_layers(img.tokens, None).mean(1), img)
+        e = self.image_embedding(self.run_layers(img.tokens, None).mean(1), img)
+        return e if img.concept is None else fuse_concepts(e, img.concept, self.config.concept_weight)
 
     def encode_text(self, states: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """states [B,L,384] (MiniLM after split_layer layers), lengths [B] -> [B, embed_dim] unit vectors."""
         L = max(1, int(lengths.max())) if len(lengths) else 1
-        txt, mask = self.text_tokens(states[:, :L], lengths)
+        e = self.stream_text(states[:, :L], lengths)
+        if not self.concepts_active:
+            return e
+        return fuse_concepts(e, self.concept.text(states[:, :L], lengths), self.config.concept_weight)
+
+    def stream_text(self, states: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """The text stream alone, without the concept channel: [B, config.embed_dim] unit vectors."""
+        txt, mask = self.text_tokens(states, lengths)
         h = self.run_layers(txt, mask)
         return F.normalize(self.text_embed(masked_mean(h, mask)).float(), dim=-1)
 

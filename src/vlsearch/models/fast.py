@@ -95,12 +95,6 @@ class FastModel(nn.Module):
         """Width of encode_image/encode_text: embed_dim, plus the concept space when it is fused in."""
         return self.config.embed_dim + (self.config.text_dim if self.concepts_active else 0)
 
-    def _fuse(self, fast: torch.Tensor, concept: torch.Tensor) -> torch.Tensor:
-        """[fast, sqrt(w) concept] / sqrt(1 + w): a dot product of two such vectors is
-        (Fast score + w x concept score) / (1 + w), so faiss searches the fused score as it is."""
-        w = self.config.concept_weight
-        return torch.cat([fast, concept.to(fast.dtype) * math.sqrt(w)], -1) / math.sqrt(1 + w)
-
     def encode_image(self, grid: torch.Tensor, mid: torch.Tensor | None = None) -> torch.Tensor:
         """grid [B,49,1280] -> [B,output_dim] unit vectors (Fast, fused with concepts when active)."""
         return self.image_from_inputs(*self.image_inputs(grid))
@@ -119,14 +113,14 @@ class FastModel(nn.Module):
             x = torch.cat([x, concept.to(x.dtype)], -1)
         x = self.image_norm(x)
         fast = F.normalize(self.image_mlp(x) + self.image_skip(x), dim=-1)
-        return self._fuse(fast, concept) if self.concepts_active else fast
+        return fuse_concepts(fast, concept, self.config.concept_weight) if self.concepts_active else fast
 
     def encode_text(self, states: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """states [B,L,384] (MiniLM after text_split_layer layers), lengths [B] -> [B,output_dim] unit."""
         fast = self.fast_text(states, lengths)
         if not self.concepts_active:
             return fast
-        return self._fuse(fast, self.concept.text(states, lengths))
+        return fuse_concepts(fast, self.concept.text(states, lengths), self.config.concept_weight)
 
     def fast_text(self, states: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """The Fast text tower alone: [B,embed_dim] unit vectors."""
@@ -139,6 +133,12 @@ class FastModel(nn.Module):
     @property
     def scale(self) -> torch.Tensor:
         return self.logit_scale.exp().clamp(max=100.0)
+
+
+def fuse_concepts(embedding: torch.Tensor, concept: torch.Tensor, weight: float) -> torch.Tensor:
+    """[embedding, sqrt(w) concept] / sqrt(1 + w): a dot product of two such vectors is
+    (embedding score + w x concept score) / (1 + w), so faiss searches the fused score as it is."""
+    return torch.cat([embedding, concept.to(embedding.dtype) * math.sqrt(weight)], -1) / math.sqrt(1 + weight)
 
 
 def set_concepts(model, enabled: bool) -> bool:

@@ -83,14 +83,16 @@ class SlowImageState:
 
 @dataclass
 class ImageTokens:
-    """What the model reads from images: tokens [N, Ni, D] and the image tower's embedding [N, E] (or
-    None without a tower). Indexing selects images."""
+    """What the model reads from images: tokens [N, Ni, D], the image tower's embedding [N, E] (or
+    None without a tower) and the concept vectors [N, 384] (or None without the channel). Indexing
+    selects images."""
 
     tokens: torch.Tensor
     tower: torch.Tensor | None = None
+    concept: torch.Tensor | None = None
 
     def __getitem__(self, idx) -> ImageTokens:
-        return ImageTokens(self.tokens[idx], None if self.tower is None else self.tower[idx])
+        return ImageTokens(self.tokens[idx], _rows(self.tower, idx), _rows(self.concept, idx))
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -100,26 +102,39 @@ class ImageTokens:
 
     @classmethod
     def stack(cls, parts: list[ImageTokens]) -> ImageTokens:
-        tower = None if parts[0].tower is None else torch.cat([p.tower for p in parts])
-        return cls(torch.cat([p.tokens for p in parts]), tower)
+        return cls(
+            torch.cat([p.tokens for p in parts]),
+            _cat([p.tower for p in parts]),
+            _cat([p.concept for p in parts]),
+        )
 
 
 @dataclass
 class TextTokens:
-    """The PairScorer text state: text tokens [T, L, D] and their mask [T, L] (True = real token)."""
+    """The PairScorer text state: text tokens [T, L, D], their mask [T, L] (True = real token) and the
+    concept-space query vectors [T, 384] (or None without the channel)."""
 
     tokens: torch.Tensor
     mask: torch.Tensor
+    concept: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.mask)
 
     def rows(self, idx) -> TextTokens:
-        return TextTokens(self.tokens[idx], self.mask[idx])
+        return TextTokens(self.tokens[idx], self.mask[idx], _rows(self.concept, idx))
 
     @classmethod
     def stack(cls, parts: list[TextTokens]) -> TextTokens:
         L = max(p.mask.shape[1] for p in parts)
         tokens = [F.pad(p.tokens, (0, 0, 0, L - p.tokens.shape[1])) for p in parts]
         masks = [F.pad(p.mask, (0, L - p.mask.shape[1])) for p in parts]
-        return cls(torch.cat(tokens), torch.cat(masks))
+        return cls(torch.cat(tokens), torch.cat(masks), _cat([p.concept for p in parts]))
+
+
+def _rows(x: torch.Tensor | None, idx) -> torch.Tensor | None:
+    return None if x is None else x[idx]
+
+
+def _cat(parts: list[torch.Tensor | None]) -> torch.Tensor | None:
+    return None if parts[0] is None else torch.cat(parts)

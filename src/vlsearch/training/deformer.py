@@ -104,7 +104,8 @@ def _progress(step: int, total: int, t0: float, budget_s: float) -> float:
 PRETRAINED = ("layers.",)
 FROM_FAST = ("layers.", "text_embed.", "tower_", "logit_scale")
 # what the separately run streams read: frozen with ``freeze_streams`` (image_embed starts at zero)
-STREAMS = (*FROM_FAST, "image_embed.", "text_type")
+# (and the Fast model's concept channel, frozen everywhere)
+STREAMS = (*FROM_FAST, "image_embed.", "text_type", "concept.")
 
 
 def _optimizer(
@@ -174,7 +175,7 @@ def embed_decomposed(model: DeformerModel, feats: DatasetFeatures, batch: int = 
             ]
         ).float()
         order = torch.argsort(feats.lengths)  # similar lengths together: less padding
-        txt = torch.empty(len(order), model.config.embed_dim)
+        txt = torch.empty(len(order), model.embed_dim)
         for s in range(0, len(order), batch):
             rows = order[s : s + batch]
             txt[rows] = model.encode_text(feats.states[rows], feats.lengths[rows]).float()
@@ -296,7 +297,7 @@ def train_joint(
                 if tc.contrastive_weight and not frozen:  # (frozen streams: nothing to train)
                     own = img_tok[where[imgs]]
                     im = model.image_embedding(model.run_layers(own.tokens, None).mean(1), own)
-                    tx = model.encode_text(train.states[caps], train.lengths[caps])
+                    tx = model.stream_text(train.states[caps], train.lengths[caps])
                     same = imgs[:, None] == imgs[None, :]
                     loss = loss + tc.contrastive_weight * info_nce(im, tx.float(), model.scale, same)
                 # (b) listwise ITM, both directions, on the joint sequence
