@@ -413,6 +413,7 @@ class DeformerModel(nn.Module):
                 txt, mask = self.text_tokens(states, lengths)
                 return self.score_tokens_grid(img, txt, mask, batch_pairs, self.text_concept(states, lengths))
             text_index, image_index = torch.as_tensor(text_index), torch.as_tensor(image_index)
+            concepts = self.text_concept(states, lengths)  # once per text, not once per pair
             out = torch.empty(len(text_index))
             order = torch.argsort(lengths[text_index], stable=True)  # similar lengths share a batch
             for s in range(0, len(order), batch_pairs):
@@ -420,7 +421,7 @@ class DeformerModel(nn.Module):
                 t = text_index[p]
                 L = max(1, int(lengths[t].max()))
                 txt, mask = self.text_tokens(states[t, :L], lengths[t])
-                concept = self.text_concept(states[t, :L], lengths[t])
+                concept = None if concepts is None else concepts[t]
                 out[p] = self.joint_logits(img[image_index[p]], txt, mask, concept).float()
             return out
 
@@ -441,9 +442,8 @@ class DeformerModel(nn.Module):
         """states [B,L,384] (MiniLM after split_layer layers), lengths [B] -> [B, embed_dim] unit vectors."""
         L = max(1, int(lengths.max())) if len(lengths) else 1
         e = self.stream_text(states[:, :L], lengths)
-        if not self.concepts_active:
-            return e
-        return fuse_concepts(e, self.concept.text(states[:, :L], lengths), self.config.concept_weight)
+        concept = self.text_concept(states[:, :L], lengths)
+        return e if concept is None else fuse_concepts(e, concept, self.config.concept_weight)
 
     def stream_text(self, states: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """The text stream alone, without the concept channel: [B, config.embed_dim] unit vectors."""
