@@ -117,7 +117,9 @@ def test_warm_start_from_a_concept_fast_model_carries_its_concept_channel(tmp_pa
     fast = FastModel(FastConfig(embed_dim=32, concepts=True, concept_weight=0.3), False).eval()
     with torch.no_grad():  # (an untrained channel is all zeros: give it a head and label embeddings)
         fast.concept.head_weight.normal_(std=0.05)
-        fast.concept.labels.copy_(torch.nn.functional.normalize(torch.randn_like(fast.concept.labels), dim=-1))
+        fast.concept.labels.copy_(
+            torch.nn.functional.normalize(torch.randn_like(fast.concept.labels), dim=-1)
+        )
     config = tiny_config(n_layers=2).aligned_with_fast(fast.config)
     assert config.concepts and config.concept_weight == 0.3
     model = DeformerModel(config, init_from_pretrained=False).eval()
@@ -306,7 +308,9 @@ def test_tiny_decomposed_model_plugs_into_index_and_search(
     # the warm start from the Fast model fixes the embedding size to the Fast model's (not the config's
     # 64), its concept space included, and the index records the channel as it does for Fast
     fast = json.loads((Path(tiny_fast_checkpoint) / "config.json").read_text())["config"]
-    fast_dim = fast["embed_dim"] + (fast["text_dim"] if fast["concepts"] and fast["concept_weight"] > 0 else 0)
+    fast_dim = fast["embed_dim"] + (
+        fast["text_dim"] if fast["concepts"] and fast["concept_weight"] > 0 else 0
+    )
     assert idx.config.model_type == "deformer" and idx.config.dim == fast_dim and idx.config.n_images == 40
     assert idx.config.concepts == (fast_dim > fast["embed_dim"])
     engine = vlsearch.load(out)
