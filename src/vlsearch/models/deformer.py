@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vlsearch.errors import CheckpointError, VLSearchError
-from vlsearch.models.fast import ConceptChannel, FastConfig, fuse_concepts
+from vlsearch.models.fast import ConceptChannel, FastConfig, fuse_concepts, fused_cosine
 from vlsearch.models.layers import (
     TransformerLayer,
     image_tower,
@@ -315,11 +315,10 @@ class DeformerModel(nn.Module):
             te = F.normalize(self.text_embed(t_mean).float(), dim=-1)
             ie = self.image_embedding(i_mean, img)
             cosine = (te * ie).sum(-1)
-            if self.concepts_active:  # the decomposed score's fusion (fuse_concepts), on the joint cosine
+            if self.concepts_active:  # the decomposed score's fusion, on the joint cosine
                 if txt_concept is None or img.concept is None:
                     raise ValueError("this deformer fuses concepts: pass the captions' text_concept")
-                w = self.config.concept_weight
-                cosine = (cosine + w * (txt_concept.float() * img.concept.float()).sum(-1)) / (1 + w)
+                cosine = fused_cosine(cosine, txt_concept, img.concept, self.config.concept_weight)
             logit = logit + self.scale * cosine
         return logit
 
@@ -338,9 +337,8 @@ class DeformerModel(nn.Module):
         for s in range(0, len(order), chunk):
             rows = order[s : s + chunk]
             L = max(1, int(lengths[rows].max()))
-            txt, mask = self.text_tokens(states[rows, :L], lengths[rows])
-            concept = self.text_concept(states[rows, :L], lengths[rows])
-            out.append(self.joint_logits(img_tok[rows], txt, mask, concept))
+            txt = self.text_state(states[rows, :L], lengths[rows])
+            out.append(self.joint_logits(img_tok[rows], txt.tokens, txt.mask, txt.concept))
         return torch.cat(out)[torch.argsort(order)]
 
     def score_pairs(
@@ -348,9 +346,8 @@ class DeformerModel(nn.Module):
     ) -> torch.Tensor:
         """ITM logits [B] of aligned (image row b, caption row b) pairs; higher = better match."""
         L = max(1, int(lengths.max())) if len(lengths) else 1
-        txt, mask = self.text_tokens(states[:, :L], lengths)
-        concept = self.text_concept(states[:, :L], lengths)
-        return self.joint_logits(self.image_tokens(grid, mid), txt, mask, concept)
+        txt = self.text_state(states[:, :L], lengths)
+        return self.joint_logits(self.image_tokens(grid, mid), txt.tokens, txt.mask, txt.concept)
 
     # the PairScorer contract (models/contracts.py): image tokens once per image, text tokens once per
     # text; the joint layers then run once per pair (early interaction: nothing else can be shared)
@@ -410,8 +407,8 @@ class DeformerModel(nn.Module):
         with autocast():
             img = self.image_tokens(grid, mid)
             if text_index is None:
-                txt, mask = self.text_tokens(states, lengths)
-                return self.score_tokens_grid(img, txt, mask, batch_pairs, self.text_concept(states, lengths))
+                txt = self.text_state(states, lengths)
+                return self.score_tokens_grid(img, txt.tokens, txt.mask, batch_pairs, txt.concept)
             text_index, image_index = torch.as_tensor(text_index), torch.as_tensor(image_index)
             concepts = self.text_concept(states, lengths)  # once per text, not once per pair
             out = torch.empty(len(text_index))

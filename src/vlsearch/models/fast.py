@@ -141,6 +141,14 @@ def fuse_concepts(embedding: torch.Tensor, concept: torch.Tensor, weight: float)
     return torch.cat([embedding, concept.to(embedding.dtype) * math.sqrt(weight)], -1) / math.sqrt(1 + weight)
 
 
+def fused_cosine(
+    cosine: torch.Tensor, text_concept: torch.Tensor, image_concept: torch.Tensor, weight: float
+):
+    """The score two ``fuse_concepts`` vectors give, from its parts: for scorers (the joint deformer) that
+    compute the embedding cosine themselves."""
+    return (cosine + weight * (text_concept.float() * image_concept.float()).sum(-1)) / (1 + weight)
+
+
 def set_concepts(model, enabled: bool) -> bool:
     """Switch a model's concept channel on or off at run time (an index records which); returns whether
     it is in the vectors now (False for models without one)."""
