@@ -110,6 +110,25 @@ def test_text_query_graph_matches_pytorch_fp32(runtime, fast, captions, monkeypa
 
 
 @pytest.mark.parametrize("runtime", GRAPH_RUNTIMES)
+def test_decomposed_deformer_query_graph_takes_long_queries_whole(runtime, fast, captions):
+    """The export example is a short caption: a query longer than it must not be cut to its length."""
+    from vlsearch.models.deformer import DeformerConfig, DeformerModel
+
+    torch.manual_seed(0)
+    config = DeformerConfig(n_layers=2, image_grid=2, embed_dim=256).aligned_with_fast(fast.config)
+    deformer = DeformerModel(config).eval()
+    deformer.init_from_fast(fast)
+    deformer.set_mode("decomposed")
+    long = " ".join(sorted(captions, key=len)[-3:])  # ~40 words, past every fixed query length
+    queries = [captions[0], long]
+    want = Embedder(deformer, progress=False, runtime="torch").embed_texts(queries, cached=False)
+    emb = Embedder(deformer, progress=False, runtime=runtime)
+    got = np.stack([emb.embed_query(q) for q in queries])
+    assert emb.query_graph() is not None and got.shape == want.shape
+    assert _cos(got, want).min() >= COS_MIN[R.precision(runtime)]
+
+
+@pytest.mark.parametrize("runtime", GRAPH_RUNTIMES)
 def test_graph_is_safe_across_threads(runtime, fast, captions):
     emb = Embedder(fast, progress=False, runtime=runtime)
     want = {c: emb.embed_query(c) for c in captions[:12]}

@@ -437,9 +437,12 @@ class DeformerModel(nn.Module):
 
     def encode_text(self, states: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """states [B,L,384] (MiniLM after split_layer layers), lengths [B] -> [B, embed_dim] unit vectors."""
-        L = max(1, int(lengths.max())) if len(lengths) else 1
-        e = self.stream_text(states[:, :L], lengths)
-        concept = self.text_concept(states[:, :L], lengths)
+        # trim the batch's padding, except in an export: a traced slice would cut every query of the
+        # exported graph to the example's length (the padding is masked, so the result is the same)
+        if not torch.onnx.is_in_onnx_export():
+            states = states[:, : max(1, int(lengths.max())) if len(lengths) else 1]
+        e = self.stream_text(states, lengths)
+        concept = self.text_concept(states, lengths)
         return e if concept is None else fuse_concepts(e, concept, self.config.concept_weight)
 
     def stream_text(self, states: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
