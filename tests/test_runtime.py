@@ -109,20 +109,24 @@ def test_text_query_graph_matches_pytorch_fp32(runtime, fast, captions, monkeypa
     assert np.allclose(again.embed_query(captions[0]), got[0], atol=1e-6)
 
 
+@pytest.mark.parametrize("kind", ["fast", "deformer"])
 @pytest.mark.parametrize("runtime", GRAPH_RUNTIMES)
-def test_decomposed_deformer_query_graph_takes_long_queries_whole(runtime, fast, captions):
-    """The export example is a short caption: a query longer than it must not be cut to its length."""
+def test_query_graph_takes_long_queries_whole(runtime, kind, fast, captions):
+    """The export example is a short caption: a query longer than it must not be cut to its length
+    (the decomposed deformer's graph did that until GRAPH_VERSION 2)."""
     from vlsearch.models.deformer import DeformerConfig, DeformerModel
 
-    torch.manual_seed(0)
-    config = DeformerConfig(n_layers=2, image_grid=2, embed_dim=256).aligned_with_fast(fast.config)
-    deformer = DeformerModel(config).eval()
-    deformer.init_from_fast(fast)
-    deformer.set_mode("decomposed")
+    model = fast
+    if kind == "deformer":
+        torch.manual_seed(0)
+        config = DeformerConfig(n_layers=2, image_grid=2, embed_dim=256).aligned_with_fast(fast.config)
+        model = DeformerModel(config).eval()
+        model.init_from_fast(fast)
+        model.set_mode("decomposed")
     long = " ".join(sorted(captions, key=len)[-3:])  # ~40 words, past every fixed query length
     queries = [captions[0], long]
-    want = Embedder(deformer, progress=False, runtime="torch").embed_texts(queries, cached=False)
-    emb = Embedder(deformer, progress=False, runtime=runtime)
+    want = Embedder(model, progress=False, runtime="torch").embed_texts(queries, cached=False)
+    emb = Embedder(model, progress=False, runtime=runtime)
     got = np.stack([emb.embed_query(q) for q in queries])
     assert emb.query_graph() is not None and got.shape == want.shape
     assert _cos(got, want).min() >= COS_MIN[R.precision(runtime)]
