@@ -125,9 +125,16 @@ def test_query_graph_takes_long_queries_whole(runtime, kind, fast, captions):
         model.set_mode("decomposed")
     long = " ".join(sorted(captions, key=len)[-3:])  # ~40 words, past every fixed query length
     queries = [captions[0], long]
-    want = Embedder(model, progress=False, runtime="torch").embed_texts(queries, cached=False)
     emb = Embedder(model, progress=False, runtime=runtime)
     got = np.stack([emb.embed_query(q) for q in queries])
+    path = emb.fp32_query_path(concepts=bool(model.concepts_active))  # the graph's fp32 source
+    with torch.no_grad():
+        want = np.concatenate(
+            [
+                path(t["input_ids"], t["attention_mask"]).numpy()
+                for t in (emb.extractor.text_backbone.tokenize([q]) for q in queries)
+            ]
+        )
     assert emb.query_graph() is not None and got.shape == want.shape
     assert _cos(got, want).min() >= COS_MIN[R.precision(runtime)]
 

@@ -143,7 +143,7 @@ def fuse_concepts(embedding: torch.Tensor, concept: torch.Tensor, weight: float)
 
 def fused_cosine(
     cosine: torch.Tensor, text_concept: torch.Tensor, image_concept: torch.Tensor, weight: float
-):
+) -> torch.Tensor:
     """The score two ``fuse_concepts`` vectors give, from its parts: for scorers (the joint deformer) that
     compute the embedding cosine themselves."""
     return (cosine + weight * (text_concept.float() * image_concept.float()).sum(-1)) / (1 + weight)
