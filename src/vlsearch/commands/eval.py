@@ -59,6 +59,11 @@ def register(sub):
         action="store_true",
         help="switch the model's concept channel off (as the index flag)",
     )
+    p.add_argument(
+        "--live-queries",
+        action="store_true",
+        help="embed each caption as a live query (raw text through the query runtime, one at a time)",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object")
     add_quiet(p)
     return p
@@ -91,6 +96,7 @@ def run(args):
         progress=not (args.quiet or args.json),
         concepts=not args.no_concepts,
         rerank_features=args.rerank_features,
+        live_queries=args.live_queries,
     )
     if args.json:
         print_json(result)
@@ -99,6 +105,8 @@ def run(args):
             f"{result['model']} on {result['dataset']}:{result['split']} ({result['n_images']} images, {result['n_captions']} captions)"
         )
         print(fmt_metrics(result))
+        if "query_path" in result:
+            print(f"  live queries: {result['query_path']['runtime']}, {result['query_path']['precision']}")
         for k, v in result["cost"].items():
             print(f"  {k}: {v:.3f}" if isinstance(v, float) else f"  {k}: {v}")
         if "ann_recall_at_10_vs_exact" in result:

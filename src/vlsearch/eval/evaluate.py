@@ -42,6 +42,14 @@ def measure_query_cost(embedder: Embedder, image_emb: np.ndarray, captions: list
     }
 
 
+def live_query_embeddings(embedder: Embedder, captions: list[str], progress: bool) -> np.ndarray:
+    """Each caption through ``embed_query``, one at a time, as the service and the CLI run a query."""
+    from tqdm import tqdm
+
+    rows = tqdm(captions, desc="live queries", disable=not progress, leave=False)
+    return np.stack([embedder.embed_query(c) for c in rows])
+
+
 def ann_metrics(image_emb: np.ndarray, text_emb: np.ndarray, caption_image: np.ndarray, kind: str) -> dict:
     """t2i recall through an approximate index, and its recall@10 against exact search."""
     k = 10
@@ -71,8 +79,12 @@ def evaluate(
     concepts: bool = True,
     dataset=None,
     rerank_features: str = "full",
+    live_queries: bool = False,
 ) -> dict:
     """``concepts=False`` switches a Fast model's concept channel off (as ``index --no-concepts``).
+    ``live_queries``: each caption is embedded as a user's query is, one at a time from raw text through
+    the query runtime (an int8 graph where one is in use), not from the cached text features; this is
+    what shows a runtime's effect on recall.
     ``rerank_features="compact"``: the re-ranker reads its images' int8 parts, as from a compact store
     (encoders/compact.py)."""
     dataset = dataset or load_dataset(data_root, split)
@@ -107,6 +119,13 @@ def evaluate(
         embedder = Embedder(net, progress=progress)
 
         img, txt = embed_features(net, feats)
+        if live_queries:
+            txt = live_query_embeddings(embedder, dataset.captions, progress)
+            graph = embedder.query_graph()
+            result["query_path"] = {
+                "runtime": embedder.query_runtime if graph is not None else "torch",
+                "precision": graph.precision if graph is not None else "as cached features",
+            }
         sim = txt @ img.T
         cost.update(measure_query_cost(embedder, img, dataset.captions))
         cost["bytes_per_image"] = int(img.shape[1] * 4)  # the faiss Flat vector (fp32)
