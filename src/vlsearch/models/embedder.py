@@ -72,6 +72,7 @@ class Embedder:
         progress: bool = True,
         runtime: str | None = None,
         query_threads: int | None = None,
+        query_int8: bool | None = None,
     ):
         self.model = inference_copy(model)
         self._fp32_model = model  # what the query graph is exported from (inference_copy may hold bf16)
@@ -80,6 +81,10 @@ class Embedder:
         # Text queries run as one graph (tokens -> embedding) on this runtime (encoders/runtime.py).
         self.query_runtime = R.resolve(runtime, "query")
         self.query_threads = query_threads or R.query_threads_default()
+        # int8 matmuls in the query graph (None: R.query_int8's choice for this runtime)
+        if query_int8 is None:
+            query_int8 = R.query_int8(self.query_runtime)
+        self.query_int8 = query_int8 and self.query_runtime == "onnxruntime"
         self._query_graphs: dict[bool, R.CompiledGraph | None] = {}
         self._query_lock = threading.Lock()
 
@@ -155,7 +160,7 @@ class Embedder:
         return _QueryPath(TextBackbone(type(config)(**{**config.__dict__, "bf16": False})), model)
 
     def _export_query_graph(self, concepts: bool) -> R.CompiledGraph:
-        graph = self._compile_query_graph(concepts, R.query_int8(self.query_runtime))
+        graph = self._compile_query_graph(concepts, self.query_int8)
         if graph.int8 and graph.exported:
             worst = self._int8_fidelity(graph, concepts)
             if worst < INT8_MIN_COS:  # int8 broke this model: drop the export, so no later start uses it
