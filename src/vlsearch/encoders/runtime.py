@@ -9,9 +9,10 @@ per graph, what measured best on this machine (``vlsearch bench`` prints the thr
 - image backbone: ONNX Runtime (fp32), then OpenVINO (fp32), then PyTorch. Graph runtimes run it in
   fp32 only: OpenVINO's bf16 was 2.2x faster again but lost 2.4 RSUM on Flickr8k dev.
 - text query: where the CPU has bf16 natively, OpenVINO in bf16 (fixed-shape models per token length);
-  elsewhere ONNX Runtime with int8 matmuls (dynamic quantization, ``query_int8``), 2.2x faster than
-  its fp32 graph and 2.4x faster than OpenVINO's on a 2-core AVX2 Zen, with Flickr8k dev recall held
-  (RSUM 285.2 -> 286.1). Then PyTorch. Text in bf16 stays within cosine 0.9999 of fp32, int8 within 0.98.
+  elsewhere ONNX Runtime with int8 matmuls (dynamic quantization, ``query_int8``): on a 2-core AVX2
+  Zen, 5.83 ms p50 against 9.63 for its fp32 graph and 10.40 for OpenVINO's (one bench run), with
+  Flickr8k dev recall held (RSUM 285.2 -> 286.1). Then PyTorch. Text in bf16 stays within cosine
+  0.9999 of fp32, int8 within 0.98.
 A runtime that is missing, or a graph that fails to export, falls back to PyTorch with one warning.
 """
 
