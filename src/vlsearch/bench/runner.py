@@ -239,6 +239,7 @@ def run_bench(
             "started": time.strftime("%Y-%m-%d %H:%M:%S"),
             "git_commit": _git_commit(),
             "runtime": {graph: R.resolve(None, graph) for graph in R.PREFERENCE},
+            "query_int8": R.query_int8(R.resolve(None, "query")),  # text queries in int8 (runtime.py)
             "threads": threads,
             "load_average_start": hardware.load_average(),
             "background": hardware.busy_processes(),

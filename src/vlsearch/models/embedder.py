@@ -211,8 +211,9 @@ class Embedder:
             graph = self.query_graph()
             if graph is not None:
                 backbone = self.extractor.text_backbone
-                if len(texts) == 1:
-                    return graph(*backbone.tokenize_one(texts[0]))[0]
+                if len(texts) == 1 or graph.int8:  # int8 scales activations per call: one text per call,
+                    # so a query's vector does not depend on what it was batched with
+                    return np.concatenate([graph(*backbone.tokenize_one(t))[0] for t in texts])
                 tokens = backbone.tokenize(texts, "np")
                 return graph(tokens["input_ids"], tokens["attention_mask"])[0]
             states, lengths, _ = self.extractor.encode_texts(texts)
