@@ -83,7 +83,8 @@ def test_image_backbone_matches_pytorch_fp32(runtime, photos, fast):
 
 @pytest.mark.parametrize("runtime", GRAPH_RUNTIMES)
 def test_text_query_graph_matches_pytorch_fp32(runtime, fast, captions, monkeypatch):
-    emb = Embedder(fast, progress=False, runtime=runtime)
+    """The runtime's fp32 (or bf16) graph; the int8 one has its own tests below."""
+    emb = Embedder(fast, progress=False, runtime=runtime, query_int8=False)
     got = np.stack([emb.embed_query(c) for c in captions])
     assert emb.query_graph() is not None
     path = emb.fp32_query_path(concepts=True)
@@ -95,9 +96,8 @@ def test_text_query_graph_matches_pytorch_fp32(runtime, fast, captions, monkeypa
             ]
         )
     assert got.shape == (len(captions), emb.dim)
-    graph = emb.query_graph()
-    assert _cos(got, want).min() >= COS_MIN[graph.precision]
-    # a padded batch of queries gives each query's own answer (an int8 graph runs them one by one)
+    assert _cos(got, want).min() >= COS_MIN[R.precision(runtime)]
+    # a padded batch of queries gives each query's own answer
     batch = emb.embed_texts(captions[:16], cached=False)
     assert _cos(batch, got[:16]).min() >= 0.9999
     # the concept switch changes the output: its own graph, not the cached one
@@ -107,7 +107,7 @@ def test_text_query_graph_matches_pytorch_fp32(runtime, fast, captions, monkeypa
     emb.model.use_concepts = True
     # a second embedder reuses the export on disk
     monkeypatch.setattr(R.CompiledGraph, "_export", lambda *a: pytest.fail("exported again"))
-    again = Embedder(fast, progress=False, runtime=runtime)
+    again = Embedder(fast, progress=False, runtime=runtime, query_int8=False)
     assert np.allclose(again.embed_query(captions[0]), got[0], atol=1e-6)
 
 
@@ -127,7 +127,7 @@ def test_query_graph_takes_long_queries_whole(runtime, kind, fast, captions):
         model.set_mode("decomposed")
     long = " ".join(sorted(captions, key=len)[-3:])  # ~40 words, past every fixed query length
     queries = [captions[0], long]
-    emb = Embedder(model, progress=False, runtime=runtime)
+    emb = Embedder(model, progress=False, runtime=runtime, query_int8=False)
     got = np.stack([emb.embed_query(q) for q in queries])
     path = emb.fp32_query_path(concepts=bool(model.concepts_active))  # the graph's fp32 source
     with torch.no_grad():
@@ -138,7 +138,7 @@ def test_query_graph_takes_long_queries_whole(runtime, kind, fast, captions):
             ]
         )
     assert emb.query_graph() is not None and got.shape == want.shape
-    assert _cos(got, want).min() >= COS_MIN[emb.query_graph().precision]
+    assert _cos(got, want).min() >= COS_MIN[R.precision(runtime)]
 
 
 @pytest.mark.parametrize("runtime", GRAPH_RUNTIMES)

@@ -160,20 +160,20 @@ class Embedder:
         return _QueryPath(TextBackbone(type(config)(**{**config.__dict__, "bf16": False})), model)
 
     def _export_query_graph(self, concepts: bool) -> R.CompiledGraph:
-        graph = self._compile_query_graph(concepts, self.query_int8)
+        source = self.fp32_query_path(concepts)
+        graph = self._compile_query_graph(source, concepts, self.query_int8)
         if graph.int8 and graph.exported:
-            worst = self._int8_fidelity(graph, concepts)
+            worst = self._int8_fidelity(graph, source)
             if worst < INT8_MIN_COS:  # int8 broke this model: drop the export, so no later start uses it
                 msg = f"int8 text queries: cosine {worst:.3f} to fp32 < {INT8_MIN_COS}; using fp32"
                 log.warning(msg)
                 warnings.warn(msg, stacklevel=2)
                 graph.path.unlink(missing_ok=True)
-                graph = self._compile_query_graph(concepts, False)
+                graph = self._compile_query_graph(source, concepts, False)
         return graph
 
-    def _int8_fidelity(self, graph: R.CompiledGraph, concepts: bool) -> float:
+    def _int8_fidelity(self, graph: R.CompiledGraph, reference: torch.nn.Module) -> float:
         """The lowest cosine between the int8 graph's and fp32 PyTorch's embeddings of the probe queries."""
-        reference = self.fp32_query_path(concepts)
         backbone = self.extractor.text_backbone
         worst = 1.0
         with torch.no_grad():
@@ -184,12 +184,12 @@ class Embedder:
                 worst = min(worst, float(want @ got / (np.linalg.norm(want) * np.linalg.norm(got))))
         return worst
 
-    def _compile_query_graph(self, concepts: bool, int8: bool) -> R.CompiledGraph:
+    def _compile_query_graph(self, source: torch.nn.Module, concepts: bool, int8: bool) -> R.CompiledGraph:
         config = self.extractor.text_config
         ids = self.extractor.text_backbone.tokenize(["a dog runs on the grass"])
         return R.CompiledGraph(
             f"query-{getattr(self.model, 'model_type', type(self.model).__name__)}",
-            self.fp32_query_path(concepts),
+            source,
             [ids["input_ids"].numpy(), ids["attention_mask"].numpy()],
             ["input_ids", "attention_mask"],
             ["embedding"],
