@@ -9,7 +9,7 @@ import torch
 from tests.test_deformer import fake_inputs as inputs
 from vlsearch.models.contracts import DualEncoder, PairScorer, States, is_dual_encoder, is_pair_scorer
 from vlsearch.models.deformer import DeformerConfig, DeformerModel
-from vlsearch.models.fast import FastConfig, FastModel
+from vlsearch.models.fast import FastConfig, FastModel, has_prior_column
 from vlsearch.models.slow import SlowConfig, SlowModel
 
 
@@ -22,13 +22,17 @@ def deformer(mode: str) -> DeformerModel:
 
 
 def check_dual_encoder(model, grid, mid, states, lengths) -> None:
-    """Unit vectors of width embed_dim; each image and text embedded independently of its batch."""
+    """Unit vectors of width embed_dim (before the hubness prior's column, where the model has one: 1 for
+    a text); each image and text embedded independently of its batch."""
     assert isinstance(model, DualEncoder) and is_dual_encoder(model) and not is_pair_scorer(model)
     with torch.no_grad():
         img, txt = model.encode_image(grid, mid), model.encode_text(states, lengths)
         assert img.shape == (len(grid), model.embed_dim) and txt.shape == (len(states), model.embed_dim)
-        assert torch.allclose(img.norm(dim=-1), torch.ones(len(img)), atol=1e-4)
-        assert torch.allclose(txt.norm(dim=-1), torch.ones(len(txt)), atol=1e-4)
+        body = slice(None, -1 if has_prior_column(model) else None)
+        if has_prior_column(model):
+            assert torch.all(txt[:, -1] == 1)
+        assert torch.allclose(img[:, body].norm(dim=-1), torch.ones(len(img)), atol=1e-4)
+        assert torch.allclose(txt[:, body].norm(dim=-1), torch.ones(len(txt)), atol=1e-4)
         assert torch.allclose(model.encode_image(grid[1:2], mid[1:2]), img[1:2], atol=1e-4)
         assert torch.allclose(model.encode_text(states[2:3], lengths[2:3]), txt[2:3], atol=1e-4)
 
@@ -44,10 +48,11 @@ def test_trained_fast_with_its_concept_channel_is_a_dual_encoder(tiny_fast_check
     from vlsearch.models.registry import load_model
 
     net = load_model(tiny_fast_checkpoint)[0].eval()
-    assert set_concepts(net, True) and net.embed_dim == net.config.embed_dim + net.config.text_dim
+    column = int(has_prior_column(net))  # the hubness prior, when dev chose it (models/hubness.py)
+    assert set_concepts(net, True) and net.embed_dim == net.config.embed_dim + net.config.text_dim + column
     check_dual_encoder(net, *inputs())
     set_concepts(net, False)
-    assert net.embed_dim == net.config.embed_dim
+    assert net.embed_dim == net.config.embed_dim + column
     check_dual_encoder(net, *inputs())
 
 

@@ -13,6 +13,7 @@ import torch
 from vlsearch.cli import main
 from vlsearch.errors import CheckpointError, QueryError
 from vlsearch.models.deformer import DeformerConfig, DeformerModel
+from vlsearch.models.fast import set_hubness
 from vlsearch.precision import autocast
 from vlsearch.training.common import TrainRequest
 
@@ -354,6 +355,7 @@ def test_joint_training_with_frozen_streams_keeps_the_fast_model(tiny_deformers,
 
     joint = load_model(tiny_deformers[0])[0].set_mode("decomposed").eval()
     fast = load_model(tiny_fast_checkpoint)[0].eval()  # its towers and its concept channel
+    set_hubness(fast, False)  # the deformer has no hubness prior (models/hubness.py)
     grid, _, states, lengths = fake_inputs(n_images=4, n_texts=4)
     with torch.no_grad():
         assert torch.allclose(joint.encode_image(grid), fast.encode_image(grid), atol=1e-4)
@@ -387,6 +389,7 @@ def test_joint_training_on_out_of_fold_streams(tiny_fast_checkpoint, mini_flickr
 
     # the teacher: a Slow model with the full Fast model as its prior, the named `slow` of this test
     fast = load_model(tiny_fast_checkpoint)[0].eval()
+    set_hubness(fast, False)  # the deformer has no hubness prior (models/hubness.py)
     teacher = SlowModel(SlowConfig(n_layers=1, fast_prior=asdict(fast.config)), init_from_pretrained=False)
     teacher.set_prior(fast)
     save_checkpoint(home() / "models" / "slow", teacher, {"note": "prior only"})

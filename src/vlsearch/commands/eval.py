@@ -60,6 +60,11 @@ def register(sub):
         help="switch the model's concept channel off (as the index flag)",
     )
     p.add_argument(
+        "--no-hubness",
+        action="store_true",
+        help="switch the model's hubness prior off (scores as before the prior; models/hubness.py)",
+    )
+    p.add_argument(
         "--live-queries",
         action="store_true",
         help="embed each caption as a live query (raw text through the query runtime, one at a time)",
@@ -95,6 +100,7 @@ def run(args):
         index_kind=args.index,
         progress=not (args.quiet or args.json),
         concepts=not args.no_concepts,
+        hubness=not args.no_hubness,
         rerank_features=args.rerank_features,
         live_queries=args.live_queries,
     )
@@ -153,7 +159,9 @@ def _run_video(args):
 def run_suite_command(args):
     from vlsearch.eval.suite import run_suite, suite_table
 
-    result = run_suite(args.model, args.data_root, args.gallery, images=args.images)
+    result = run_suite(
+        args.model, args.data_root, args.gallery, images=args.images, hubness=not args.no_hubness
+    )
     if args.json:
         print_json(result)
     else:

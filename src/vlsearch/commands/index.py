@@ -51,6 +51,12 @@ def register(sub):
         help="leave the model's ImageNet concept channel out (smaller vectors, less work per query)",
     )
     p.add_argument(
+        "--no-hubness",
+        action="store_true",
+        help="leave the model's hubness prior out (it lowers images that match every caption; it helped "
+        "Flickr8k dev and cost a little on coco-mini: docs/hubness.md)",
+    )
+    p.add_argument(
         "--sync",
         metavar="FOLDER",
         default=None,
@@ -114,6 +120,7 @@ def run(args):
         exclude=args.exclude,
         concepts=not args.no_concepts,
         follow_symlinks=args.follow_symlinks,
+        hubness=not args.no_hubness,
     )
     idx = GalleryIndex.open(path)
     print(

@@ -19,7 +19,7 @@ from vlsearch.index.vectors import make_vector_index
 from vlsearch.models.contracts import is_pair_scorer
 from vlsearch.models.embed import embed_features
 from vlsearch.models.embedder import Embedder
-from vlsearch.models.fast import set_concepts
+from vlsearch.models.fast import set_concepts, set_hubness
 from vlsearch.models.registry import load_model
 from vlsearch.search.pair_scoring import rerank_eval, score_all_pairs
 
@@ -80,8 +80,10 @@ def evaluate(
     dataset=None,
     rerank_features: str = "full",
     live_queries: bool = False,
+    hubness: bool = True,
 ) -> dict:
-    """``concepts=False`` switches a Fast model's concept channel off (as ``index --no-concepts``).
+    """``concepts=False`` switches a Fast model's concept channel off (as ``index --no-concepts``);
+    ``hubness=False`` its hubness prior (models/hubness.py).
     ``live_queries``: each caption is embedded as a user's query is, one at a time from raw text through
     the query runtime (an int8 graph where one is in use), not from the cached text features; this is
     what shows a runtime's effect on recall.
@@ -95,6 +97,7 @@ def evaluate(
     net, meta, ckpt = load_model(model)
 
     concepts_on = set_concepts(net, concepts)
+    hubness_on = set_hubness(net, hubness)
     result: dict = {
         "model": str(model),
         "checkpoint": str(ckpt),
@@ -102,6 +105,7 @@ def evaluate(
         "dataset": dataset.name,
         "concepts": concepts_on,
         "concept_weight": getattr(net.config, "concept_weight", 0.0) if concepts_on else 0.0,
+        "hubness_weight": getattr(net.config, "hubness_weight", 0.0) if hubness_on else 0.0,
     }
     feats = DatasetFeatures.load(dataset, mid=True, progress=progress)
     caption_image = feats.caption_image.numpy()

@@ -41,8 +41,10 @@ def run_suite(
     extra: list[str] = (),
     images: int | None = None,
     progress: bool = False,
+    hubness: bool = True,
 ) -> dict:
-    """{"model", "galleries": [{"name", "with_concepts", "without_concepts"}]} (without: Fast alone)."""
+    """{"model", "galleries": [{"name", "with_concepts", "without_concepts"}]} (without: Fast alone).
+    ``hubness=False``: every run with the model's hubness prior off (models/hubness.py)."""
     galleries = default_galleries(root) + [parse_gallery(s) for s in extra]
     rows = []
     for name, path, split in galleries:
@@ -51,7 +53,7 @@ def run_suite(
             dataset = dataset.sample(images, 0)
         row = {"name": name, "root": str(path)}
         for key, on in (("with_concepts", True), ("without_concepts", False)):
-            r = evaluate(model=model, dataset=dataset, concepts=on, progress=progress)
+            r = evaluate(model=model, dataset=dataset, concepts=on, progress=progress, hubness=hubness)
             row[key] = r
             if not r["concepts"]:  # no channel in this model: one measurement is both
                 row["without_concepts"] = r

@@ -24,7 +24,7 @@ from vlsearch.index.plain import (
     write_lock,
 )
 from vlsearch.models.embedder import Embedder
-from vlsearch.models.fast import set_concepts
+from vlsearch.models.fast import set_concepts, set_hubness
 from vlsearch.models.registry import fingerprint, load_model
 
 
@@ -72,10 +72,12 @@ def build_index(
     exclude: list[str] | tuple[str, ...] = (),
     concepts: bool = True,
     follow_symlinks: bool = False,
+    hubness: bool = True,
 ) -> tuple[Path, ImageReport]:
     """Embed a gallery (dataset split, or a plain folder of images) and write an index folder atomically.
     ``exclude``: glob patterns (on paths relative to a plain folder) of files to leave out.
-    ``concepts=False`` leaves the model's concept channel out of the vectors (recorded in the config).
+    ``concepts=False`` leaves the model's concept channel out of the vectors (recorded in the config),
+    ``hubness=False`` its hubness prior (models/hubness.py; recorded too).
     ``follow_symlinks``: index links whose target is outside the folder (recorded; the service serves them)."""
     if dataset is None and exclude:
         if source is None or not Path(source).is_dir():
@@ -85,6 +87,7 @@ def build_index(
     dataset = dataset or load_dataset(source, split)
     net, meta, ckpt = load_model(model)
     concepts = set_concepts(net, concepts)
+    set_hubness(net, hubness)
     embedder = Embedder(net, progress=progress)
     report = ImageReport()
     records, emb, caps, cap_emb = embed_gallery(embedder, dataset, report)
@@ -106,6 +109,7 @@ def build_index(
         f"{source or DEFAULT_SOURCE} [{dataset.name}:{dataset.split}]",
     )
     config.concepts = concepts
+    config.hubness = hubness
     config.roots = [gallery_root(dataset, source)]
     config.follow_symlinks = follow_symlinks
     write_gallery(
@@ -247,6 +251,7 @@ def checked_model(index):
             f"index {index.path} was built with another version of model {index.config.model!r}; rebuild it"
         )
     set_concepts(net, getattr(index.config, "concepts", True))
+    set_hubness(net, getattr(index.config, "hubness", True))
     return net
 
 

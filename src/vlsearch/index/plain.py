@@ -55,6 +55,7 @@ class IndexConfig:
     source: str = ""
     created: float = field(default_factory=time.time)
     concepts: bool = True  # the model's concept channel in the vectors (False: built with --no-concepts)
+    hubness: bool = True  # the model's hubness prior column in the vectors (False: built with --no-hubness)
     roots: list[str] = field(default_factory=list)  # folders the files lie in: the service serves only these
     follow_symlinks: bool = False  # built with --follow-symlinks: links out of the roots were indexed
 

@@ -154,8 +154,8 @@ class _IVF(VectorIndex):
                 sample = vectors[np.sort(pick)]
             ivf.cp.niter = 10
             ivf.cp.min_points_per_centroid = 1  # small galleries: fewer points per list is fine, no warning
-            if isinstance(self.index, faiss.IndexIVFPQ):
-                self.index.pq.cp.min_points_per_centroid = 1
+            if isinstance(ivf, faiss.IndexIVFPQ):
+                ivf.pq.cp.min_points_per_centroid = 1
             self.index.train(sample)
         self.index.add(vectors)
 
@@ -229,13 +229,20 @@ class IVFPQIndex(_IVF):
         cls, dim: int, n_expected: int = 0, nlist: int | None = None, m: int = 32, nprobe: int = 64
     ) -> IVFPQIndex:
         nlist = nlist or default_nlist(n_expected)
-        m = max(d for d in range(1, min(m, dim) + 1) if dim % d == 0)
+        m = min(m, dim)
+        # A width that m does not divide (641: 640 + the hubness prior's column, models/hubness.py) is
+        # padded with zero columns by faiss's own transform, so the codes keep m sub-quantisers.
+        padded = -(-dim // m) * m
         # 8-bit codes need 256 centroids per sub-quantiser; very small galleries get fewer bits.
         nbits = (
             8 if n_expected >= 10_000 or not n_expected else max(4, min(8, int(math.log2(n_expected)) - 2))
         )
-        index = faiss.IndexIVFPQ(faiss.IndexFlatIP(dim), dim, nlist, m, nbits, faiss.METRIC_INNER_PRODUCT)
+        index = faiss.IndexIVFPQ(
+            faiss.IndexFlatIP(padded), padded, nlist, m, nbits, faiss.METRIC_INNER_PRODUCT
+        )
         index.nprobe = min(nprobe, nlist)
+        if padded != dim:
+            index = faiss.IndexPreTransform(faiss.RemapDimensionsTransform(dim, padded, True), index)
         return cls(index)
 
     def add(self, vectors: np.ndarray) -> None:

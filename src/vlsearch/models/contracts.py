@@ -30,11 +30,13 @@ class DualEncoder(Protocol):
         ...
 
     def encode_image(self, grid: torch.Tensor, mid: torch.Tensor | None = None) -> torch.Tensor:
-        """[B, embed_dim] unit vectors."""
+        """[B, embed_dim] unit vectors (a Fast model with a hubness prior appends its column: the image's
+        prior; models/hubness.py)."""
         ...
 
     def encode_text(self, states: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        """Cached MiniLM token states [B,L,384] and lengths [B] -> [B, embed_dim] unit vectors."""
+        """Cached MiniLM token states [B,L,384] and lengths [B] -> [B, embed_dim] unit vectors (with a
+        hubness prior, then a column of ones)."""
         ...
 
 

@@ -19,6 +19,8 @@ from vlsearch.encoders import runtime as R
 from vlsearch.encoders.features import FeatureExtractor, map_batches
 from vlsearch.encoders.text import TextBackbone
 from vlsearch.errors import QueryError
+from vlsearch.models.fast import has_prior_column
+from vlsearch.models.hubness import combine_query_vectors, zero_prior_column
 from vlsearch.precision import autocast, inference_copy
 from vlsearch.settings import MAX_QUERY_CHARS
 
@@ -136,31 +138,38 @@ class Embedder:
         except ValueError as e:
             raise QueryError(str(e)) from e
         out = self.extractor.encode_image_arrays([arr])
-        return self._image(out["grid"], out["mid"])[0]
+        return zero_prior_column(self._image(out["grid"], out["mid"])[0], has_prior_column(self.model))
+
+    def combine_queries(self, vectors: np.ndarray, weights) -> tuple[np.ndarray, float]:
+        """One compound query from its terms' vectors: the weighted sum, renormalised; (vector, norm)."""
+        return combine_query_vectors(vectors, weights, has_prior_column(self.model))
 
     def query_graph(self) -> R.CompiledGraph | None:
         """The text query path (MiniLM, then this model's text tower) as one graph on the query runtime,
-        exported on first use; None when PyTorch runs it. One per concept switch (it changes the output)."""
+        exported on first use; None when PyTorch runs it. One per concept and hubness switch (they change
+        the output)."""
         if self.query_runtime == "torch":
             return None
-        concepts = bool(getattr(self.model, "concepts_active", False))
+        switches = (bool(getattr(self.model, "concepts_active", False)), has_prior_column(self.model))
         with self._query_lock:
-            if concepts not in self._query_graphs:
-                self._query_graphs[concepts] = R.compile_or_none(
-                    lambda: self._export_query_graph(concepts), f"text queries on {self.query_runtime}"
+            if switches not in self._query_graphs:
+                self._query_graphs[switches] = R.compile_or_none(
+                    lambda: self._export_query_graph(*switches), f"text queries on {self.query_runtime}"
                 )
-            return self._query_graphs[concepts]
+            return self._query_graphs[switches]
 
-    def fp32_query_path(self, concepts: bool) -> torch.nn.Module:
+    def fp32_query_path(self, concepts: bool, hubness: bool | None = None) -> torch.nn.Module:
         """The text query path in fp32 PyTorch: what the graph is exported from (and a reference)."""
         config = self.extractor.text_config
         model = copy.deepcopy(self._fp32_model).eval()
         if hasattr(model, "use_concepts"):
             model.use_concepts = concepts
+        if hasattr(model, "use_hubness"):
+            model.use_hubness = has_prior_column(self.model) if hubness is None else hubness
         return _QueryPath(TextBackbone(type(config)(**{**config.__dict__, "bf16": False})), model)
 
-    def _export_query_graph(self, concepts: bool) -> R.CompiledGraph:
-        source = self.fp32_query_path(concepts)
+    def _export_query_graph(self, concepts: bool, hubness: bool = False) -> R.CompiledGraph:
+        source = self.fp32_query_path(concepts, hubness)
         graph = self._compile_query_graph(source, concepts, self.query_int8)
         if graph.int8 and graph.exported:
             worst = self._int8_fidelity(graph, source)
@@ -175,12 +184,13 @@ class Embedder:
     def _int8_fidelity(self, graph: R.CompiledGraph, reference: torch.nn.Module) -> float:
         """The lowest cosine between the int8 graph's and fp32 PyTorch's embeddings of the probe queries."""
         backbone = self.extractor.text_backbone
+        width = self.dim - (1 if has_prior_column(reference.model) else 0)  # the constant column: left out
         worst = 1.0
         with torch.no_grad():
             for text in INT8_PROBES:
                 ids, mask = backbone.tokenize_one(text)
-                want = reference(torch.from_numpy(ids), torch.from_numpy(mask)).numpy()[0]
-                got = graph(ids, mask)[0][0]
+                want = reference(torch.from_numpy(ids), torch.from_numpy(mask)).numpy()[0][:width]
+                got = graph(ids, mask)[0][0][:width]
                 worst = min(worst, float(want @ got / (np.linalg.norm(want) * np.linalg.norm(got))))
         return worst
 
@@ -196,7 +206,8 @@ class Embedder:
             {"input_ids": {0: "batch", 1: "tokens"}, "attention_mask": {0: "batch", 1: "tokens"}},
             self.query_runtime,
             threads=self.query_threads,
-            key_extra=f"{config.tag}|concepts={concepts}",
+            key_extra=f"{config.tag}|concepts={concepts}"
+            + ("|hubness" if has_prior_column(source.model) else ""),
             allow_bf16=config.bf16,
             static_lengths=QUERY_LENGTHS,
             int8=int8,

@@ -17,6 +17,7 @@ from vlsearch.encoders import concepts as C
 from vlsearch.encoders.concepts import concept_distribution, logits_from_grid, sentence_states
 from vlsearch.encoders.image import ImageBackbone
 from vlsearch.errors import CheckpointError, VLSearchError
+from vlsearch.models.hubness import HubnessPrior
 from vlsearch.models.layers import (
     TransformerLayer,
     image_tower,
@@ -46,6 +47,11 @@ class FastConfig:
     concept_prompts: str = "single"
     concept_input: bool = False  # image tower also sees the concept vector (needs training)
     concept_classes_sha256: str = ""  # the class list the label embeddings were made from
+    # Hubness prior (vlsearch.models.hubness): a bank of captions, its weight chosen on dev after training.
+    hubness_bank: int = 0  # captions in the bank (0: no prior in the checkpoint)
+    hubness_weight: float = 0.0
+    hubness_temperature: float = 0.05  # the model's own temperature when the bank was made
+    hubness_offset: float = 0.0  # mean prior over the train images
 
 
 class FastModel(nn.Module):
@@ -57,6 +63,12 @@ class FastModel(nn.Module):
         pooled = config.image_dim * (2 if config.image_pool == "mean+max" else 1)
         self.concept = ConceptChannel(config, init_from_pretrained) if config.concepts else None
         self.use_concepts = True  # runtime switch (an index built with --no-concepts turns it off)
+        self.hubness = (
+            HubnessPrior(config.hubness_bank, config.embed_dim, config.text_dim if config.concepts else 0)
+            if config.hubness_bank
+            else None
+        )
+        self.use_hubness = True  # runtime switch (eval --no-hubness)
         if config.concept_input:
             if self.concept is None:
                 raise CheckpointError(
@@ -86,14 +98,23 @@ class FastModel(nn.Module):
         return self.concept is not None and self.config.concept_weight > 0 and self.use_concepts
 
     @property
+    def hubness_active(self) -> bool:
+        return self.hubness is not None and self.config.hubness_weight > 0 and self.use_hubness
+
+    @property
     def embed_dim(self) -> int:
         """The DualEncoder contract's width (models/contracts.py): what encode_image returns."""
         return self.output_dim
 
     @property
     def output_dim(self) -> int:
-        """Width of encode_image/encode_text: embed_dim, plus the concept space when it is fused in."""
-        return self.config.embed_dim + (self.config.text_dim if self.concepts_active else 0)
+        """Width of encode_image/encode_text: embed_dim, plus the concept space when it is fused in, plus
+        the hubness prior's column when it is on."""
+        return (
+            self.config.embed_dim
+            + (self.config.text_dim if self.concepts_active else 0)
+            + (1 if self.hubness_active else 0)
+        )
 
     def encode_image(self, grid: torch.Tensor, mid: torch.Tensor | None = None) -> torch.Tensor:
         """grid [B,49,1280] -> [B,output_dim] unit vectors (Fast, fused with concepts when active)."""
@@ -113,14 +134,29 @@ class FastModel(nn.Module):
             x = torch.cat([x, concept.to(x.dtype)], -1)
         x = self.image_norm(x)
         fast = F.normalize(self.image_mlp(x) + self.image_skip(x), dim=-1)
-        return fuse_concepts(fast, concept, self.config.concept_weight) if self.concepts_active else fast
+        emb = fuse_concepts(fast, concept, self.config.concept_weight) if self.concepts_active else fast
+        return self.with_image_prior(emb) if self.hubness_active else emb
+
+    def hubness_bank(self) -> torch.Tensor:
+        """The hubness bank in the current output space (concepts on or off), without the prior column."""
+        w = self.config.concept_weight
+        return self.hubness.bank((lambda f, c: fuse_concepts(f, c, w)) if self.concepts_active else None)
+
+    def with_image_prior(self, emb: torch.Tensor) -> torch.Tensor:
+        """[N, D] -> [N, D+1]: the image's hubness correction appended (models/hubness.py)."""
+        c = self.config
+        prior = HubnessPrior.log_prior(emb, self.hubness_bank(), c.hubness_temperature)
+        column = -c.hubness_weight * (prior - c.hubness_offset)
+        return torch.cat([emb, column[:, None].to(emb.dtype)], -1)
 
     def encode_text(self, states: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """states [B,L,384] (MiniLM after text_split_layer layers), lengths [B] -> [B,output_dim] unit."""
-        fast = self.fast_text(states, lengths)
-        if not self.concepts_active:
-            return fast
-        return fuse_concepts(fast, self.concept.text(states, lengths), self.config.concept_weight)
+        emb = self.fast_text(states, lengths)
+        if self.concepts_active:
+            emb = fuse_concepts(emb, self.concept.text(states, lengths), self.config.concept_weight)
+        if self.hubness_active:  # the query side of the prior column: 1
+            emb = torch.cat([emb, torch.ones_like(emb[:, :1])], -1)
+        return emb
 
     def fast_text(self, states: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """The Fast text tower alone: [B,embed_dim] unit vectors."""
@@ -147,6 +183,18 @@ def fused_cosine(
     """The score two ``fuse_concepts`` vectors give, from its parts: for scorers (the joint deformer) that
     compute the embedding cosine themselves."""
     return (cosine + weight * (text_concept.float() * image_concept.float()).sum(-1)) / (1 + weight)
+
+
+def set_hubness(model, enabled: bool) -> bool:
+    """Switch a model's hubness prior on or off at run time; returns whether it is in the vectors now."""
+    if hasattr(model, "use_hubness"):
+        model.use_hubness = bool(enabled)
+    return bool(getattr(model, "hubness_active", False))
+
+
+def has_prior_column(model) -> bool:
+    """Whether the model's vectors end in the hubness prior's column (models/hubness.py)."""
+    return bool(getattr(model, "hubness_active", False))
 
 
 def set_concepts(model, enabled: bool) -> bool:

@@ -12,7 +12,7 @@ from vlsearch.index.build import add_to_index
 from vlsearch.index.gallery import GalleryIndex
 from vlsearch.index.photos import PhotoFilter, search_filtered
 from vlsearch.models.embedder import Embedder, check_query
-from vlsearch.models.fast import set_concepts
+from vlsearch.models.fast import set_concepts, set_hubness
 from vlsearch.models.registry import fingerprint, load_model, resolve_checkpoint
 from vlsearch.search import queries as Q
 from vlsearch.search import video_engine
@@ -56,6 +56,7 @@ class SearchEngine:
         if rerank_model:
             reranker = Reranker.load(resolve_checkpoint(rerank_model), extractor=None, compact=rerank_compact)
         set_concepts(net, getattr(index.config, "concepts", True))  # as the index was built
+        set_hubness(net, getattr(index.config, "hubness", True))
         engine = cls(index, Embedder(net, progress=progress), reranker)
         if reranker is not None:
             reranker.extractor = engine.embedder.extractor
@@ -212,11 +213,10 @@ class SearchEngine:
         if not Q.is_compound(terms):
             return self.embedder.embed_query(terms[0].text)
         emb = self.embedder.embed_texts([t.text for t in terms], cached=False)
-        q = (np.array([t.weight for t in terms], dtype=np.float32)[:, None] * emb).sum(0)
-        norm = float(np.linalg.norm(q))
+        q, norm = self.embedder.combine_queries(emb, [t.weight for t in terms])
         if norm < 1e-6:
             raise QueryError("the query's terms cancel out: nothing is left to search for")
-        return (q / norm).astype(np.float32)
+        return q
 
     def search_image(self, image, k: int = 10) -> SearchResult:
         """Image-to-image; ``captions_for_image`` gives image-to-text."""

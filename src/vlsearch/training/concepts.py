@@ -27,8 +27,10 @@ WEIGHTS = (0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.5, 0.7, 1.0)
 def attach_concepts(
     model: FastModel, prompts: str = "single", temperature: float = 1.0, topk: int = 0
 ) -> FastModel:
-    """Give a trained Fast model (with or without a channel) a fresh concept channel, weight 0."""
+    """Give a trained Fast model (with or without a channel) a fresh concept channel, weight 0. A hubness
+    bank (models/hubness.py) holds the old channel's embeddings, so it goes too (training.hubness)."""
     cfg = model.config
+    cfg.hubness_bank, cfg.hubness_weight, model.hubness = 0, 0.0, None
     cfg.concepts, cfg.concept_weight = True, 0.0
     cfg.concept_prompts, cfg.concept_temperature, cfg.concept_topk = prompts, temperature, topk
     if cfg.concept_input and model.concept is not None:  # its tower was trained on this channel: keep it

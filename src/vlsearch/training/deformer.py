@@ -32,6 +32,7 @@ from vlsearch.encoders.dataset_features import DatasetFeatures
 from vlsearch.errors import VLSearchError
 from vlsearch.models.checkpoint import save_checkpoint
 from vlsearch.models.deformer import DeformerConfig, DeformerModel
+from vlsearch.models.fast import set_hubness
 from vlsearch.models.registry import load_model
 from vlsearch.precision import autocast
 from vlsearch.settings import checkpoint_out
@@ -194,6 +195,7 @@ def fast_hard_negatives(fast, feats: DatasetFeatures, k: int) -> tuple[np.ndarra
     """Hard negatives of a trained dual encoder (a model, or a name such as ``fast``) on these features."""
     if isinstance(fast, str):
         fast = load_model(fast)[0]
+        set_hubness(fast, False)
     return mine_hard_negatives(fast, feats, k)
 
 
@@ -390,6 +392,7 @@ def train_joint_and_save(req: TrainRequest, extra: dict | None = None, config: D
 
     t0 = time.time()
     fast, fast_meta, fast_path = load_model(tc.fast_model)
+    set_hubness(fast, False)  # mining and warm start as measured (docs/deformer.md)
     folds = None
     if tc.stream_folds >= 2:
         recipe = fast_meta.get("train", {})

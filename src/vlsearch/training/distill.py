@@ -12,6 +12,7 @@ import torch
 
 from vlsearch.config import read_npz, write_npz
 from vlsearch.encoders.dataset_features import DatasetFeatures
+from vlsearch.models.fast import set_hubness
 from vlsearch.models.registry import fingerprint, load_model
 from vlsearch.precision import autocast
 from vlsearch.search.pair_scoring import score_pairs_grouped
@@ -89,6 +90,7 @@ def teacher_logits(slow_name, train: DatasetFeatures, dc: DistillConfig, fast_na
     train scores."""
     slow, slow_meta, slow_path = load_model(slow_name)
     fast, fast_meta, fast_path = load_model(fast_name)
+    set_hubness(fast, False)  # the candidates and scores of the measured recipe (docs/slow.md)
     oof = slow_meta.get("out_of_fold_priors") if getattr(slow, "prior", None) is not None else None
     key = (
         f"{fingerprint(slow_path)}-{fingerprint(fast_path)}-{features_fingerprint(train)}"

@@ -32,6 +32,7 @@ from vlsearch.training.common import (
     warmup_cosine,
 )
 from vlsearch.training.concepts import PseudoCaptions, attach_concepts, choose_concept_weight
+from vlsearch.training.hubness import attach_hubness, choose_hubness_weight
 from vlsearch.training.losses import info_nce
 
 
@@ -56,6 +57,8 @@ class FastTrainConfig:
     concept_topk: int = 10  # sparse form: chosen on Flickr8k dev (RSUM 286.9 against 285.3 with all 1,000)
     concept_temperature: float = 1.0
     concept_input: bool = False  # the image tower also sees the concept vector (trained with it)
+    # Hubness prior (models/hubness.py): calibrated after the concept channel, weight chosen on dev.
+    hubness: bool = True
     # Pseudo-captions (training.concepts.PseudoCaptions): weight of their InfoNCE term (0 = none), and the
     # top-class probability an image needs to get one.
     pseudo_weight: float = 0.0
@@ -196,7 +199,7 @@ def train_and_save(req: TrainRequest, teacher=None, extra: dict | None = None) -
     if req.init:  # reuse a trained Fast model's weights: only the concept channel is (re)calibrated
         model, init_meta, _ = load_model(req.init)
         history = {"dev": init_meta.get("dev") or [], "train_seconds": init_meta.get("train_seconds")}
-        calibration = ("concepts", "concept_prompts", "concept_topk", "concept_temperature")
+        calibration = ("concepts", "concept_prompts", "concept_topk", "concept_temperature", "hubness")
         keep = {k: getattr(tc, k) for k in calibration}
         # how the reused weights were trained; older checkpoints predate the fused loss and pseudo-captions
         trained = {"concept_train_weight": 0.0, "pseudo_weight": 0.0, **init_meta.get("train", {})}
@@ -218,4 +221,7 @@ def train_and_save(req: TrainRequest, teacher=None, extra: dict | None = None) -
         meta["concepts"] = choose_concept_weight(model, dev, log=print if progress else lambda *_: None)
         if req.init:
             meta["concepts"]["fast_weights_from"] = str(req.init)
+    if tc.hubness and dev is not None:
+        attach_hubness(model, train if not req.init else load_split(req, "train"))
+        meta["hubness"] = choose_hubness_weight(model, dev, log=print if progress else lambda *_: None)
     return save_checkpoint(checkpoint_out(req.out, name), model, meta)
