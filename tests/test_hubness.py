@@ -143,3 +143,18 @@ def test_an_index_searches_the_corrected_score(tiny_fast_checkpoint, mini_flickr
     assert plain.embedder.embed_query("a dog").shape == (640,)
     np.testing.assert_allclose(plain.index.images.reconstruct_all(), vectors[:, :-1], atol=2e-3)
     assert len(plain.search("a dog runs through the grass", k=5).hits) == 5
+
+
+@torch.no_grad()
+def test_the_fused_bank_is_kept_and_follows_new_contents():
+    """The fp32 bank is built once per setting, and rebuilt when the buffers change under it."""
+    model = _model_with_bank(weight=1.0)
+    first = model.hubness_bank()
+    assert model.hubness_bank() is first  # kept between calls
+    grid, _ = _inputs()
+    before = model.encode_image(grid)
+    new = torch.nn.functional.normalize(torch.randn_like(model.hubness.bank_fast.float()), dim=-1)
+    model.load_state_dict({**model.state_dict(), "hubness.bank_fast": new.half()})
+    assert model.hubness_bank() is not first
+    torch.testing.assert_close(model.hubness_bank(), new.half().float())
+    assert not torch.allclose(model.encode_image(grid)[:, -1], before[:, -1])

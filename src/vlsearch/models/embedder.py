@@ -168,7 +168,7 @@ class Embedder:
             model.use_hubness = has_prior_column(self.model) if hubness is None else hubness
         return _QueryPath(TextBackbone(type(config)(**{**config.__dict__, "bf16": False})), model)
 
-    def _export_query_graph(self, concepts: bool, hubness: bool = False) -> R.CompiledGraph:
+    def _export_query_graph(self, concepts: bool, hubness: bool) -> R.CompiledGraph:
         source = self.fp32_query_path(concepts, hubness)
         graph = self._compile_query_graph(source, concepts, self.query_int8)
         if graph.int8 and graph.exported:

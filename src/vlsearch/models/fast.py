@@ -139,8 +139,10 @@ class FastModel(nn.Module):
 
     def hubness_bank(self) -> torch.Tensor:
         """The hubness bank in the current output space (concepts on or off), without the prior column."""
+        if not self.concepts_active:
+            return self.hubness.bank(None, None)
         w = self.config.concept_weight
-        return self.hubness.bank((lambda f, c: fuse_concepts(f, c, w)) if self.concepts_active else None)
+        return self.hubness.bank(w, lambda f, c: fuse_concepts(f, c, w))
 
     def with_image_prior(self, emb: torch.Tensor) -> torch.Tensor:
         """[N, D] -> [N, D+1]: the image's hubness correction appended (models/hubness.py)."""

@@ -31,6 +31,7 @@ class HubnessPrior(nn.Module):
         super().__init__()
         self.register_buffer("bank_fast", torch.zeros(size, fast_dim, dtype=torch.float16))
         self.register_buffer("bank_concept", torch.zeros(size, concept_dim, dtype=torch.float16))
+        self._fused: tuple | None = None  # (key, fp32 bank): built once per concept setting, not per call
 
     @torch.no_grad()
     def set_bank(self, fast: torch.Tensor, concept: torch.Tensor | None) -> None:
@@ -38,11 +39,18 @@ class HubnessPrior(nn.Module):
         if concept is not None and self.bank_concept.shape[1]:
             self.bank_concept.copy_(concept.to(torch.float16))
 
-    def bank(self, fuse) -> torch.Tensor:
-        """The bank in the model's current output space: ``fuse(fast, concept)`` is the model's own
-        fusion (or None when the concept channel is off)."""
-        fast = self.bank_fast.float()
-        return fast if fuse is None else fuse(fast, self.bank_concept.float())
+    @torch.no_grad()
+    def bank(self, key, fuse) -> torch.Tensor:
+        """The fp32 bank in the model's current output space: ``fuse(fast, concept)`` is the model's own
+        fusion (or None when the concept channel is off), ``key`` what it depends on. Kept between calls:
+        rebuilding it (6,000 x 640 from fp16) cost 8-10 ms, more than one image's whole prior. The buffers'
+        storage and versions are part of the key, so new bank contents (``set_bank``, ``load_state_dict``,
+        a replaced buffer) rebuild it."""
+        key = (key, *((b.data_ptr(), b._version) for b in (self.bank_fast, self.bank_concept)))
+        if self._fused is None or self._fused[0] != key:
+            fast = self.bank_fast.float()
+            self._fused = (key, fast if fuse is None else fuse(fast, self.bank_concept.float()))
+        return self._fused[1]
 
     @staticmethod
     def log_prior(image: torch.Tensor, bank: torch.Tensor, temperature: float) -> torch.Tensor:

@@ -13,6 +13,7 @@ import torch
 
 from vlsearch.encoders.dataset_features import DatasetFeatures
 from vlsearch.eval.metrics import retrieval_metrics
+from vlsearch.models.embed import embed_features, embed_images
 from vlsearch.models.fast import FastModel
 from vlsearch.models.hubness import HubnessPrior
 from vlsearch.precision import autocast
@@ -39,7 +40,7 @@ def attach_hubness(model: FastModel, train: DatasetFeatures, batch: int = 1024) 
     model.hubness = HubnessPrior(len(rows), cfg.embed_dim, cfg.text_dim if cfg.concepts else 0)
     model.hubness.set_bank(torch.cat(fast), torch.cat(concept) if concept else None)
     model.use_hubness = True
-    img = _images(model, train, batch)
+    img = embed_images(model, train, batch)  # weight 0 still: no prior column
     cfg.hubness_offset = float(
         HubnessPrior.log_prior(img, model.hubness_bank(), cfg.hubness_temperature).mean()
     )
@@ -47,33 +48,18 @@ def attach_hubness(model: FastModel, train: DatasetFeatures, batch: int = 1024) 
 
 
 @torch.no_grad()
-def _images(model: FastModel, feats: DatasetFeatures, batch: int) -> torch.Tensor:
-    """Image vectors without the prior column (the weight is 0 while calibrating)."""
-    with autocast():
-        return torch.cat(
-            [model.encode_image(feats.grid[s : s + batch]).float() for s in range(0, feats.n_images, batch)]
-        )
-
-
-@torch.no_grad()
 def choose_hubness_weight(model: FastModel, dev: DatasetFeatures, weights=WEIGHTS, log=print) -> dict:
     """Set model.config.hubness_weight to the weight with the best dev text-to-image recall sum."""
     cfg = model.config
     cfg.hubness_weight = 0.0
-    img = _images(model, dev, 1024)
-    with autocast():
-        txt = torch.cat(
-            [
-                model.encode_text(dev.states[s : s + 1024], dev.lengths[s : s + 1024]).float()
-                for s in range(0, len(dev.states), 1024)
-            ]
-        )
-    prior = HubnessPrior.log_prior(img, model.hubness_bank(), cfg.hubness_temperature) - cfg.hubness_offset
-    sim = (txt @ img.T).numpy()
+    img, txt = embed_features(model, dev)  # weight 0: no prior column
+    prior = HubnessPrior.log_prior(torch.from_numpy(img), model.hubness_bank(), cfg.hubness_temperature)
+    prior = prior.numpy() - cfg.hubness_offset
+    sim = txt @ img.T
     caption_image = dev.caption_image.numpy()
     rows = []
     for w in weights:
-        m = retrieval_metrics(sim - w * prior.numpy()[None, :], caption_image)
+        m = retrieval_metrics(sim - w * prior[None, :], caption_image)
         t2i = m["t2i"]
         rows.append({"weight": w, "t2i_r1": t2i["r1"], "t2i_sum": t2i["r1"] + t2i["r5"] + t2i["r10"]})
     best = max(rows, key=lambda r: (round(r["t2i_sum"], 6), -r["weight"]))
